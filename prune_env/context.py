@@ -6,7 +6,9 @@ they measure the same thing the same way. Models are loaded once per process and
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 from dataclasses import asdict, dataclass, field, fields
 
@@ -19,7 +21,7 @@ from .facts import Fact, load_facts
 from .masking import MaskedModel, parse_pattern
 from .models import LinearRef, linear_layers, load_model
 from .pruner import PruneResult, calibration_batches, check_method, prune_model
-from .scoring import LinearStats, cache_key, compute_linear_stats, unit_gradient, unit_wanda_percentile, zscore
+from .scoring import LinearStats, cache_dir, cache_key, compute_linear_stats, unit_gradient, unit_wanda_percentile, zscore
 
 GRANULARITIES = ("block", "linear")
 _MODELS: dict[tuple[str, str, str], tuple] = {}
@@ -145,7 +147,23 @@ class PruningContext:
         self.dense_wanda = [unit_wanda_percentile(u.linears, self.stats.act_norm) for u in self.units]
         self.dense_grad = [unit_gradient(u.linears, self.stats.grad_mean) for u in self.units]
         self.z_wanda, self.z_grad = zscore(self.dense_wanda), zscore(self.dense_grad)
-        self.dense = self.evaluate(dense_exact=None)
+        self.dense = self._dense_metrics(use_cache)
+
+    def _dense_metrics(self, use_cache: bool) -> Metrics:
+        """The dense model's metrics on these slices (cached on disk: they never change)."""
+        key = cache_key(model=self.spec, dtype=self.dtype, device=self.device, data=asdict(self.data),
+                        n_facts=len(self.facts), tokens=self.slices.describe())
+        path = cache_dir() / f"dense-{key}.json"
+        if use_cache and path.exists():
+            return Metrics(**json.loads(path.read_text()))
+        self.masked.restore()
+        metrics = self.evaluate(dense_exact=None)
+        if use_cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(asdict(metrics)))
+            partial.replace(path)
+        return metrics
 
     # -- allocations -------------------------------------------------------------------------------
     def linear_ratios(self, unit_ratios: list[float]) -> dict[str, float]:

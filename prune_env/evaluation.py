@@ -56,6 +56,7 @@ def window_batches(windows: torch.Tensor, batch_size: int) -> list[TokenBatch]:
     return [TokenBatch(windows[i:i + batch_size]) for i in range(0, windows.shape[0], batch_size)]
 
 
+@torch.no_grad()
 def nll_from_hidden(model: nn.Module, batch: TokenBatch, last_hidden: torch.Tensor) -> tuple[float, int]:
     """Summed NLL and token count of next-token prediction over one batch of windows."""
     hidden = final_hidden(model, batch, last_hidden)
@@ -117,6 +118,7 @@ class ChoiceScores:
         self.greedy.update(other.greedy)
 
 
+@torch.no_grad()
 def choice_scores(model: nn.Module, batch: FactBatch, last_hidden: torch.Tensor | None = None) -> ChoiceScores:
     """Score the answer tokens of one fact batch from its final hidden states."""
     device = next(model.parameters()).device

