@@ -1,0 +1,146 @@
+"""`make bench`: cost of evaluation and episodes on the embedded model, side by side, plus proxy fidelity.
+
+    python scripts/bench.py [--model smollm2-135m] [--allocations 30] [--out bench.json]
+
+Prints and writes bench.json with the tracked figures:
+  eval_throughput_ratio    project perplexity+facts tokens/s over a plain HF forward's, same batches (goal >= 0.8)
+  profile_vs_wanda_ratio   profile (activation norms + gradient importance) seconds / one Wanda prune pass (goal <= 2)
+  episode_vs_eval_ratio    one exact LayerPrune episode / one full evaluation of a pruned model, same slices (goal <= 1.3)
+  proxy_episodes_per_s     proxy LayerPrune episodes per second
+  peak_rss_ratio           peak resident memory / fp32 model size (goal <= 3)
+  proxy_exact_spearman     rank correlation of proxy and exact episode quality over random allocations (goal >= 0.8)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agents.allocators import random_ratios  # noqa: E402
+from prune_env.calibration import TokenBatch  # noqa: E402
+from prune_env.evaluation import evaluate_facts, fact_batches, perplexity  # noqa: E402
+from prune_env.pruner import prune_model  # noqa: E402
+from prune_env.scoring import compute_linear_stats  # noqa: E402
+
+
+def timed(fn):
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def play(env, ratios: list[float]) -> dict:
+    env.reset(seed=0)
+    info = {}
+    for ratio in ratios:
+        _, _, done, _, info = env.step(env.action_for_ratio(ratio))
+    assert done
+    return info
+
+
+@torch.no_grad()
+def plain_forward_tokens_per_s(model, windows: torch.Tensor, facts, batch_size: int) -> tuple[float, int]:
+    tokens, start = 0, time.perf_counter()
+    for i in range(0, windows.shape[0], batch_size):
+        model(input_ids=windows[i:i + batch_size], use_cache=False)
+        tokens += windows[i:i + batch_size].numel()
+    for batch in facts:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+        tokens += int(batch.input_ids.numel())
+    return tokens / (time.perf_counter() - start), tokens
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--allocations", type=int, default=30)
+    parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--out", default="bench.json")
+    args = parser.parse_args()
+    import gymnasium as gym
+
+    import prune_env  # noqa: F401  (registers the environments)
+
+    exact = gym.make("prune_env/LayerPrune-v0", model=args.model, target_sparsity=args.target).unwrapped
+    ctx = exact.ctx
+    model, data = ctx.model, ctx.data
+    n_params = sum(p.numel() for p in model.parameters())
+
+    # 1. evaluation throughput: plain HF forward vs the project's perplexity + facts on the same batches
+    batches = fact_batches(ctx.tokenizer, ctx.facts, data.fact_batch_size)
+    plain_tps, tokens = plain_forward_tokens_per_s(model, ctx.slices.evaluation, batches, data.batch_size)
+    _, eval_s = timed(lambda: (perplexity(model, ctx.slices.evaluation, data.batch_size),
+                               evaluate_facts(model, ctx.tokenizer, ctx.facts, data.fact_batch_size)))
+    project_tps = tokens / eval_s
+
+    # 2. profile (activation norms + gradient importance) vs one plain Wanda prune pass
+    grad = [TokenBatch(ctx.slices.calibration[:data.grad_samples])]
+    _, profile_s = timed(lambda: compute_linear_stats(model, ctx.refs, ctx.calibration, grad, None))
+    ctx.restore()
+    _, wanda_s = timed(lambda: prune_model(model, ctx.slices.calibration, {r.name: 0.5 for r in ctx.refs}, "wanda",
+                                           None, data.batch_size, ctx.masked))
+
+    # 3. one exact episode vs one full evaluation of the pruned model on the same slices
+    uniform = [args.target] * len(ctx.units)
+    _, episode_s = timed(lambda: play(exact, uniform))
+    _, full_eval_s = timed(ctx.evaluate)
+
+    # 4./6. proxy episodes per second, and proxy/exact agreement over random allocations
+    proxy = gym.make("prune_env/LayerPrune-v0", model=args.model, target_sparsity=args.target,
+                     fidelity="proxy").unwrapped
+    numel = [u.numel for u in ctx.units]
+    exact_q, proxy_q, proxy_times = [], [], []
+    for i in range(args.allocations):
+        ratios = random_ratios(numel, args.target, np.random.default_rng(i), low=0.0, high=0.9)
+        info, seconds = timed(lambda: play(proxy, ratios))
+        proxy_q.append(info["quality"])
+        proxy_times.append(seconds)
+        exact_q.append(play(exact, ratios)["quality"])
+        print(f"allocation {i + 1}/{args.allocations}: exact {exact_q[-1]:.4f} proxy {proxy_q[-1]:.4f}", flush=True)
+    from scipy.stats import spearmanr
+
+    rho = float(spearmanr(exact_q, proxy_q).statistic) if args.allocations > 2 else float("nan")
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    figures = {
+        "eval_throughput_ratio": project_tps / plain_tps,
+        "profile_vs_wanda_ratio": profile_s / wanda_s,
+        "episode_vs_eval_ratio": episode_s / full_eval_s,
+        "proxy_episodes_per_s": 1.0 / float(np.mean(proxy_times)) if proxy_times else float("nan"),
+        "peak_rss_ratio": peak_rss / (n_params * 4),
+        "proxy_exact_spearman": rho,
+    }
+    details = {
+        "model": args.model, "machine": f"{platform.machine()} {platform.processor()}".strip(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "plain_forward_tokens_per_s": plain_tps, "project_eval_tokens_per_s": project_tps, "eval_tokens": tokens,
+        "profile_s": profile_s, "wanda_prune_s": wanda_s, "exact_episode_s": episode_s, "full_eval_s": full_eval_s,
+        "proxy_episode_s": float(np.mean(proxy_times)) if proxy_times else None, "peak_rss_bytes": peak_rss,
+        "exact_quality": exact_q, "proxy_quality": proxy_q, "data": ctx.describe(),
+    }
+    goals = {"eval_throughput_ratio": (">=", 0.8), "profile_vs_wanda_ratio": ("<=", 2.0),
+             "episode_vs_eval_ratio": ("<=", 1.3), "peak_rss_ratio": ("<=", 3.0), "proxy_exact_spearman": (">=", 0.8)}
+    for key, value in figures.items():
+        goal = goals.get(key)
+        verdict = ""
+        if goal:
+            met = value >= goal[1] if goal[0] == ">=" else value <= goal[1]
+            verdict = f"goal {goal[0]} {goal[1]}: {'met' if met else 'MISSED'}"
+        print(f"{key:26s} {value:10.3f}  {verdict}")
+    Path(args.out).write_text(json.dumps({**figures, "details": details}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""A tiny scripted OpenAI-compatible server for tests (stdlib http.server, one thread per request).
+
+Each POST to ``.../chat/completions`` consumes the next script step:
+
+* ``"text"``: 200 with that string as ``choices[0].message.content``;
+* ``Reply(status=500)``: that HTTP status with an OpenAI-style error body;
+* ``Reply(sleep=2.0, content="...")``: sleep first (longer than the client timeout -> client retries);
+* a callable ``f(request_body) -> str | Reply``.
+
+When the script is exhausted ``default`` (same kinds) answers; with no default, a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+
+@dataclass
+class Reply:
+    content: str | None = None
+    status: int = 200
+    sleep: float = 0.0
+    headers: dict | None = None
+    raw_body: bytes | None = None  # sent verbatim instead of a chat completion
+
+
+class ScriptedOpenAIServer:
+    def __init__(self, script: list[Any] | None = None, default: Any = None, model: str = "scripted-model"):
+        self.script = list(script or [])
+        self.default = default
+        self.model = model
+        self.requests: list[dict] = []  # {"path", "headers", "body", "step"}
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self) -> "ScriptedOpenAIServer":
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw.decode("utf-8") or "{}")
+                except json.JSONDecodeError:
+                    body = {"_unparsable": raw.decode("utf-8", "replace")}
+                if not self.path.rstrip("/").endswith("/chat/completions"):
+                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
+                with server._lock:
+                    step = server.script.pop(0) if server.script else server.default
+                    server.requests.append({"path": self.path, "headers": dict(self.headers),
+                                            "body": body, "step": step})
+                if callable(step) and not isinstance(step, Reply):
+                    step = step(body)
+                if step is None:
+                    return self._send(500, {"error": {"message": "script exhausted"}})
+                if isinstance(step, str):
+                    step = Reply(content=step)
+                if step.sleep:
+                    time.sleep(step.sleep)
+                if step.raw_body is not None:
+                    return self._send_bytes(step.status, step.raw_body, step.headers)
+                if step.status != 200:
+                    return self._send(step.status, {"error": {"message": f"scripted status {step.status}"}},
+                                      step.headers)
+                payload = {
+                    "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()),
+                    "model": body.get("model", server.model),
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": step.content}}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }
+                self._send(200, payload, step.headers)
+
+            def _send(self, status, obj, headers=None):
+                self._send_bytes(status, json.dumps(obj).encode("utf-8"), headers)
+
+            def _send_bytes(self, status, data, headers=None):
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, str(v))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout test)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> "ScriptedOpenAIServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None, "server not started"
+        return self._httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        """Base URL, OpenAI style (ends in /v1)."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def messages(self, i: int) -> list[dict]:
+        return self.requests[i]["body"]["messages"]
