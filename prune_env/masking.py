@@ -188,7 +188,7 @@ class RankedMasks:
             score = wanda_scores(weight, act_norm[name]) if self.per_row else weight.abs().float().reshape(1, -1)
             order = torch.argsort(score, dim=1, stable=True)
             ranks = torch.empty_like(order)
-            ranks.scatter_(1, order, torch.arange(score.shape[1]).expand_as(order).contiguous())
+            ranks.scatter_(1, order, torch.arange(score.shape[1], device=score.device).expand_as(order).contiguous())
             dtype = torch.int16 if score.shape[1] < 2 ** 15 else torch.int32
             self.ranks[name] = ranks.to(dtype)
         self.shapes = {name: tuple(weight.shape) for name, weight in dense.items()}
@@ -197,4 +197,4 @@ class RankedMasks:
         rows, cols = self.shapes[name]
         ranks = self.ranks[name]
         counts = _row_counts(rows, cols, ratio) if self.per_row else torch.tensor([round(ratio * rows * cols)])
-        return (ranks >= counts.to(ranks.dtype)[:, None]).reshape(rows, cols)
+        return (ranks >= counts.to(device=ranks.device, dtype=ranks.dtype)[:, None]).reshape(rows, cols)
