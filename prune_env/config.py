@@ -8,6 +8,7 @@ the defaults do not know, naming the key and the valid ones, so a typo never sil
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,18 @@ class ConfigError(ValueError):
     """A config file, key or value that cannot be used."""
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-3 / 3E+4 as floats (YAML 1.1 needs a dot: PyYAML gives '1e-3' a str)."""
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789"))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not key=value (e.g. env.target_sparsity=0.6)")
@@ -25,7 +38,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _load_yaml(raw) if raw != "" else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({error})") from None
     return key.split("."), value
@@ -62,7 +75,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, def
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _load_yaml(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
         if not isinstance(loaded, dict):

@@ -40,6 +40,7 @@ class _Checkpoint:
     prev_action: float
     last_drop: float
     states: dict[str, ReplayState] | None
+    stats: dict  # block statistics taken before the block's first linear was pruned (mid-block checkpoints)
 
 
 class LayerPruneEnv(gym.Env):
@@ -233,7 +234,7 @@ class LayerPruneEnv(gym.Env):
     def checkpoint(self) -> _Checkpoint:
         states = {k: v.clone() for k, v in self._states.items()} if self._states is not None else None
         return _Checkpoint(self._step, list(self._ratios), list(self._zeros), self._prev_action, self._last_drop,
-                           states)
+                           states, dict(self._stats))
 
     def rollback(self, checkpoint: _Checkpoint) -> None:
         """Undo every unit decided after `checkpoint` (their dense weights come back bit-exactly)."""
@@ -243,16 +244,19 @@ class LayerPruneEnv(gym.Env):
         self._prev_action, self._last_drop = checkpoint.prev_action, checkpoint.last_drop
         if checkpoint.states is not None:
             self._states = {k: v.clone() for k, v in checkpoint.states.items()}
-        self._stats = {}
+        # not recomputed: after a mid-block rollback the block's earlier linears are already pruned
+        self._stats = dict(checkpoint.stats)
         self._final = {}
 
     # -- internals ---------------------------------------------------------------------------------
     def _ratio_from_action(self, action) -> float:
         if self.action_type == "discrete":
-            if not self.action_space.contains(np.asarray(action).astype(np.int64).reshape(())) or \
-                    np.asarray(action).size != 1:
+            value = np.asarray(action)
+            # an integer index (integral floats too); never truncate 1.5 or NaN to an index
+            if value.size != 1 or value.dtype.kind not in "iuf" or not np.isfinite(value).all() or \
+                    float(value.reshape(())) % 1 or not 0 <= float(value.reshape(())) < self.action_space.n:
                 raise ValueError(f"action {action!r} is not in {self.action_space}")
-            raw = float(self.grid[int(np.asarray(action).reshape(()))])
+            raw = float(self.grid[int(value.reshape(()))])
         else:
             value = np.asarray(action, dtype=np.float64).reshape(-1)
             if value.size != 1 or not np.isfinite(value).all():

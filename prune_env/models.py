@@ -148,7 +148,8 @@ def _get_path(root: nn.Module, dotted: str) -> nn.Module | None:
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's stack of decoder blocks, found by known paths then by shape."""
-    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    config = getattr(model, "config", None)
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     for path in _BLOCK_CONTAINERS:
         found = _get_path(model, path)
         if isinstance(found, nn.ModuleList) and len(found) > 0:

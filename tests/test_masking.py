@@ -1,0 +1,298 @@
+"""Pruning operators against direct computations on a tiny model's real layers and activations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from prune_env.calibration import collect_stats
+from prune_env.masking import (
+    MaskedModel,
+    RankedMasks,
+    check_ratio,
+    magnitude_mask,
+    parse_pattern,
+    sparsegpt_prune,
+    wanda_mask,
+)
+from prune_env.models import linear_layers, weight_matrix
+from prune_env.pruner import prune_model
+from prune_env.tiny import tiny_model
+
+LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.2.mlp.up_proj")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model, _ = tiny_model("llama", seed=3)
+    return model
+
+
+def layer_inputs(model, names, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Inputs (tokens x in_features, float64) each named linear receives in a plain forward."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda _m, inputs, _out, name=name: seen[name].append(inputs[0].detach().reshape(-1, inputs[0].shape[-1])))
+        for name in names]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(chunks).double() for name, chunks in seen.items()}
+
+
+@pytest.fixture(scope="module")
+def activations(llama, calib_ids):
+    return layer_inputs(llama, LAYERS, calib_ids)
+
+
+def direct_wanda_mask(weight: torch.Tensor, x: torch.Tensor, per_row_zeros: list[int]) -> torch.Tensor:
+    """Per output row: drop the k lowest |W_ij| * ||X_j||_2 (numpy stable argsort)."""
+    norm = np.sqrt((x.numpy() ** 2).sum(0))
+    score = np.abs(weight.detach().double().numpy()) * norm[None, :]
+    keep = np.ones(score.shape, dtype=bool)
+    for row, k in enumerate(per_row_zeros):
+        keep[row, np.argsort(score[row], kind="stable")[:k]] = False
+    return torch.from_numpy(keep)
+
+
+def reconstruction_error(weight: torch.Tensor, new_weight: torch.Tensor, x: torch.Tensor) -> float:
+    w, w2 = weight.double(), new_weight.double()
+    return float(((x @ w.t() - x @ w2.t()) ** 2).sum())
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    return (2.0 / x.shape[0]) * x.t() @ x
+
+
+# ----------------------------------------------------------------------------- Wanda
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_wanda_equals_direct_argsort(llama, activations, name):
+    weight = weight_matrix(llama.get_submodule(name))
+    x = activations[name]
+    rows, cols = weight.shape
+    norm = x.pow(2).sum(0).sqrt().float()
+    for ratio in (0.25, 0.5, 0.75):
+        expected = direct_wanda_mask(weight, x, [int(ratio * cols)] * rows)
+        assert torch.equal(wanda_mask(weight, norm, ratio), expected)
+
+
+def test_collect_stats_norm_equals_own_hook(llama, calib_ids, activations):
+    modules = {name: llama.get_submodule(name) for name in LAYERS}
+    with collect_stats(modules, hessian=True) as stats:
+        with torch.no_grad():
+            llama(input_ids=calib_ids, use_cache=False)
+    for name in LAYERS:
+        x = activations[name]
+        assert stats[name].tokens == x.shape[0]
+        assert torch.allclose(stats[name].norm.double(), x.pow(2).sum(0).sqrt(), rtol=1e-5)
+        assert torch.allclose(stats[name].hessian.double(), hessian(x), rtol=1e-4, atol=1e-5)
+
+
+def test_sequential_masks_for_every_block(calib_ids):
+    """prune_model's block-b masks equal Wanda on the inputs block b sees behind the pruned prefix
+    (statistics taken before any linear of block b is pruned, as in the Wanda reference code)."""
+    model, _ = tiny_model("llama", seed=5)
+    refs = linear_layers(model)
+    masked, _ = prune_model(model, calib_ids, {ref.name: 0.5 for ref in refs}, "wanda", batch_size=2)
+    stored = {name: keep.clone() for name, keep in masked.masks.items()}
+    for block in range(3):
+        later = [ref.name for ref in refs if ref.block_index >= block]
+        masked.restore(later)  # prefix stays pruned with its stored masks
+        names = [ref.name for ref in refs if ref.block_index == block]
+        xs = layer_inputs(model, names, calib_ids)
+        for name in names:
+            weight = masked.dense[name]
+            expected = direct_wanda_mask(weight, xs[name], [weight.shape[1] // 2] * weight.shape[0])
+            assert torch.equal(stored[name], expected), name
+        for name in names:  # prune this block again before looking at the next one
+            masked.apply(name, stored[name])
+    masked.restore()
+
+
+# ----------------------------------------------------------------------------- N:M
+
+
+def _groups_zero_count(keep: torch.Tensor, m: int) -> torch.Tensor:
+    rows, cols = keep.shape
+    return (~keep).reshape(rows, cols // m, m).sum(-1)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_nm_exactly_n_zeros_per_group(llama, activations, method, pattern):
+    n, m = (int(v) for v in pattern.split(":"))
+    for name in LAYERS:
+        weight = weight_matrix(llama.get_submodule(name)).detach()
+        x = activations[name]
+        if method == "magnitude":
+            keep = magnitude_mask(weight, 0.0, pattern)  # the ratio is ignored: N:M fixes it
+            new = weight * keep
+        elif method == "wanda":
+            keep = wanda_mask(weight, x.pow(2).sum(0).sqrt().float(), 0.0, pattern)
+            new = weight * keep
+        else:
+            keep, new = sparsegpt_prune(weight, hessian(x).float(), 0.0, pattern, blocksize=16)
+        assert torch.equal(_groups_zero_count(keep, m), torch.full_like(_groups_zero_count(keep, m), n))
+        assert torch.all(new[~keep] == 0)
+        if method != "sparsegpt":
+            # the N removed in a group are the N lowest scores of that group
+            score = weight.abs().double() * (1.0 if method == "magnitude" else x.pow(2).sum(0).sqrt()[None, :])
+            groups = score.reshape(score.shape[0], -1, m)
+            threshold_removed = groups.masked_fill(~(~keep).reshape(groups.shape), -math.inf).amax(-1)
+            threshold_kept = groups.masked_fill(keep.reshape(groups.shape) == 0, math.inf).amin(-1)
+            assert torch.all(threshold_removed <= threshold_kept)
+
+
+def test_nm_needs_width_multiple_of_m():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        magnitude_mask(torch.randn(4, 12), 0.0, "4:8")
+
+
+# ----------------------------------------------------------------------------- SparseGPT
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("pattern,ratio", [(None, 0.5), (None, 0.7), ("2:4", 0.5)])
+def test_sparsegpt_beats_wanda_reconstruction(llama, activations, name, pattern, ratio):
+    weight = weight_matrix(llama.get_submodule(name)).detach()
+    x = activations[name]
+    keep_w = wanda_mask(weight, x.pow(2).sum(0).sqrt().float(), ratio, pattern)
+    keep_s, new_s = sparsegpt_prune(weight, hessian(x).float(), ratio, pattern)
+    assert int((~keep_s).sum()) == int((~keep_w).sum())  # same number of weights removed
+    assert torch.all(new_s[~keep_s] == 0)
+    error_wanda = reconstruction_error(weight, weight * keep_w, x)
+    error_sparsegpt = reconstruction_error(weight, new_s, x)
+    assert error_sparsegpt < error_wanda
+
+
+# ----------------------------------------------------------------------------- exact counts
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.37, 0.5, 0.123, 0.9, 0.999])
+def test_unstructured_counts_are_exact(llama, activations, ratio):
+    for name in LAYERS:
+        weight = weight_matrix(llama.get_submodule(name)).detach()
+        x = activations[name]
+        target = round(ratio * weight.numel())
+        assert int((~magnitude_mask(weight, ratio)).sum()) == target
+        wanda = wanda_mask(weight, x.pow(2).sum(0).sqrt().float(), ratio)
+        assert int((~wanda).sum()) == target
+        per_row = (~wanda).sum(1)
+        assert int(per_row.max() - per_row.min()) <= 1  # spread evenly over output rows
+        keep, new = sparsegpt_prune(weight, hessian(x).float(), ratio, blocksize=7)  # ragged column blocks
+        assert int((~keep).sum()) == target
+        assert int((new == 0).sum()) >= target
+        ranked = RankedMasks({name: weight}, "wanda", {name: x.pow(2).sum(0).sqrt().float()})
+        assert torch.equal(ranked.keep(name, ratio), wanda)
+        ranked_mag = RankedMasks({name: weight}, "magnitude", None)
+        assert torch.equal(ranked_mag.keep(name, ratio), magnitude_mask(weight, ratio))
+
+
+def test_magnitude_is_global_smallest(llama):
+    weight = weight_matrix(llama.get_submodule(LAYERS[1])).detach()
+    flat = np.abs(weight.numpy()).reshape(-1)
+    k = round(0.4 * flat.size)
+    expected = np.ones(flat.size, dtype=bool)
+    expected[np.argsort(flat, kind="stable")[:k]] = False
+    assert torch.equal(magnitude_mask(weight, 0.4), torch.from_numpy(expected.reshape(weight.shape)))
+
+
+def test_ties_are_broken_by_position():
+    weight = torch.ones(3, 8)
+    keep = wanda_mask(weight, torch.ones(8), 0.5)
+    assert torch.equal(keep, torch.tensor([[False] * 4 + [True] * 4] * 3))
+    assert torch.equal(magnitude_mask(weight, 0.25), torch.tensor([False] * 6 + [True] * 18).reshape(3, 8))
+
+
+# ----------------------------------------------------------------------------- restore, determinism
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
+def test_restore_is_bit_exact(calib_ids, method):
+    model, _ = tiny_model("llama", seed=7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    refs = linear_layers(model)
+    masked, result = prune_model(model, calib_ids, {ref.name: 0.6 for ref in refs}, method, batch_size=2)
+    assert result.achieved_sparsity == pytest.approx(0.6, abs=1e-3)
+    changed = [name for name in masked.dense if not torch.equal(weight_matrix(model.get_submodule(name)),
+                                                               before[name + ".weight"])]
+    assert len(changed) == len(refs)
+    first = refs[0].name
+    masked.restore([first])
+    assert torch.equal(model.get_submodule(first).weight, before[first + ".weight"])
+    assert first not in masked.masks and len(masked.masks) == len(refs) - 1
+    masked.restore()
+    assert masked.masks == {}
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_apply_zeroes_exactly_the_mask(llama):
+    refs = linear_layers(llama)
+    masked = MaskedModel({ref.name: ref.module for ref in refs})
+    name = refs[4].name
+    keep = torch.rand(masked.dense[name].shape, generator=torch.Generator().manual_seed(0)) > 0.3
+    masked.apply(name, keep)
+    live = weight_matrix(llama.get_submodule(name))
+    assert torch.equal(live, masked.dense[name] * keep)
+    assert masked.zeros(name) == int((~keep).sum())
+    assert masked.sparsity(name) == pytest.approx(float((~keep).float().mean()))
+    masked.restore()
+    assert torch.equal(live, masked.dense[name])
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_same_inputs_same_masks(calib_ids, method):
+    masks = []
+    for _ in range(2):
+        model, _ = tiny_model("llama", seed=9)
+        refs = linear_layers(model)
+        masked, _ = prune_model(model, calib_ids, {ref.name: 0.45 for ref in refs}, method, batch_size=2)
+        masks.append(({k: v.clone() for k, v in masked.masks.items()},
+                      {ref.name: weight_matrix(ref.module).clone() for ref in refs}))
+    (keep_a, weights_a), (keep_b, weights_b) = masks
+    assert keep_a.keys() == keep_b.keys()
+    assert all(torch.equal(keep_a[k], keep_b[k]) for k in keep_a)
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+@pytest.mark.parametrize("bad", [1.0, -0.1, float("nan"), 1.5])
+def test_check_ratio_rejects(bad):
+    with pytest.raises(ValueError, match=r"outside \[0, 1\)") as error:
+        check_ratio(bad)
+    assert repr(float(bad)) in str(error.value)
+    with pytest.raises(ValueError, match="block 3 sparsity"):
+        check_ratio(bad, what="block 3 sparsity")
+    with pytest.raises(ValueError):
+        magnitude_mask(torch.randn(4, 4), bad)
+
+
+def test_check_ratio_accepts_the_interval():
+    assert check_ratio(0) == 0.0
+    assert check_ratio(0.999) == 0.999
+
+
+@pytest.mark.parametrize("bad,message", [("4:2", "0 < N < M"), ("4:4", "0 < N < M"), ("0:4", "0 < N < M"),
+                                         ("x", "malformed"), ("2:4:8", "malformed"), ("2-4", "malformed"),
+                                         ("a:b", "malformed")])
+def test_parse_pattern_rejects(bad, message):
+    with pytest.raises(ValueError, match=message) as error:
+        parse_pattern(bad)
+    assert repr(bad) in str(error.value)
+
+
+def test_parse_pattern_accepts():
+    assert parse_pattern("2:4") == (2, 4)
+    assert parse_pattern("4:8") == (4, 8)
+    assert parse_pattern(None) is None and parse_pattern("unstructured") is None

@@ -1,0 +1,189 @@
+"""The one-shot CLI (python -m prune_env.prune) on tiny-llama: outputs checked against the saved model,
+and bad input that fails with a clear message and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prune_env import prune
+from prune_env.context import _MODELS
+from prune_env.data import split_corpus, tokenize_corpus
+from prune_env.models import linear_layers, weight_matrix
+from prune_env.tiny import tiny_model, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--model", "tiny-llama", "--eval-tokens", "1024", "--calib-samples", "4", "--calib-seq-len", "32",
+         "--device", "cpu"]
+
+
+def cli_args(text_file, facts_file, out, *extra) -> list[str]:
+    return [*SMALL, "--eval-text", str(text_file), "--facts", str(facts_file), "--out", str(out), *extra]
+
+
+def hand_perplexity(model, windows: torch.Tensor) -> float:
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for row in windows:
+            logprob = torch.log_softmax(model(input_ids=row[None]).logits[0, :-1].double(), dim=-1)
+            nll -= float(logprob.gather(1, row[1:, None]).sum())
+            count += row.numel() - 1
+    return math.exp(nll / count)
+
+
+def assert_shared_model_dense():
+    """The CLI hands the process-wide model back dense (bit-exact) whatever happened."""
+    if ("tiny-llama", "cpu", "float32") not in _MODELS:
+        return  # the run failed before any model was loaded
+    dense, _ = tiny_model("llama")
+    model = _MODELS[("tiny-llama", "cpu", "float32")][0]
+    for key, value in dense.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_cli_writes_metrics_masks_and_model(tmp_path, text_file, facts_file, capsys):
+    out = tmp_path / "runs" / "wanda50"
+    assert prune.main(cli_args(text_file, facts_file, out, "--sparsity", "0.5")) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["masks.safetensors", "metrics.json", "model"]
+    assert [p.name for p in out.parent.iterdir()] == ["wanda50"]  # no staging folder left beside it
+    metrics = json.loads((out / "metrics.json").read_text())
+    for part in ("dense", "pruned"):
+        assert set(metrics[part]) == {"ppl", "fact_acc", "fact_nll", "fact_retention"}
+    assert metrics["method"] == "wanda" and metrics["target_sparsity"] == 0.5
+    assert metrics["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+    masks = load_file(str(out / "masks.safetensors"))
+    dense, _ = tiny_model("llama")
+    refs = linear_layers(dense)
+    assert set(masks) == {ref.name for ref in refs}
+    zeros = {name: int((keep == 0).sum()) for name, keep in masks.items()}
+    numel = {ref.name: ref.numel for ref in refs}
+    assert metrics["achieved_sparsity"] == pytest.approx(sum(zeros.values()) / sum(numel.values()), abs=1e-12)
+    for name, share in metrics["per_layer_sparsity"].items():
+        assert share == pytest.approx(zeros[name] / numel[name], abs=1e-12)
+        assert zeros[name] == round(0.5 * numel[name])
+
+    # the saved model is the dense one times the masks (Wanda keeps the surviving weights as they are)
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    saved_refs = {ref.name: ref for ref in linear_layers(saved)}
+    for ref in refs:
+        keep = masks[ref.name].bool()
+        assert torch.equal(weight_matrix(saved_refs[ref.name].module), weight_matrix(ref.module) * keep)
+
+    # the reported perplexities are those of the dense and the saved model on the evaluation windows
+    ids = tokenize_corpus(text_file.read_text(encoding="utf-8"), tiny_tokenizer())
+    windows = split_corpus(ids, calib_samples=4, calib_seq_len=32, eval_tokens=1024, eval_seq_len=512).evaluation
+    assert windows.shape == (2, 512)
+    assert metrics["dense"]["ppl"] == pytest.approx(hand_perplexity(dense, windows), rel=1e-5)
+    assert metrics["pruned"]["ppl"] == pytest.approx(hand_perplexity(saved, windows), rel=1e-5)
+    assert metrics["pruned"]["ppl"] != metrics["dense"]["ppl"]
+    assert_shared_model_dense()
+
+
+def test_cli_allocation_and_no_model(tmp_path, text_file, facts_file):
+    allocation = tmp_path / "alloc.json"
+    allocation.write_text(json.dumps({"block.0": 0.2, "model.layers.2.mlp.up_proj": 0.7}))
+    out = tmp_path / "mag"
+    code = prune.main(cli_args(text_file, facts_file, out, "--method", "magnitude", "--allocation",
+                               str(allocation), "--no-save-model"))
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["masks.safetensors", "metrics.json"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["target_sparsity"] is None
+    for name, share in metrics["per_layer_sparsity"].items():
+        expected = 0.2 if ".layers.0." in name else 0.7 if name == "model.layers.2.mlp.up_proj" else 0.0
+        assert share == pytest.approx(expected, abs=1e-3), name
+    assert_shared_model_dense()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+BAD = {
+    "unknown model": (lambda d: ["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    "sparsity 1.0": (lambda d: ["--sparsity", "1.0"], r"sparsity 1.0 is outside \[0, 1\)"),
+    "sparsity nan": (lambda d: ["--sparsity", "nan"], r"sparsity nan is outside \[0, 1\)"),
+    "bad pattern": (lambda d: ["--pattern", "4:2"], "0 < N < M"),
+    "allocation length": (lambda d: ["--allocation", _write(d / "a.json", "[0.5, 0.5, 0.5, 0.5, 0.5]")],
+                          r"has 5 ratios: give one per decoder block \(3\) or one per linear layer \(21\)"),
+    "unknown layer": (lambda d: ["--allocation", _write(d / "a.json", '{"model.layers.9.mlp.up_proj": 0.5}')],
+                      r"unknown layer\(s\) \['model.layers.9.mlp.up_proj'\]"),
+    "allocation NaN": (lambda d: ["--allocation", _write(d / "a.json", "[NaN, 0.5, 0.5]")],
+                       r"entry 0 sparsity nan is outside \[0, 1\)"),
+    "allocation 1.0": (lambda d: ["--allocation", _write(d / "a.json", '{"block.1": 1.0}')],
+                       r"\['block.1'\].*outside \[0, 1\)"),
+    "missing allocation": (lambda d: ["--allocation", str(d / "none.json")], "--allocation file .* does not exist"),
+    "missing text": (lambda d: ["--eval-text", str(d / "none.txt")], "--eval-text file .*none.txt.* does not exist"),
+    "missing facts": (lambda d: ["--facts", str(d / "none.jsonl")], "--facts file .*none.jsonl.* does not exist"),
+    "malformed jsonl": (lambda d: ["--facts", _write(d / "bad.jsonl", '{"prompt": "The capital of France is", '
+                                                                    '"answer": "Paris"}\n{"prompt": oops}\n')],
+                        r"bad.jsonl:2: bad JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_cli_bad_input(tmp_path, text_file, facts_file, capsys, case):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    extra, message = BAD[case]
+    out = tmp_path / "runs" / "result"
+    args = cli_args(text_file, facts_file, out) + extra(inputs)  # later flags override the defaults
+    assert prune.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert re.search(message, err), err
+    assert not out.exists()
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    assert_shared_model_dense()
+
+
+def test_cli_refuses_non_empty_out(tmp_path, text_file, facts_file, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert prune.main(cli_args(text_file, facts_file, out)) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_cli_failure_while_writing_leaves_nothing(tmp_path, text_file, facts_file, capsys, monkeypatch):
+    import safetensors.torch
+
+    def broken(*args, **kwargs):
+        raise ValueError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    out = tmp_path / "runs" / "result"
+    assert prune.main(cli_args(text_file, facts_file, out)) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert not out.exists() and list((tmp_path / "runs").iterdir()) == []
+    assert_shared_model_dense()
+
+
+def test_cli_as_a_module_subprocess(tmp_path, text_file, facts_file):
+    out = tmp_path / "sub"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "prune_env.prune",
+                           *cli_args(text_file, facts_file, out, "--sparsity", "0.3", "--no-save-model")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"wrote {out}/metrics.json" in done.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["achieved_sparsity"] == pytest.approx(0.3, abs=1e-3)
