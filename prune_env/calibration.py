@@ -31,6 +31,7 @@ class TokenBatch:
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
 
 
 @dataclass
@@ -85,7 +86,8 @@ def _swapped_blocks(model: nn.Module, replacements: list[nn.Module]) -> Iterator
 
 
 def _base_forward(model: nn.Module, batch: TokenBatch):
-    return model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    extra = {} if batch.position_ids is None else {"position_ids": batch.position_ids}
+    return model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **extra)
 
 
 @torch.no_grad()

@@ -13,7 +13,8 @@ from gymnasium import spaces
 from .allocation import project, wall_bounds
 from .calibration import ReplayState, advance, record_inputs
 from .context import DataConfig, PruningContext
-from .evaluation import ChoiceScores, choice_scores, fact_batches, nll_from_hidden, summarise_facts, window_batches
+from .evaluation import (ChoiceScores, choice_scores, fact_batches, nll_from_hidden, summarise_facts,
+                         supports_packing, window_batches)
 from .masking import RankedMasks, check_ratio
 from .pruner import block_stats, prune_linear
 from .rendering import render_allocation
@@ -153,7 +154,8 @@ class LayerPruneEnv(gym.Env):
         if self.fidelity == "exact":
             self._windows = window_batches(ctx.slices.evaluation.to(device), ctx.data.batch_size)
             self._facts = ctx.facts
-            self._fact_batches = fact_batches(ctx.tokenizer, self._facts, ctx.data.fact_batch_size)
+            self._fact_batches = fact_batches(ctx.tokenizer, self._facts, ctx.data.fact_batch_size,
+                                              packed=supports_packing(ctx.model))
             self._initial = {"calib": record_inputs(ctx.model, ctx.calibration),
                              "text": record_inputs(ctx.model, self._windows),
                              "facts": record_inputs(ctx.model, self._fact_batches)}

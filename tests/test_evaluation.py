@@ -135,18 +135,42 @@ def test_evaluate_facts_equals_brute_force(family):
         assert scores.greedy_exact == exact
 
 
-def test_fact_batches_are_right_padded():
+def test_fact_batches_unpacked_rows_are_prompt_plus_choice_right_padded():
     tokenizer = tiny_tokenizer()
     facts = [Fact(p, a, tuple(c), "test") for p, a, c in FACT_ROWS[:4]]
-    batches = fact_batches(tokenizer, facts, batch_size=5)
+    batches = fact_batches(tokenizer, facts, batch_size=5, packed=False)
     assert sum(len(b.spans) for b in batches) == sum(len(f.choices) for f in facts)
     for batch in batches:
-        for row, start, end, f_index, c_index in batch.spans:
+        for row, predictors, targets, f_index, c_index in batch.spans:
             fact = facts[f_index]
             full = tokenizer(fact.prompt + " " + fact.choices[c_index])["input_ids"]
+            end = targets[-1] + 1
             assert batch.input_ids[row, :end].tolist() == full
-            assert start == len(tokenizer(fact.prompt)["input_ids"])
+            assert targets[0] == len(tokenizer(fact.prompt)["input_ids"])
+            assert predictors == [t - 1 for t in targets]
             assert batch.attention_mask[row].tolist() == [1] * end + [0] * (batch.input_ids.shape[1] - end)
+
+
+def test_fact_batches_packed_rows_hold_prompt_once_and_isolate_choices():
+    tokenizer = tiny_tokenizer()
+    facts = [Fact(p, a, tuple(c), "test") for p, a, c in FACT_ROWS[:4]]
+    batches = fact_batches(tokenizer, facts, batch_size=3, packed=True)
+    assert sum(len(b.spans) for b in batches) == sum(len(f.choices) for f in facts)
+    for batch in batches:
+        mask = batch.attention_mask[:, 0]
+        for row, predictors, targets, f_index, c_index in batch.spans:
+            fact = facts[f_index]
+            prompt = tokenizer(fact.prompt)["input_ids"]
+            answer = tokenizer(" " + fact.choices[c_index], add_special_tokens=False)["input_ids"]
+            assert batch.input_ids[row, :len(prompt)].tolist() == prompt
+            assert batch.input_ids[row, targets].tolist() == answer
+            # positions continue the prompt, as if the choice followed it directly
+            assert batch.position_ids[row, targets].tolist() == list(range(len(prompt), len(prompt) + len(answer)))
+            assert predictors[0] == len(prompt) - 1
+            first = targets[0]
+            # a choice token sees the whole prompt and its own earlier tokens, nothing of other choices
+            visible = mask[row, targets[-1]].nonzero().flatten().tolist()
+            assert visible == list(range(len(prompt))) + targets
 
 
 def test_choice_scores_from_replayed_hidden_states():
@@ -154,7 +178,7 @@ def test_choice_scores_from_replayed_hidden_states():
     facts = [Fact(p, a, tuple(c), "test") for p, a, c in FACT_ROWS]
     for batch in fact_batches(tokenizer, facts, batch_size=16):
         direct = choice_scores(model, batch)
-        state = advance(model, record_inputs(model, [TokenBatch(batch.input_ids, batch.attention_mask)]))
+        state = advance(model, record_inputs(model, [batch]))
         replayed = choice_scores(model, batch, state.hidden[0])
         assert direct.greedy == replayed.greedy
         for key, value in direct.loglik.items():
