@@ -1,0 +1,357 @@
+"""The agent interface, the agent registry and the adapters for the LLM and RL agents.
+
+An agent turns a pruning context (one loaded model with its units, calibration statistics and
+sensitivity profile) and a global target sparsity into an *allocation*: one sparsity ratio per unit
+whose parameter-weighted mean equals the target::
+
+    class Agent(Protocol):
+        name: str
+        def allocate(self, ctx: PruningContext, target: float, seed: int) -> list[float]
+
+The allocation is applied by whoever asked for it: `ctx.prune(allocation)` (the exact sequential
+prune, what `benchmark.py` does) or `play(env, allocation)` through LayerPrune-v0 (the env's action
+wall keeps the budget exact to one weight per unit).
+
+Agents are built from YAML-style dicts by `build_agent`::
+
+    build_agent({"name": "owl", "lam": 0.08, "m": 5})
+    build_agent({"name": "rl", "path": "runs/ppo/model.zip", "label": "ppo-block"})
+
+Every agent accepts `label` (the name it is reported under; defaults to the registry name, for RL
+policies to `rl:<file stem>`). Unknown names or parameters raise ValueError listing the valid ones.
+
+Optional attributes the benchmark uses when present:
+    deterministic: bool   the allocation does not depend on `seed` (results are reused across seeds)
+    last_info: dict       extra record fields of the last `allocate` (llm_model, iterations, rollbacks)
+    configure(env_data=..., workdir=...)   called once by the benchmark before any `allocate`:
+                          the env data (reward slices) for agents that play an env, and a folder
+                          for their own files (LLM transcripts)
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prune_env.context import PruningContext
+
+__all__ = ["AGENTS", "Agent", "LLMAgent", "RLAgent", "build_agent", "budget_tolerance", "check_allocation",
+           "play", "profile_table"]
+
+
+@runtime_checkable
+class Agent(Protocol):
+    """Anything with a `name` and an `allocate(ctx, target, seed)` returning one ratio per unit."""
+
+    name: str
+
+    def allocate(self, ctx: "PruningContext", target: float, seed: int) -> list[float]: ...
+
+
+# --------------------------------------------------------------------------- registry
+
+AGENTS: dict[str, str] = {
+    "uniform": "agents.heuristics:UniformAgent",
+    "owl": "agents.heuristics:OWLAgent",
+    "alphapruning": "agents.heuristics:AlphaPruningAgent",
+    "random": "agents.heuristics:RandomAgent",
+    "zscore-greedy": "agents.heuristics:ZScoreGreedyAgent",
+    "llm": "agents.base:LLMAgent",
+    "rl": "agents.base:RLAgent",
+}
+"""Registry name -> "module:Class". Classes are imported on first use (no torch import at load)."""
+
+
+def _agent_class(name: str):
+    module, _, attr = AGENTS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def agent_parameters(name: str) -> list[str]:
+    """The parameters an agent accepts in its config dict (besides `name`)."""
+    if name not in AGENTS:
+        raise ValueError(f"unknown agent {name!r}: valid agents are {sorted(AGENTS)}")
+    params = [p for p, spec in inspect.signature(_agent_class(name).__init__).parameters.items()
+              if p != "self" and spec.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+    return sorted(set(params) | {"label"})
+
+
+def build_agent(config: dict) -> Agent:
+    """An agent from a dict such as {"name": "owl", "lam": 0.08, "m": 5}."""
+    if isinstance(config, str):
+        config = {"name": config}
+    if not isinstance(config, dict):
+        raise ValueError(f"an agent config must be a mapping with a 'name', got {config!r}")
+    params = dict(config)
+    name = params.pop("name", None)
+    if name is None:
+        raise ValueError(f"agent config {config!r} has no 'name': valid agents are {sorted(AGENTS)}")
+    if name not in AGENTS:
+        raise ValueError(f"unknown agent {name!r}: valid agents are {sorted(AGENTS)}")
+    valid = agent_parameters(name)
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for agent {name!r}: valid parameters are {valid}")
+    label = params.pop("label", None)
+    if label is not None and (not isinstance(label, str) or not label.strip()):
+        raise ValueError(f"agent label must be a non-empty string, got {label!r}")
+    try:
+        agent = _agent_class(name)(**params)
+    except TypeError as error:  # e.g. a missing required parameter
+        raise ValueError(f"agent {name!r}: {error}; valid parameters are {valid}") from None
+    if label is not None:
+        agent.name = label
+    return agent
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def budget_tolerance(ctx: "PruningContext") -> float:
+    """Largest acceptable |weighted sparsity - target|: float noise, or one weight per unit for
+    allocations that come back from an env (they are counted in whole weights)."""
+    return max(1e-6, len(ctx.units) / ctx.total_numel)
+
+
+def check_allocation(ctx: "PruningContext", allocation, target: float, who: str = "agent") -> list[float]:
+    """Floats in [0, 1), one per unit, meeting the target within `budget_tolerance`; else ValueError."""
+    try:
+        values = [float(x) for x in allocation]
+    except (TypeError, ValueError):
+        raise ValueError(f"{who} returned {allocation!r}, not a list of numbers") from None
+    if len(values) != len(ctx.units):
+        raise ValueError(f"{who} returned {len(values)} ratios but the model has {len(ctx.units)} units")
+    bad = [i for i, x in enumerate(values) if not (math.isfinite(x) and 0.0 <= x < 1.0)]
+    if bad:
+        raise ValueError(f"{who} returned ratios outside [0, 1) at units {bad[:5]}: {[values[i] for i in bad[:5]]}")
+    achieved = ctx.weighted_sparsity(values)
+    if abs(achieved - target) > budget_tolerance(ctx):
+        raise ValueError(f"{who} allocation has parameter-weighted sparsity {achieved:.6f}, not the target {target}")
+    return values
+
+
+def profile_table(ctx: "PruningContext") -> list[dict]:
+    """The dense sensitivity profile as the rows the LLM agent reads (sparsity 0: nothing pruned yet)."""
+    return [{"unit": unit.name, "index": i, "z_wanda": float(ctx.z_wanda[i]), "z_grad": float(ctx.z_grad[i]),
+             "sparsity": 0.0, "param_share": unit.numel / ctx.total_numel} for i, unit in enumerate(ctx.units)]
+
+
+def play(env, allocation, *, target: float | None = None, seed: int | None = None) -> dict:
+    """Play a full allocation through LayerPrune-v0 and return the final step's info.
+
+    Each unit asks for its ratio through `env.unwrapped.action_for_ratio`; the env's wall projects it
+    so the episode ends exactly on the target (so a ratio may be changed where the allocation does not
+    meet the env's target or bounds). `target` resets the env to that target first.
+    """
+    u = env.unwrapped
+    n = len(u.units)
+    values = [float(x) for x in allocation]
+    if len(values) != n:
+        raise ValueError(f"allocation has {len(values)} ratios but the env has {n} units")
+    env.reset(seed=seed, options=None if target is None else {"target_sparsity": float(target)})
+    info: dict = {}
+    terminated = False
+    for ratio in values:
+        _, _, terminated, truncated, info = env.step(u.action_for_ratio(ratio))
+        if truncated:
+            break
+    if not terminated:
+        raise RuntimeError("the env did not terminate after one step per unit")
+    return dict(info)
+
+
+def _call(fn, *args, **optional):
+    """Call fn(*args, **the optional keywords its signature accepts)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(*args)
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(*args, **optional)
+    return fn(*args, **{k: v for k, v in optional.items() if k in params})
+
+
+def _env_kwargs(entry_point: str, ctx: "PruningContext", base: dict, user: dict) -> dict:
+    """Env constructor kwargs: `base`, overridden by the caller's model and operator (model, device, dtype,
+    granularity, method, pattern), keeping only what the env's constructor takes; then the agent
+    config's `env` mapping (always passed, so a wrong key fails loudly)."""
+    import gymnasium as gym
+
+    spec = gym.spec(entry_point)
+    ep = spec.entry_point
+    cls = ep if callable(ep) else getattr(importlib.import_module(ep.split(":")[0]), ep.split(":")[1])
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    defaults = {**base, "model": ctx.spec, "device": ctx.device, "dtype": ctx.dtype,
+                "granularity": ctx.granularity, "method": ctx.method, "pattern": ctx.pattern}
+    kwargs = {k: v for k, v in defaults.items() if k in accepted}
+    kwargs.update(user)
+    return kwargs
+
+
+# --------------------------------------------------------------------------- LLM agent adapter
+
+
+class LLMAgent:
+    """LLMPruningAgent (agents/llm_agent.py, imported lazily) as an `Agent`.
+
+    backend: {"type": "openai", ...OpenAIChatBackend kwargs} or {"type": "local", ...LocalChatBackend
+    kwargs}. mode: "iterative" plays IterativePrune-v0 with `LLMPruningAgent.run` (the paper's loop:
+    memory, self-reflection, rollbacks) and returns the env's final per-unit sparsities, shifted with
+    `match_budget` onto the exact target (the iterative env moves in increments); "oneshot" asks for a
+    whole allocation at once with `LLMPruningAgent.allocate` on the dense profile. agent: extra
+    LLMPruningAgent kwargs. env: extra IterativePrune-v0 kwargs.
+    """
+
+    deterministic = False
+
+    def __init__(self, backend: dict | None = None, mode: str = "iterative", agent: dict | None = None,
+                 env: dict | None = None):
+        if mode not in ("iterative", "oneshot"):
+            raise ValueError(f"llm mode must be 'iterative' or 'oneshot', got {mode!r}")
+        backend = dict(backend or {"type": "openai"})
+        if backend.get("type", "openai") not in ("openai", "local"):
+            raise ValueError(f"llm backend type must be 'openai' or 'local', got {backend.get('type')!r}")
+        for what, value in (("agent", agent), ("env", env)):
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"llm {what} options must be a mapping, got {value!r}")
+        self.name = "llm"
+        self.backend_config, self.mode = backend, mode
+        self.agent_kwargs, self.env_kwargs = dict(agent or {}), dict(env or {})
+        self.env_data: dict | None = None
+        self.workdir: Path | None = None
+        self.last_info: dict = {}
+
+    def configure(self, env_data: dict | None = None, workdir: str | Path | None = None) -> None:
+        self.env_data = env_data
+        self.workdir = Path(workdir) if workdir is not None else None
+
+    def _backend(self):
+        from agents import llm_backends
+
+        options = dict(self.backend_config)
+        kind = options.pop("type", "openai")
+        cls = llm_backends.OpenAIChatBackend if kind == "openai" else llm_backends.LocalChatBackend
+        return cls(**options)
+
+    def allocate(self, ctx: "PruningContext", target: float, seed: int) -> list[float]:
+        from agents.allocators import match_budget
+        from agents.llm_agent import LLMPruningAgent
+
+        self.last_info = {}
+        transcript = None
+        if self.workdir is not None:
+            safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in self.name)
+            transcript = self.workdir / "transcripts" / f"{safe}-t{target:g}-s{seed}.jsonl"
+            transcript.parent.mkdir(parents=True, exist_ok=True)
+            transcript.unlink(missing_ok=True)
+        backend = self._backend()
+        self.last_info = {"llm_model": str(getattr(backend, "name", type(backend).__name__))}
+        agent = LLMPruningAgent(backend, **{"seed": seed, "transcript_path": transcript, **self.agent_kwargs})
+        numel = [unit.numel for unit in ctx.units]
+        if self.mode == "oneshot":
+            ratios = agent.allocate(profile_table(ctx), numel, target)
+            self.last_info = {"llm_model": agent.llm_model, "iterations": 1, "rollbacks": 0,
+                              "llm": {"mode": "oneshot", "fallbacks": agent.fallbacks,
+                                      "invalid_answers": agent.invalid_answers,
+                                      "transcript": str(transcript) if transcript else None}}
+            return [float(r) for r in ratios]
+        import gymnasium as gym
+
+        import prune_env  # noqa: F401  (registers the envs)
+
+        base = {"target_sparsity": float(target)}
+        if self.env_data is not None:
+            base["data"] = self.env_data
+        env = gym.make("prune_env/IterativePrune-v0",
+                       **_env_kwargs("prune_env/IterativePrune-v0", ctx, base, self.env_kwargs))
+        try:
+            summary = agent.run(env, seed=seed)
+            final = summary.get("final_info") or {}
+            allocation = final.get("allocation")
+            if allocation is None and hasattr(getattr(env.unwrapped, "ctx", None), "unit_sparsity"):
+                allocation = env.unwrapped.ctx.unit_sparsity()
+            if allocation is None:
+                raise RuntimeError("IterativePrune-v0 exposes no final allocation (info['allocation'] or ctx)")
+        finally:
+            env.close()
+        if len(allocation) != len(ctx.units):
+            raise ValueError(f"the iterative env has {len(allocation)} units but the benchmark has "
+                             f"{len(ctx.units)}: use the same granularity")
+        reached = ctx.weighted_sparsity(allocation)
+        self.last_info = {"llm_model": summary.get("llm_model", agent.llm_model),
+                          "iterations": int(summary.get("iterations", 0)),
+                          "rollbacks": int(summary.get("rollbacks", 0)),
+                          "llm": {"mode": "iterative", "reached_sparsity": reached,
+                                  "fallbacks": summary.get("fallbacks"), "stopped": summary.get("stopped"),
+                                  "invalid_answers": summary.get("invalid_answers"),
+                                  "transcript": str(transcript) if transcript else None}}
+        return match_budget(allocation, numel, target)
+
+
+# --------------------------------------------------------------------------- RL policy adapter
+
+
+class RLAgent:
+    """An SB3 policy saved by train.py (agents/rl.py `RLPolicyAgent`, imported lazily) as an `Agent`.
+
+    The policy plays one deterministic LayerPrune-v0 episode per allocation. The env is built from the
+    policy's training env kwargs (action_type, n_actions, min/max sparsity, fidelity, proxy sizes...),
+    with the caller's model and operator (model, device, dtype, granularity, method, pattern: the
+    allocation is for the model being benchmarked), the env data given by `configure` (the benchmark's
+    `data`, i.e. the env's reward slices) and finally the agent config's `env` mapping, e.g.
+    `env: {fidelity: exact}` (default: the training fidelity). One env per agent, reset to each target.
+    `policy`: extra RLPolicyAgent kwargs (device, name). `path`: a train.py run folder or a policy zip.
+    """
+
+    deterministic = False
+
+    def __init__(self, path: str, env: dict | None = None, policy: dict | None = None):
+        if not isinstance(path, (str, Path)) or not str(path):
+            raise ValueError(f"rl agent needs the path of a saved policy, got {path!r}")
+        for what, value in (("env", env), ("policy", policy)):
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"rl {what} options must be a mapping, got {value!r}")
+        self.path = str(path)
+        self.name = f"rl:{Path(self.path).stem}"
+        self.env_kwargs, self.policy_kwargs = dict(env or {}), dict(policy or {})
+        self.env_data: dict | None = None
+        self._env = None
+        self._policy = None
+        self.last_info: dict = {}
+
+    def configure(self, env_data: dict | None = None, workdir: str | Path | None = None) -> None:
+        self.env_data = env_data
+
+    def allocate(self, ctx: "PruningContext", target: float, seed: int) -> list[float]:
+        import gymnasium as gym
+
+        import prune_env  # noqa: F401
+
+        if not Path(self.path).exists():
+            raise FileNotFoundError(f"RL policy {self.path!r} does not exist")
+        if self._policy is None:
+            from agents.rl import RLPolicyAgent
+
+            self._policy = RLPolicyAgent(self.path, **self.policy_kwargs)
+        trained = dict(self._policy.trained_env_kwargs(fidelity=None)) \
+            if hasattr(self._policy, "trained_env_kwargs") else {}
+        if self._env is None:
+            base = {**trained, "target_sparsity": float(target)}
+            if self.env_data is not None:
+                base["data"] = self.env_data
+            self._env = gym.make("prune_env/LayerPrune-v0",
+                                 **_env_kwargs("prune_env/LayerPrune-v0", ctx, base, self.env_kwargs))
+        u = self._env.unwrapped
+        if len(u.units) != len(ctx.units):
+            raise ValueError(f"the policy's env has {len(u.units)} units but the benchmark has {len(ctx.units)}")
+        u.target_sparsity = float(target)  # for policies whose allocate() takes no target: reset() uses it
+        allocation = _call(self._policy.allocate, self._env, seed=seed, target=float(target))
+        if isinstance(allocation, dict) and "allocation" in allocation:
+            allocation = allocation["allocation"]
+        self.last_info = {"rl": {"policy": self.path, "algo": getattr(self._policy, "algo", None),
+                                 "trained_model": trained.get("model"), "fidelity": getattr(u, "fidelity", None)}}
+        return [float(x) for x in allocation]
