@@ -415,8 +415,9 @@ class Runner:
         then `check_export` it. Written to a staging folder and renamed (never half-written)."""
         import shutil
 
-        import torch
         from safetensors.torch import save_file
+
+        from prune_env.export import save_pruned
 
         ctx = self.ctx
         directory = Path(directory)
@@ -424,10 +425,7 @@ class Runner:
         staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
             ctx.prune(record["allocation"])
-            save_plain_pretrained(ctx.model, staging / "model")
-            ctx.tokenizer.save_pretrained(staging / "model")
-            save_file({name: keep.to(torch.uint8).contiguous().cpu() for name, keep in ctx.masked.masks.items()},
-                      str(staging / "masks.safetensors"))
+            save_pruned(ctx, staging)
             save_file({"windows": ctx.slices.evaluation.contiguous()}, str(staging / "evaluation.safetensors"))
             meta = {"record": record, "model": ctx.spec, "dtype": ctx.dtype, "batch_size": ctx.data.batch_size,
                     "data": ctx.describe(), "achieved_sparsity": ctx.achieved_sparsity()}
@@ -441,26 +439,6 @@ class Runner:
         finally:
             ctx.restore()
         return check_export(directory, device=ctx.device)
-
-
-def save_plain_pretrained(model, directory: str | Path) -> None:
-    """model.save_pretrained as a plain float checkpoint. A model loaded from a GGUF file carries a GGUF
-    'quantizer' although its weights were dequantized at load time, and transformers refuses to save it;
-    the quantizer and the config's quantization_config are detached for the save and put back after."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    had_qc = hasattr(model.config, "quantization_config")
-    qc = getattr(model.config, "quantization_config", None)
-    try:
-        if quantizer is not None:
-            model.hf_quantizer = None
-        if had_qc:
-            del model.config.quantization_config
-        model.save_pretrained(directory)
-    finally:
-        if quantizer is not None:
-            model.hf_quantizer = quantizer
-        if had_qc:
-            model.config.quantization_config = qc
 
 
 def _agent_info(record: dict, agent) -> None:

@@ -97,3 +97,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, def
             raise ConfigError(f"unknown config key {'.'.join(keys)!r}: valid keys are {sorted(schema)}")
         node[keys[-1]] = value
     return config
+
+
+def dataclass_from_dict(cls, values: dict | None, what: str):
+    """Build a dataclass from a mapping, naming any unknown key and the valid ones."""
+    from dataclasses import fields
+
+    values = dict(values or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} option(s) {unknown}: valid options are {sorted(known)}")
+    return cls(**values)

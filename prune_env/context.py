@@ -10,11 +10,12 @@ import json
 import math
 import os
 import random
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .calibration import TokenBatch
+from .config import dataclass_from_dict
 from .data import load_text, split_corpus, tokenize_corpus
 from .evaluation import FactScores, evaluate_facts, perplexity, retention
 from .facts import Fact, load_facts
@@ -47,12 +48,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "DataConfig":
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown data option(s) {unknown}: valid options are {sorted(known)}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "data")
 
 
 @dataclass

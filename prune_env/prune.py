@@ -20,6 +20,7 @@ import torch
 
 from .allocation import load_allocation
 from .context import DataConfig, PruningContext
+from .export import save_pruned
 from .masking import METHODS, check_ratio, parse_pattern
 
 
@@ -89,13 +90,7 @@ def run(args: argparse.Namespace) -> dict:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        from safetensors.torch import save_file
-
-        save_file({name: keep.to(torch.uint8).contiguous().cpu() for name, keep in ctx.masked.masks.items()},
-                  str(staging / "masks.safetensors"))
-        if not args.no_save_model:
-            ctx.model.save_pretrained(staging / "model")
-            ctx.tokenizer.save_pretrained(staging / "model")
+        save_pruned(ctx, staging, save_model=not args.no_save_model)
         if out.exists():
             out.rmdir()
         staging.rename(out)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from .config import dataclass_from_dict
+
 
 @dataclass(frozen=True)
 class RewardConfig:
@@ -22,12 +24,11 @@ class RewardConfig:
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "RewardConfig":
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown reward option(s) {unknown}: valid options are {sorted(known)}")
-        config = cls(**{k: float(v) for k, v in values.items()})
+        checked = dataclass_from_dict(cls, values, "reward")  # unknown keys first, then the numbers
+        try:
+            config = cls(**{f.name: float(getattr(checked, f.name)) for f in fields(cls)})
+        except (TypeError, ValueError):
+            raise ValueError(f"reward weights must be numbers, got {values!r}") from None
         if any(math.isnan(getattr(config, f.name)) for f in fields(cls)):
             raise ValueError("reward weights must be numbers, not NaN")
         return config
