@@ -55,14 +55,18 @@ def _activation_norms(model: nn.Module, refs: list[LinearRef], batches: list[Tok
 
 
 def _gradient_means(model: nn.Module, refs: list[LinearRef], batches: list[TokenBatch]) -> dict[str, float]:
-    """Mean over samples of |dL_i/dW|, reduced to one scalar per linear (one backward per sample)."""
+    """Mean over samples of |dL_i/dW|, reduced to one scalar per linear (one backward per sample).
+
+    The mean over weights and the mean over samples commute, so only one scalar per linear and sample
+    is kept, never a second model-sized buffer.
+    """
     params = {ref.name: ref.module.weight for ref in refs}
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
-    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
+    sums = dict.fromkeys(params, 0.0)
     samples = 0
     try:
         for batch in batches:
@@ -71,12 +75,13 @@ def _gradient_means(model: nn.Module, refs: list[LinearRef], batches: list[Token
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 grads = torch.autograd.grad(loss, list(params.values()))
                 for name, grad in zip(params, grads):
-                    sums[name] += grad.detach().abs().float()
+                    sums[name] += float(grad.detach().abs().float().mean())
+                del grads
                 samples += 1
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return {name: float(total.mean()) / max(samples, 1) for name, total in sums.items()}
+    return {name: total / max(samples, 1) for name, total in sums.items()}
 
 
 def compute_linear_stats(model: nn.Module, refs: list[LinearRef], calibration: list[TokenBatch],

@@ -296,3 +296,20 @@ def test_parse_pattern_accepts():
     assert parse_pattern("2:4") == (2, 4)
     assert parse_pattern("4:8") == (4, 8)
     assert parse_pattern(None) is None and parse_pattern("unstructured") is None
+
+
+def test_selection_fast_path_equals_stable_sort_including_ties():
+    """The kthvalue fast path must remove exactly what a stable per-row argsort removes."""
+    from prune_env.masking import _lowest_per_row, _row_counts
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        rows, cols = torch.randint(1, 20, (2,), generator=g).tolist()
+        # odd trials: few distinct values, so ties on the threshold are common
+        score = (torch.randint(0, 4, (rows, cols), generator=g).float() if trial % 2
+                 else torch.rand(rows, cols, generator=g))
+        counts = _row_counts(rows, cols, torch.rand(1, generator=g).item() * 0.999)
+        order = torch.argsort(score, dim=1, stable=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(1, order, torch.arange(cols).expand_as(order).contiguous())
+        assert torch.equal(_lowest_per_row(score, counts), ranks >= counts[:, None]), trial
