@@ -50,10 +50,12 @@ def _validate(args: argparse.Namespace) -> None:
     """Everything checkable without the model, before any work: bad input fails in a second."""
     check_ratio(args.sparsity)
     parse_pattern(args.pattern)
-    for label, value in (("--allocation", args.allocation), ("--eval-text", args.eval_text), ("--facts", args.facts)):
-        looks_like_file = value and (value.endswith((".json", ".txt", ".jsonl")) or "/" in value)
-        if looks_like_file and label != "--model" and not Path(value).is_file() and value not in ("wikitext2", "c4"):
-            raise FileNotFoundError(f"{label} file {value!r} does not exist")
+    if args.allocation and not Path(args.allocation).is_file():
+        raise FileNotFoundError(f"--allocation file {args.allocation!r} does not exist")
+    for flag, value in (("--eval-text", args.eval_text), ("--facts", args.facts)):
+        looks_like_file = value.endswith((".txt", ".jsonl", ".json")) or "/" in value
+        if looks_like_file and not Path(value).is_file():
+            raise FileNotFoundError(f"{flag} file {value!r} does not exist")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {args.out!r} already exists and is not empty: choose a new folder")

@@ -9,6 +9,10 @@ Prints and writes bench.json with the tracked figures:
   proxy_episodes_per_s     proxy LayerPrune episodes per second
   peak_rss_ratio           peak resident memory / fp32 model size (goal <= 3)
   proxy_exact_spearman     rank correlation of proxy and exact episode quality over random allocations (goal >= 0.8)
+  bf16_fp32_proxy_spearman rank correlation of the same proxy episodes in bfloat16 vs float32
+  bf16_proxy_speedup       float32 proxy episode seconds / bfloat16 proxy episode seconds
+peak_rss_ratio is taken after the exact environment's set-up, one episode and one full evaluation,
+before the proxy and bf16 environments load their own state.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ def main() -> int:
     parser.add_argument("--allocations", type=int, default=30)
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 ranking check")
     args = parser.parse_args()
     import gymnasium as gym
 
@@ -94,6 +99,7 @@ def main() -> int:
     uniform = [args.target] * len(ctx.units)
     _, episode_s = timed(lambda: play(exact, uniform))
     _, full_eval_s = timed(ctx.evaluate)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # one exact env in the process
 
     # 4./6. proxy episodes per second, and proxy/exact agreement over random allocations
     proxy = gym.make("prune_env/LayerPrune-v0", model=args.model, target_sparsity=args.target,
@@ -110,7 +116,19 @@ def main() -> int:
     from scipy.stats import spearmanr
 
     rho = float(spearmanr(exact_q, proxy_q).statistic) if args.allocations > 2 else float("nan")
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    # 7. bf16: does the cheaper dtype keep the ranking of allocations? (same proxy episodes, bf16 model copy)
+    bf16_q, bf16_times = [], []
+    if args.bf16:
+        proxy.close()
+        bf16 = gym.make("prune_env/LayerPrune-v0", model=args.model, target_sparsity=args.target,
+                        fidelity="proxy", dtype="bfloat16").unwrapped
+        for i in range(args.allocations):
+            ratios = random_ratios(numel, args.target, np.random.default_rng(i), low=0.0, high=0.9)
+            info, seconds = timed(lambda: play(bf16, ratios))
+            bf16_q.append(info["quality"])
+            bf16_times.append(seconds)
+    rho_bf16 = float(spearmanr(proxy_q, bf16_q).statistic) if len(bf16_q) > 2 else float("nan")
 
     figures = {
         "eval_throughput_ratio": project_tps / plain_tps,
@@ -119,6 +137,8 @@ def main() -> int:
         "proxy_episodes_per_s": 1.0 / float(np.mean(proxy_times)) if proxy_times else float("nan"),
         "peak_rss_ratio": peak_rss / (n_params * 4),
         "proxy_exact_spearman": rho,
+        "bf16_fp32_proxy_spearman": rho_bf16,
+        "bf16_proxy_speedup": float(np.mean(proxy_times) / np.mean(bf16_times)) if bf16_times else float("nan"),
     }
     details = {
         "model": args.model, "machine": f"{platform.machine()} {platform.processor()}".strip(),
@@ -126,7 +146,7 @@ def main() -> int:
         "plain_forward_tokens_per_s": plain_tps, "project_eval_tokens_per_s": project_tps, "eval_tokens": tokens,
         "profile_s": profile_s, "wanda_prune_s": wanda_s, "exact_episode_s": episode_s, "full_eval_s": full_eval_s,
         "proxy_episode_s": float(np.mean(proxy_times)) if proxy_times else None, "peak_rss_bytes": peak_rss,
-        "exact_quality": exact_q, "proxy_quality": proxy_q, "data": ctx.describe(),
+        "exact_quality": exact_q, "proxy_quality": proxy_q, "bf16_proxy_quality": bf16_q, "data": ctx.describe(),
     }
     goals = {"eval_throughput_ratio": (">=", 0.8), "profile_vs_wanda_ratio": ("<=", 2.0),
              "episode_vs_eval_ratio": ("<=", 1.3), "peak_rss_ratio": ("<=", 3.0), "proxy_exact_spearman": (">=", 0.8)}
