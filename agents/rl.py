@@ -58,7 +58,26 @@ def make_env(torch_threads: int | None = None, **kwargs):
         import torch
 
         torch.set_num_threads(torch_threads)
-    return gym.make(ENV_ID, **kwargs)
+    env = gym.make(ENV_ID, **kwargs)
+    if isinstance(env.action_space, gym.spaces.Box):
+        # SB3's Gaussian policies start at mean 0 and work best on a symmetric [-1, 1] space: unscaled, the
+        # deterministic policy sits on the Box(0, 1) bound (ratio = min_sparsity) and never leaves it
+        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
+    return env
+
+
+def to_env_action(action, model_space, env_space):
+    """Map a policy action from the space it was trained in to the env's (identity when they agree)."""
+    import numpy as np
+    from gymnasium import spaces
+
+    if not isinstance(env_space, spaces.Box) or not isinstance(model_space, spaces.Box):
+        return action
+    if np.array_equal(model_space.low, env_space.low) and np.array_equal(model_space.high, env_space.high):
+        return action
+    unit = (np.asarray(action, dtype=np.float64) - model_space.low) / (model_space.high - model_space.low)
+    return np.clip(env_space.low + unit * (env_space.high - env_space.low), env_space.low,
+                   env_space.high).astype(env_space.dtype)
 
 
 def env_kwargs(config: dict, fidelity: str | None = None, data_overrides: dict | None = None) -> dict:
@@ -151,7 +170,8 @@ def play_episode(model, env, *, train_fidelity: str = "proxy", normalizer=None, 
     total, steps, done, info = 0.0, 0, False, {}
     while not done:
         action, _ = model.predict(policy_observation(obs, env, train_fidelity, normalizer), deterministic=True)
-        obs, reward, terminated, truncated, info = env.step(action)
+        obs, reward, terminated, truncated, info = env.step(to_env_action(action, model.action_space,
+                                                                          env.action_space))
         total, steps, done = total + float(reward), steps + 1, terminated or truncated
     unwrapped = env.unwrapped
     reference = unwrapped.reference
