@@ -413,29 +413,19 @@ class Runner:
     def export_cell(self, record: dict, directory: str | Path) -> dict:
         """Prune to the record's allocation and save model, tokenizer, masks, evaluation windows, meta;
         then `check_export` it. Written to a staging folder and renamed (never half-written)."""
-        import shutil
-
         from safetensors.torch import save_file
 
-        from prune_env.export import save_pruned
+        from prune_env.export import save_pruned, staged_directory
 
         ctx = self.ctx
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
-            ctx.prune(record["allocation"])
-            save_pruned(ctx, staging)
-            save_file({"windows": ctx.slices.evaluation.contiguous()}, str(staging / "evaluation.safetensors"))
-            meta = {"record": record, "model": ctx.spec, "dtype": ctx.dtype, "batch_size": ctx.data.batch_size,
-                    "data": ctx.describe(), "achieved_sparsity": ctx.achieved_sparsity()}
-            (staging / "meta.json").write_text(json.dumps(_jsonable(meta), indent=2))
-            if directory.exists():
-                shutil.rmtree(directory)
-            staging.rename(directory)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            with staged_directory(directory) as staging:
+                ctx.prune(record["allocation"])
+                save_pruned(ctx, staging)
+                save_file({"windows": ctx.slices.evaluation.contiguous()}, str(staging / "evaluation.safetensors"))
+                meta = {"record": record, "model": ctx.spec, "dtype": ctx.dtype, "batch_size": ctx.data.batch_size,
+                        "data": ctx.describe(), "achieved_sparsity": ctx.achieved_sparsity()}
+                (staging / "meta.json").write_text(json.dumps(_jsonable(meta), indent=2))
         finally:
             ctx.restore()
         return check_export(directory, device=ctx.device)

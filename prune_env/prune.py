@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import torch
 
 from .allocation import load_allocation
 from .context import DataConfig, PruningContext
-from .export import save_pruned
+from .export import save_pruned, staged_directory
 from .masking import METHODS, check_ratio, parse_pattern
 
 
@@ -87,18 +85,10 @@ def run(args: argparse.Namespace) -> dict:
         "seconds": {"setup_and_dense": dense_seconds, "prune": prune_seconds, "eval_pruned": time.time() - t0},
         "data": ctx.describe(), "device": args.device, "dtype": args.dtype,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        save_pruned(ctx, staging, save_model=not args.no_save_model)
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with staged_directory(args.out) as staging:  # validated above: --out is new or empty
+            (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            save_pruned(ctx, staging, save_model=not args.no_save_model)
     finally:
         ctx.restore()
     return metrics
