@@ -20,7 +20,6 @@ achieved_sparsity, rolled_back, rollbacks, ppl_increase``.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from agents.allocators import match_budget, zscore_greedy_pick
 from agents.llm_backends import LLMBackendError
 
 log = logging.getLogger(__name__)
@@ -244,80 +244,22 @@ def zscore_greedy(table: list[dict], max_sparsity: float, k: int,
                   blocked: set[str] | None = None) -> list[str]:
     """The ``k`` units with the lowest ``z_wanda + z_grad`` below the cap (ties: lower index).
 
-    Uses ``agents.allocators.zscore_greedy_pick`` when it exists (blocked units are passed to
-    it as capped); a missing / failing / inconsistent helper falls back to the inline rule.
+    `agents.allocators.zscore_greedy_pick` with the blocked units passed as capped.
     """
     blocked = blocked or set()
-    zw = np.array([float(r["z_wanda"]) for r in table])
-    zg = np.array([float(r["z_grad"]) for r in table])
-    sp = np.array([float(r["sparsity"]) for r in table])
-    eff = np.where([str(r["unit"]) in blocked for r in table], max(max_sparsity, 1.0), sp)
-    eligible = [i for i in range(len(table)) if eff[i] < max_sparsity - _EPS]
-    if not eligible:
-        return []
-    try:
-        mod = importlib.import_module("agents.allocators")
-        pick = getattr(mod, "zscore_greedy_pick")
-    except (ImportError, AttributeError):
-        pick = None
-    if pick is not None:
-        try:
-            idx = [int(i) for i in pick(zw, zg, eff, max_sparsity, k)]
-            if idx and len(idx) <= k and len(set(idx)) == len(idx) and all(i in eligible for i in idx):
-                return [str(table[i]["unit"]) for i in idx]
-            log.warning("agents.allocators.zscore_greedy_pick returned %r; using the inline rule", idx)
-        except Exception as exc:  # pragma: no cover - depends on the other module
-            log.warning("agents.allocators.zscore_greedy_pick failed (%s); using the inline rule", exc)
-    order = sorted(eligible, key=lambda i: (zw[i] + zg[i], _row_index(table[i], i)))
-    return [str(table[i]["unit"]) for i in order[:k]]
+    zw = [float(r["z_wanda"]) for r in table]
+    zg = [float(r["z_grad"]) for r in table]
+    eff = [max(max_sparsity, 1.0) if str(r["unit"]) in blocked else float(r["sparsity"]) for r in table]
+    return [str(table[i]["unit"]) for i in zscore_greedy_pick(zw, zg, eff, max_sparsity, k)]
 
 
 def budget_match(ratios: list[float], numel: list[float], target: float,
                  max_ratio: float = ALLOC_MAX_RATIO) -> list[float]:
-    """Shift ``ratios`` (clipped to [0, max_ratio]) so the numel-weighted mean equals ``target``.
-
-    Uses ``agents.allocators.match_budget(ratios, numel, target, high=max_ratio)`` when it
-    exists and its result checks out; otherwise an inline bisection on the shift.
-    """
+    """Shift ``ratios`` (clipped to [0, max_ratio]) so the numel-weighted mean equals ``target``
+    (`agents.allocators.match_budget`, target clipped into [0, max_ratio])."""
     r = np.clip(np.asarray(ratios, dtype=float), 0.0, max_ratio)
-    n = np.asarray(numel, dtype=float)
-    total = float(n.sum())
     tgt = float(np.clip(target, 0.0, max_ratio))
-
-    def ok(v) -> bool:
-        v = np.asarray(v, dtype=float)
-        return (v.shape == r.shape and bool(np.all(v >= -_EPS)) and bool(np.all(v <= max_ratio + 1e-6))
-                and abs(float((v * n).sum()) / total - tgt) < 1e-3)
-
-    try:
-        mod = importlib.import_module("agents.allocators")
-        mb = getattr(mod, "match_budget")
-    except (ImportError, AttributeError):
-        mb = None
-    if mb is not None:
-        try:
-            try:
-                out = mb(r.tolist(), n.tolist(), tgt, high=max_ratio)
-            except TypeError:  # a match_budget without the `high` keyword
-                out = mb(r.tolist(), n.tolist(), tgt)
-            out = np.asarray(out, dtype=float)
-            if ok(out):
-                return [float(x) for x in np.clip(out, 0.0, max_ratio)]
-            log.warning("agents.allocators.match_budget result failed the budget check; bisecting")
-        except Exception as exc:  # pragma: no cover - depends on the other module
-            log.warning("agents.allocators.match_budget failed (%s); bisecting", exc)
-
-    def mean(shift: float) -> float:
-        return float((np.clip(r + shift, 0.0, max_ratio) * n).sum()) / total
-
-    lo, hi = -1.0, 1.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if mean(mid) < tgt:
-            lo = mid
-        else:
-            hi = mid
-    return [float(x) for x in np.clip(r + hi, 0.0, max_ratio)]
+    return [float(x) for x in match_budget(r.tolist(), list(numel), tgt, high=max_ratio)]
 
 
 def parse_allocation(text: str, table: list[dict], *, max_ratio: float = ALLOC_MAX_RATIO,

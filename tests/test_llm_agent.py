@@ -494,11 +494,11 @@ def test_local_backend_drives_agent(tiny_pair, tmp_path):
 @pytest.mark.slow
 def test_smollm2_candidate_scoring_real_model(tmp_path):
     pytest.importorskip("gguf")
-    from agents.llm_backends import smollm2_gguf_path
+    from prune_env.models import ModelSpecError, resolve_model_spec
 
     try:
-        smollm2_gguf_path()
-    except FileNotFoundError as exc:
+        resolve_model_spec("smollm2-135m")
+    except ModelSpecError as exc:
         pytest.skip(str(exc))
     backend = LocalChatBackend("smollm2-135m")
     env = FakeIterativeEnv(target=0.01)  # one step ends the episode: exactly one choose() call
