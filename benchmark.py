@@ -85,7 +85,6 @@ import os
 import platform
 import random
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -415,7 +414,8 @@ class Runner:
         then `check_export` it. Written to a staging folder and renamed (never half-written)."""
         from safetensors.torch import save_file
 
-        from prune_env.export import save_pruned, staged_directory
+        from prune_env.export import save_pruned
+        from prune_env.files import staged_directory
 
         ctx = self.ctx
         try:
@@ -443,7 +443,6 @@ def check_export(directory: str | Path, device: str = "cpu", rtol: float = 1e-4)
     """Reload an exported cell with transformers and recompute its perplexity on the saved evaluation
     windows; ok when it matches the record's ppl (relative tolerance `rtol`) and every masked weight
     of the reloaded model is zero."""
-    import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -597,20 +596,10 @@ def load_results(path: str | Path) -> dict:
 
 def write_results(path: str | Path, data: dict) -> None:
     """Validate, then write via a temporary file in the same folder + os.replace (atomic)."""
+    from prune_env.files import atomic_write_text
+
     validate_results(data)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False))
 
 
 _COMPARED = ("model", "operator", "units")

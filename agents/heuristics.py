@@ -13,7 +13,6 @@ block-wise rule), and AlphaPruning gives every linear its own ratio (the referen
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import torch
@@ -120,6 +119,7 @@ def linear_alphas(ctx, bins: int = 100, xmin_window: str = "reference", cache: b
 
     SVDs are the slow part, so results are cached in memory and, with `cache`, on disk as
     <cache>/prune-gym/profiles/alphas-<key>.json (written atomically)."""
+    from prune_env.files import atomic_write_text
     from prune_env.scoring import cache_dir
 
     key = _alpha_key(ctx, bins, xmin_window)
@@ -137,11 +137,8 @@ def linear_alphas(ctx, bins: int = 100, xmin_window: str = "reference", cache: b
     alphas = [hill_alpha(ctx.masked.dense[ref.name], bins, xmin_window=xmin_window) for ref in ctx.refs]
     _ALPHA_MEMORY[key] = alphas
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps({"names": [ref.name for ref in ctx.refs], "alphas": alphas,
-                                       "model": ctx.spec, "bins": bins, "xmin_window": xmin_window}))
-        partial.replace(path)
+        atomic_write_text(path, json.dumps({"names": [ref.name for ref in ctx.refs], "alphas": alphas,
+                                            "model": ctx.spec, "bins": bins, "xmin_window": xmin_window}))
     return list(alphas)
 
 

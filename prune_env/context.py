@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from dataclasses import asdict, dataclass, field
 
@@ -19,6 +18,7 @@ from .config import dataclass_from_dict
 from .data import load_text, split_corpus, tokenize_corpus
 from .evaluation import FactScores, evaluate_facts, perplexity, retention
 from .facts import Fact, load_facts
+from .files import atomic_write_text
 from .masking import MaskedModel, parse_pattern
 from .models import LinearRef, linear_layers, load_model
 from .pruner import PruneResult, calibration_batches, check_method, prune_model
@@ -155,10 +155,7 @@ class PruningContext:
         self.masked.restore()
         metrics = self.evaluate(dense_exact=None)
         if use_cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(f".{os.getpid()}.partial")
-            partial.write_text(json.dumps(asdict(metrics)))
-            partial.replace(path)
+            atomic_write_text(path, json.dumps(asdict(metrics)))
         return metrics
 
     # -- allocations -------------------------------------------------------------------------------

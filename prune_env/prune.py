@@ -18,7 +18,8 @@ import torch
 
 from .allocation import load_allocation
 from .context import DataConfig, PruningContext
-from .export import save_pruned, staged_directory
+from .export import save_pruned
+from .files import staged_directory
 from .masking import METHODS, check_ratio, parse_pattern
 
 

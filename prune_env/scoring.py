@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from .calibration import TokenBatch, advance, collect_stats, record_inputs
+from .files import atomic_path, cache_root
 from .masking import wanda_scores
 from .models import LinearRef, weight_matrix
 
@@ -38,8 +38,8 @@ class LinearStats:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("PRUNE_GYM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "prune-gym"
-    return Path(root) / "profiles"
+    """<cache>/prune-gym/profiles: profiles, dense metrics and alphas, keyed by `cache_key`."""
+    return cache_root() / "profiles"
 
 
 def cache_key(**parts) -> str:
@@ -94,10 +94,8 @@ def compute_linear_stats(model: nn.Module, refs: list[LinearRef], calibration: l
     stats = LinearStats(act_norm=_activation_norms(model, refs, calibration),
                         grad_mean=_gradient_means(model, refs, gradient))
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        torch.save(stats.to_dict(), partial)
-        partial.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(stats.to_dict(), tmp)
     return stats
 
 
