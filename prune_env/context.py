@@ -186,10 +186,14 @@ class PruningContext:
         return result
 
     @torch.no_grad()
-    def evaluate(self, dense_exact: list[bool] | None | str = "dense") -> Metrics:
-        """Perplexity and facts of the model as it is now, on this context's evaluation slices."""
-        ppl = perplexity(self.model, self.slices.evaluation, self.data.batch_size)
-        facts = evaluate_facts(self.model, self.tokenizer, self.facts, self.data.fact_batch_size)
+    def evaluate(self, dense_exact: list[bool] | None | str = "dense", windows: torch.Tensor | None = None,
+                 facts: list[Fact] | None = None) -> Metrics:
+        """Perplexity and facts of the model as it is now, on this context's evaluation slices
+        (or on the given windows and facts, e.g. the proxy's smaller ones)."""
+        windows = self.slices.evaluation if windows is None else windows
+        ppl = perplexity(self.model, windows, self.data.batch_size)
+        facts = evaluate_facts(self.model, self.tokenizer, self.facts if facts is None else facts,
+                               self.data.fact_batch_size)
         return self.metrics(ppl, facts, dense_exact)
 
     def metrics(self, ppl: float, facts: FactScores, dense_exact: list[bool] | None | str = "dense") -> Metrics:

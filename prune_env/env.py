@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -31,6 +32,26 @@ def _options(cls, kwargs: dict) -> None:
 
         valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
         raise ValueError(f"unknown option(s) {sorted(kwargs)} for {cls.__name__}: valid options are {valid}")
+
+
+def is_number(value) -> bool:
+    """A real number that is not a bool and not NaN (numpy scalars included)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def check_target(target) -> None:
+    if not is_number(target) or not 0.0 < target < 1.0:
+        raise ValueError(f"target_sparsity {target!r} must be in (0, 1)")
+
+
+def reset_target(options: dict | None, default: float) -> float:
+    """The episode's target from reset()'s options (only `target_sparsity` is accepted)."""
+    options = dict(options or {})
+    target = options.pop("target_sparsity", default)
+    if options:
+        raise ValueError(f"unknown reset option(s) {sorted(options)}: valid options are ['target_sparsity']")
+    check_target(target)
+    return float(target)
 
 
 @dataclass
@@ -115,7 +136,7 @@ class LayerPruneEnv(gym.Env):
                  proxy_eval_tokens: int = 1024, proxy_facts: int = 64, device: str = "cpu", dtype: str = "float32",
                  render_mode: str | None = None, **kwargs):
         _options(type(self), kwargs)
-        self._check_target(target_sparsity)
+        check_target(target_sparsity)
         if not 0.0 <= min_sparsity <= max_sparsity < 1.0 or math.isnan(min_sparsity + max_sparsity):
             raise ValueError(f"need 0 <= min_sparsity <= max_sparsity < 1, got min={min_sparsity} max={max_sparsity}")
         if not min_sparsity <= target_sparsity <= max_sparsity:
@@ -141,11 +162,6 @@ class LayerPruneEnv(gym.Env):
         self._prepare(proxy_eval_tokens, proxy_facts)
         self._step = None  # None: reset() not called yet
 
-    @staticmethod
-    def _check_target(target: float) -> None:
-        if not isinstance(target, (int, float)) or math.isnan(target) or not 0.0 < target < 1.0:
-            raise ValueError(f"target_sparsity {target!r} must be in (0, 1)")
-
     # -- set-up ------------------------------------------------------------------------------------
     def _prepare(self, proxy_eval_tokens: int, proxy_facts: int) -> None:
         ctx = self.ctx
@@ -170,7 +186,7 @@ class LayerPruneEnv(gym.Env):
             self._windows = ctx.slices.evaluation[:n_windows].to(device)
             self._facts = ctx.facts[:proxy_facts]
             self._ranks = RankedMasks(ctx.masked.dense, ctx.method, ctx.stats.act_norm)
-            self.reference = self._measure_proxy(dense_exact=None)
+            self.reference = ctx.evaluate(dense_exact=None, windows=self._windows, facts=self._facts)
 
     def _blocks(self):
         from .models import decoder_blocks
@@ -180,14 +196,10 @@ class LayerPruneEnv(gym.Env):
     # -- Gymnasium API -----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        options = dict(options or {})
-        target = options.pop("target_sparsity", self.target_sparsity)
-        if options:
-            raise ValueError(f"unknown reset option(s) {sorted(options)}: valid options are ['target_sparsity']")
-        self._check_target(target)
+        target = reset_target(options, self.target_sparsity)
         if not self.min_sparsity <= target <= self.max_sparsity:
             raise ValueError(f"target_sparsity {target} is outside [{self.min_sparsity}, {self.max_sparsity}]")
-        self._target = float(target)
+        self._target = target
         self.ctx.restore()
         self._step, self._prev_action, self._last_drop = 0, 0.0, 0.0
         self._ratios = [0.0] * len(self.units)
@@ -299,29 +311,18 @@ class LayerPruneEnv(gym.Env):
         return zeros
 
     def _finish(self) -> dict:
+        ctx = self.ctx
         if self.fidelity == "proxy":
-            return self._measure_proxy()
-        ctx = self.ctx
-        total, count = 0.0, 0
-        for batch, hidden in zip(self._windows, self._states["text"].hidden):
-            nll, n = nll_from_hidden(ctx.model, batch, hidden)
-            total, count = total + nll, count + n
-        scores = ChoiceScores({}, {})
-        for batch, hidden in zip(self._fact_batches, self._states["facts"].hidden):
-            scores.merge(choice_scores(ctx.model, batch, hidden))
-        metrics = ctx.metrics(math.exp(total / count), summarise_facts(self._facts, scores))
-        return {**metrics.as_dict(), "achieved_sparsity": ctx.achieved_sparsity()}
-
-    def _measure_proxy(self, dense_exact="reference"):
-        from .evaluation import evaluate_facts, perplexity
-
-        ctx = self.ctx
-        ppl = perplexity(ctx.model, self._windows, ctx.data.batch_size)
-        facts = evaluate_facts(ctx.model, ctx.tokenizer, self._facts, ctx.data.fact_batch_size)
-        reference = self.reference.greedy_exact if dense_exact == "reference" else dense_exact
-        metrics = ctx.metrics(ppl, facts, reference)
-        if dense_exact is None:
-            return metrics
+            metrics = ctx.evaluate(self.reference.greedy_exact, windows=self._windows, facts=self._facts)
+        else:
+            total, count = 0.0, 0
+            for batch, hidden in zip(self._windows, self._states["text"].hidden):
+                nll, n = nll_from_hidden(ctx.model, batch, hidden)
+                total, count = total + nll, count + n
+            scores = ChoiceScores({}, {})
+            for batch, hidden in zip(self._fact_batches, self._states["facts"].hidden):
+                scores.merge(choice_scores(ctx.model, batch, hidden))
+            metrics = ctx.metrics(math.exp(total / count), summarise_facts(self._facts, scores))
         return {**metrics.as_dict(), "achieved_sparsity": ctx.achieved_sparsity()}
 
     def _observation(self) -> np.ndarray:

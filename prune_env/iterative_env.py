@@ -12,7 +12,7 @@ import torch
 from gymnasium import spaces
 
 from .context import DataConfig, Metrics, PruningContext
-from .env import Z_CLIP, _options
+from .env import Z_CLIP, _options, check_target, is_number, reset_target
 from .masking import RankedMasks
 from .rendering import render_allocation
 from .rewards import RewardConfig, quality
@@ -149,14 +149,14 @@ class IterativePruneEnv(gym.Env):
                  data: dict | None = None, device: str = "cpu", dtype: str = "float32",
                  render_mode: str | None = None, **kwargs):
         _options(type(self), kwargs)
-        self._check_target(target_sparsity)
-        if not self._is_number(max_sparsity) or not target_sparsity <= max_sparsity < 1.0:
+        check_target(target_sparsity)
+        if not is_number(max_sparsity) or not target_sparsity <= max_sparsity < 1.0:
             raise ValueError(f"need target_sparsity <= max_sparsity < 1, got target={target_sparsity} "
                              f"max_sparsity={max_sparsity!r}: no unit could go high enough")
-        if not self._is_number(increment) or not 0.0 < increment < 1.0:
+        if not is_number(increment) or not 0.0 < increment < 1.0:
             raise ValueError(f"increment {increment!r} must be in (0, 1): the sparsity added per selected unit "
                              f"and step, e.g. 0.05")
-        if not self._is_number(rollback_threshold) or rollback_threshold < 0:
+        if not is_number(rollback_threshold) or rollback_threshold < 0:
             raise ValueError(f"rollback_threshold {rollback_threshold!r} must be >= 0 (relative perplexity "
                              f"increase of one step, e.g. 0.10; math.inf never reverts)")
         if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < 1:
@@ -188,27 +188,14 @@ class IterativePruneEnv(gym.Env):
         self._z_wanda = list(self.ctx.z_wanda)
         self._rollbacks, self._done = 0, False
 
-    @staticmethod
-    def _is_number(value) -> bool:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
-
-    @classmethod
-    def _check_target(cls, target) -> None:
-        if not cls._is_number(target) or not 0.0 < target < 1.0:
-            raise ValueError(f"target_sparsity {target!r} must be in (0, 1)")
-
     # -- Gymnasium API -----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        options = dict(options or {})
-        target = options.pop("target_sparsity", self._default_target)
-        if options:
-            raise ValueError(f"unknown reset option(s) {sorted(options)}: valid options are ['target_sparsity']")
-        self._check_target(target)
+        target = reset_target(options, self._default_target)
         if target > self._max_sparsity:
             raise ValueError(f"target_sparsity {target} is above max_sparsity {self._max_sparsity}: "
                              f"no allocation can reach it")
-        self._target = float(target)
+        self._target = target
         self.ctx.restore()
         self._steps, self._rollbacks, self._done = 0, 0, False
         self._zeros = [[0] * len(unit.linears) for unit in self.units]
