@@ -91,6 +91,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from prune_env.config import is_finite_number, is_int
+
 ROOT = Path(__file__).resolve().parent
 SCHEMA_VERSION = 1
 DEFAULT_CONFIG = ROOT / "configs" / "benchmark.yaml"
@@ -478,20 +480,12 @@ def new_record(agent: str, agent_config: dict, target: float, seed: int) -> dict
             "llm_model": None, "iterations": None, "rollbacks": None, "reused_from_seed": None}
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def validate_results(data: Any) -> None:
     """Raise ResultsError listing every violation of the results.json schema (module docstring)."""
     errors: list[str] = []
     if not isinstance(data, dict):
         raise ResultsError(f"results must be a JSON object, got {type(data).__name__}")
-    top = {"schema_version": _is_int, "model": lambda v: isinstance(v, str),
+    top = {"schema_version": is_int, "model": lambda v: isinstance(v, str),
            "operator": lambda v: isinstance(v, dict), "data": lambda v: isinstance(v, dict),
            "machine": lambda v: isinstance(v, dict), "records": lambda v: isinstance(v, list)}
     for key, ok in top.items():
@@ -499,7 +493,7 @@ def validate_results(data: Any) -> None:
             errors.append(f"missing top-level field {key!r}")
         elif not ok(data[key]):
             errors.append(f"top-level field {key!r} has the wrong type ({type(data[key]).__name__})")
-    if data.get("schema_version") not in (None, SCHEMA_VERSION) and _is_int(data.get("schema_version")):
+    if data.get("schema_version") not in (None, SCHEMA_VERSION) and is_int(data.get("schema_version")):
         errors.append(f"schema_version {data['schema_version']} is not supported (expected {SCHEMA_VERSION})")
     if isinstance(data.get("operator"), dict):
         missing = {"method", "pattern", "granularity"} - set(data["operator"])
@@ -532,11 +526,11 @@ def _record_errors(i: int, rec: Any, n_units: int | None, seen: dict) -> list[st
         return errors
     if not isinstance(rec["agent"], str) or not rec["agent"]:
         errors.append(f"{where}: 'agent' must be a non-empty string")
-    if not _is_int(rec["seed"]) or rec["seed"] < 0:
+    if not is_int(rec["seed"]) or rec["seed"] < 0:
         errors.append(f"{where}: 'seed' must be a non-negative integer, got {rec['seed']!r}")
-    if not _is_number(rec["target_sparsity"]) or not 0.0 < rec["target_sparsity"] < 1.0:
+    if not is_finite_number(rec["target_sparsity"]) or not 0.0 < rec["target_sparsity"] < 1.0:
         errors.append(f"{where}: 'target_sparsity' must be a number in (0, 1), got {rec['target_sparsity']!r}")
-    if not _is_number(rec["seconds"]) or rec["seconds"] < 0:
+    if not is_finite_number(rec["seconds"]) or rec["seconds"] < 0:
         errors.append(f"{where}: 'seconds' must be a non-negative number, got {rec['seconds']!r}")
     if rec["status"] not in ("ok", "failed"):
         errors.append(f"{where}: 'status' must be 'ok' or 'failed', got {rec['status']!r}")
@@ -544,11 +538,11 @@ def _record_errors(i: int, rec: Any, n_units: int | None, seen: dict) -> list[st
         if rec[key] is not None and not isinstance(rec[key], str):
             errors.append(f"{where}: {key!r} must be a string or null, got {rec[key]!r}")
     for key in ("iterations", "rollbacks"):
-        if rec[key] is not None and (not _is_int(rec[key]) or rec[key] < 0):
+        if rec[key] is not None and (not is_int(rec[key]) or rec[key] < 0):
             errors.append(f"{where}: {key!r} must be a non-negative integer or null, got {rec[key]!r}")
     alloc = rec["allocation"]
     if alloc is not None:
-        if not isinstance(alloc, list) or not all(_is_number(x) and 0.0 <= x < 1.0 for x in alloc):
+        if not isinstance(alloc, list) or not all(is_finite_number(x) and 0.0 <= x < 1.0 for x in alloc):
             errors.append(f"{where}: 'allocation' must be a list of ratios in [0, 1) or null")
         elif n_units is not None and len(alloc) != n_units:
             errors.append(f"{where}: 'allocation' has {len(alloc)} ratios but there are {n_units} units")
@@ -556,14 +550,14 @@ def _record_errors(i: int, rec: Any, n_units: int | None, seen: dict) -> list[st
         if rec["error"] is not None:
             errors.append(f"{where}: an ok record must have error null, got {rec['error']!r}")
         for key in _METRICS:
-            if not _is_number(rec[key]):
+            if not is_finite_number(rec[key]):
                 errors.append(f"{where}: ok record needs a finite number {key!r}, got {rec[key]!r}")
-        if _is_number(rec["ppl"]) and rec["ppl"] <= 0:
+        if is_finite_number(rec["ppl"]) and rec["ppl"] <= 0:
             errors.append(f"{where}: 'ppl' must be positive, got {rec['ppl']!r}")
         for key in ("fact_acc", "fact_retention"):
-            if _is_number(rec[key]) and not 0.0 <= rec[key] <= 1.0:
+            if is_finite_number(rec[key]) and not 0.0 <= rec[key] <= 1.0:
                 errors.append(f"{where}: {key!r} must be in [0, 1], got {rec[key]!r}")
-        if not _is_number(rec["achieved_sparsity"]) or not 0.0 <= rec["achieved_sparsity"] <= 1.0:
+        if not is_finite_number(rec["achieved_sparsity"]) or not 0.0 <= rec["achieved_sparsity"] <= 1.0:
             errors.append(f"{where}: ok record needs 'achieved_sparsity' in [0, 1], got {rec['achieved_sparsity']!r}")
         if alloc is None:
             errors.append(f"{where}: ok record needs an 'allocation'")
@@ -571,7 +565,7 @@ def _record_errors(i: int, rec: Any, n_units: int | None, seen: dict) -> list[st
         if not isinstance(rec["error"], str) or not rec["error"].strip():
             errors.append(f"{where}: a failed record needs a non-empty 'error' string, got {rec['error']!r}")
         for key in _METRICS:
-            if rec[key] is not None and not _is_number(rec[key]):
+            if rec[key] is not None and not is_finite_number(rec[key]):
                 errors.append(f"{where}: {key!r} must be a number or null, got {rec[key]!r}")
     if not errors:
         key = cell_key(rec["agent"], rec["target_sparsity"], rec["seed"])

@@ -64,7 +64,7 @@ from agents.rl import (
     make_env,
     play_episode,
 )
-from prune_env.config import ConfigError, load_config
+from prune_env.config import ConfigError, is_finite_number, is_int, load_config
 from prune_env.context import GRANULARITIES, DataConfig
 from prune_env.env import ACTION_TYPES, FIDELITIES
 from prune_env.masking import METHODS, parse_pattern
@@ -151,19 +151,11 @@ def _get(config: dict, dotted: str) -> Any:
     return node
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_int(config: dict, dotted: str, minimum: int, allow_none: bool = False) -> None:
     value = _get(config, dotted)
     if allow_none and value is None:
         return
-    if not _is_int(value) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ConfigError(f"{dotted} must be an integer >= {minimum}, got {value!r}")
 
 
@@ -191,12 +183,12 @@ def _check_data(data: dict, where: str, partial: bool = False) -> None:
             if looks_like_file and not Path(value).expanduser().is_file():
                 raise ConfigError(f"{where}.{key}: file {value!r} does not exist")
         elif key == "eval_offset":
-            if value is not None and (not _is_int(value) or value < 0):
+            if value is not None and (not is_int(value) or value < 0):
                 raise ConfigError(f"{where}.eval_offset must be null or an integer >= 0, got {value!r}")
         else:
             minimum = 1 if key in ("calib_samples", "calib_seq_len", "eval_tokens", "eval_seq_len", "batch_size",
                                    "fact_batch_size") else 0
-            if not _is_int(value) or value < minimum:
+            if not is_int(value) or value < minimum:
                 raise ConfigError(f"{where}.{key} must be an integer >= {minimum}, got {value!r}")
     if not partial:
         DataConfig(**data)
@@ -208,7 +200,7 @@ def validate(config: dict) -> dict:
     if not isinstance(env["model"], str) or not env["model"]:
         raise ConfigError(f"env.model must be a model alias, folder, .gguf file or hub id, got {env['model']!r}")
     for key in ("target_sparsity", "min_sparsity", "max_sparsity"):
-        if not _is_number(env[key]):
+        if not is_finite_number(env[key]):
             raise ConfigError(f"env.{key} must be a number, got {env[key]!r}")
     if not 0.0 < env["target_sparsity"] < 1.0:
         raise ConfigError(f"env.target_sparsity must be in (0, 1), got {env['target_sparsity']!r}")

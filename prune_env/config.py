@@ -109,3 +109,15 @@ def dataclass_from_dict(cls, values: dict | None, what: str):
     if unknown:
         raise ValueError(f"unknown {what} option(s) {unknown}: valid options are {sorted(known)}")
     return cls(**values)
+
+
+def is_int(value) -> bool:
+    """An int from YAML or JSON (a bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """An int or float from YAML or JSON that is finite (a bool is not one)."""
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
