@@ -17,6 +17,7 @@ from .context import DataConfig, PruningContext
 from .evaluation import (ChoiceScores, choice_scores, fact_batches, nll_from_hidden, summarise_facts,
                          supports_packing, window_batches)
 from .masking import RankedMasks, check_ratio
+from .models import decoder_blocks
 from .pruner import block_stats, prune_linear
 from .rendering import render_allocation
 from .rewards import RewardConfig, quality
@@ -177,7 +178,7 @@ class LayerPruneEnv(gym.Env):
                              "facts": record_inputs(ctx.model, self._fact_batches)}
             probe = ReplayState([self._initial["calib"].hidden[0].clone()], [self._initial["calib"].calls[0]])
             self._dense_outputs = []
-            for index in range(len(self._blocks())):
+            for index in range(len(decoder_blocks(self.ctx.model))):
                 advance(ctx.model, probe, index + 1)
                 self._dense_outputs.append(probe.hidden[0].clone())
             self.reference = ctx.dense
@@ -187,11 +188,6 @@ class LayerPruneEnv(gym.Env):
             self._facts = ctx.facts[:proxy_facts]
             self._ranks = RankedMasks(ctx.masked.dense, ctx.method, ctx.stats.act_norm)
             self.reference = ctx.evaluate(dense_exact=None, windows=self._windows, facts=self._facts)
-
-    def _blocks(self):
-        from .models import decoder_blocks
-
-        return decoder_blocks(self.ctx.model)
 
     # -- Gymnasium API -----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -295,7 +291,7 @@ class LayerPruneEnv(gym.Env):
                 zeros += int((~keep).sum())
             return zeros
         block_index = unit.linears[0].block_index
-        blocks = self._blocks()
+        blocks = decoder_blocks(self.ctx.model)
         calib = self._states["calib"]
         if block_index not in self._stats:  # once per block, before any of its linears is pruned
             modules = {ref.name: ref.module for ref in ctx.refs if ref.block_index == block_index}
