@@ -354,7 +354,7 @@ class IterativePruneEnv(gym.Env):
                     masked.restore([ref.name])
                 else:
                     keep = self._ranks.keep(ref.name, count / ref.numel)
-                    masked.apply(ref.name, keep.to(masked.dense[ref.name].device))
+                    masked.apply(ref.name, keep.to(ref.module.weight.device))
 
     def _allocation(self) -> list[float]:
         return [sum(z) / unit.numel for z, unit in zip(self._zeros, self.units)]

@@ -8,10 +8,14 @@ Ties are broken by position (stable sorts), so the same inputs always give the s
 from __future__ import annotations
 
 import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
+from .files import cache_root
 from .models import weight_matrix
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -167,6 +171,77 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: float, p
     return keep, W.to(weight.dtype)
 
 
+class DenseSnapshot(Mapping[str, torch.Tensor]):
+    """The dense prunable weights, readable by name, for bit-exact restores.
+
+    On CPU the bytes live in an unlinked temporary file in the cache directory: the OS page cache
+    holds them, not the process (the in-memory copy cost 0.8x the fp32 model in peak RSS), and a
+    restore reads straight into the live parameter with no intermediate tensor. On other devices the
+    snapshot is a device copy. `snapshot[name]` is a fresh [out, in] tensor in both cases.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], on_disk: bool | None = None):
+        self.modules = modules
+        params = {name: m.weight for name, m in modules.items()}
+        if on_disk is None:
+            on_disk = all(p.device.type == "cpu" and p.is_contiguous() for p in params.values())
+        self._memory: dict[str, torch.Tensor] = {}
+        self._offsets: dict[str, int] = {}
+        self._file = None
+        if not on_disk:
+            self._memory = {name: p.detach().clone() for name, p in params.items()}
+            return
+        directory = cache_root()
+        directory.mkdir(parents=True, exist_ok=True)
+        self._file = tempfile.TemporaryFile(dir=directory, prefix="dense-snapshot-")
+        offset = 0
+        for name, p in params.items():
+            self._offsets[name] = offset
+            offset += self._file.write(memoryview(_bytes(p.detach())))
+        self._file.flush()
+
+    def _read_into(self, name: str, target: torch.Tensor) -> None:
+        view, offset = memoryview(_bytes(target)), self._offsets[name]
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+            if got <= 0:
+                raise OSError(f"dense snapshot file ended early while reading {name!r}")
+            done += got
+
+    def copy_to(self, name: str, param: torch.Tensor) -> None:
+        """Put the dense bytes of `name` back into its live parameter."""
+        if self._file is None:
+            param.copy_(self._memory[name])
+        elif param.device.type == "cpu" and param.is_contiguous():
+            self._read_into(name, param)
+        else:
+            param.copy_(self._raw(name))
+
+    def _raw(self, name: str) -> torch.Tensor:
+        if self._file is None:
+            return self._memory[name].clone()
+        param = self.modules[name].weight
+        out = torch.empty(param.shape, dtype=param.dtype)
+        self._read_into(name, out)
+        return out.to(param.device)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        raw = self._raw(name)
+        return raw if isinstance(self.modules[name], nn.Linear) else raw.t()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+
+def _bytes(tensor: torch.Tensor):
+    """A writable uint8 numpy view of a contiguous CPU tensor's storage (any dtype, bf16 included)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
 class MaskedModel:
     """Dense snapshot of the prunable weights, so any mask can be undone bit-exactly.
 
@@ -174,22 +249,25 @@ class MaskedModel:
     snapshot back.
     """
 
-    def __init__(self, modules: dict[str, nn.Module]):
+    def __init__(self, modules: dict[str, nn.Module], snapshot_on_disk: bool | None = None):
         self.modules = modules
-        self.dense = {name: weight_matrix(m).detach().clone() for name, m in modules.items()}
+        self.dense = DenseSnapshot(modules, snapshot_on_disk)
         self.masks: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def apply(self, name: str, keep: torch.Tensor, new_weight: torch.Tensor | None = None) -> None:
         live = weight_matrix(self.modules[name])
-        live.copy_(self.dense[name] if new_weight is None else new_weight)
+        if new_weight is None:
+            self.dense.copy_to(name, self.modules[name].weight)
+        else:
+            live.copy_(new_weight)
         live.mul_(keep.to(live.dtype))
         self.masks[name] = keep
 
     @torch.no_grad()
     def restore(self, names: list[str] | None = None) -> None:
-        for name in self.dense if names is None else names:
-            weight_matrix(self.modules[name]).copy_(self.dense[name])
+        for name in self.modules if names is None else names:
+            self.dense.copy_to(name, self.modules[name].weight)
             self.masks.pop(name, None)
 
     def sparsity(self, name: str) -> float:

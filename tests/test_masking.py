@@ -235,6 +235,27 @@ def test_restore_is_bit_exact(calib_ids, method):
         assert torch.equal(value, before[key]), key
 
 
+@pytest.mark.parametrize("family,dtype,on_disk", [("llama", torch.float32, None), ("llama", torch.bfloat16, None),
+                                                   ("gpt2", torch.float32, None), ("gpt2", torch.float32, False)])
+def test_dense_snapshot_round_trips_bit_exactly(family, dtype, on_disk):
+    """The snapshot (an unlinked file on CPU, or a copy) gives back the exact [out, in] weights after pruning."""
+    model, _ = tiny_model(family, seed=3)
+    model = model.to(dtype)
+    refs = linear_layers(model)
+    before = {ref.name: weight_matrix(ref.module).detach().clone() for ref in refs}
+    masked = MaskedModel({ref.name: ref.module for ref in refs}, snapshot_on_disk=on_disk)
+    assert (masked.dense._file is not None) == (on_disk is None)  # CPU defaults to the file
+    for ref in refs:
+        keep = torch.rand(weight_matrix(ref.module).shape, generator=torch.Generator().manual_seed(0)) > 0.5
+        masked.apply(ref.name, keep)
+        assert torch.equal(weight_matrix(ref.module), before[ref.name] * keep.to(dtype))
+    assert sorted(masked.dense) == sorted(before) and len(masked.dense) == len(refs)
+    for name, weight in masked.dense.items():
+        assert weight.dtype == dtype and torch.equal(weight, before[name]), name
+    masked.restore()
+    assert all(torch.equal(weight_matrix(ref.module), before[ref.name]) for ref in refs)
+
+
 def test_apply_zeroes_exactly_the_mask(llama):
     refs = linear_layers(llama)
     masked = MaskedModel({ref.name: ref.module for ref in refs})
