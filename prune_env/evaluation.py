@@ -17,7 +17,7 @@ from torch import nn
 from .calibration import TokenBatch, _base_forward, final_hidden
 from .facts import Fact
 
-HEAD_CHUNK = 1024
+HEAD_CHUNK_ELEMENTS = 2 ** 24  # logits per chunk (64 MiB in fp32): 341 positions for SmolLM2's 49k vocabulary
 
 
 @dataclass
@@ -37,11 +37,17 @@ def _logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+def head_chunk(model: nn.Module) -> int:
+    """Positions per LM-head chunk, so that no more than HEAD_CHUNK_ELEMENTS logits exist at once."""
+    return max(1, HEAD_CHUNK_ELEMENTS // model.get_output_embeddings().weight.shape[0])
+
+
 def token_nll(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """NLL of `targets` given final hidden states at the preceding positions (flat), in chunks."""
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    out = [F.cross_entropy(_logits(model, hidden[i:i + HEAD_CHUNK]), targets[i:i + HEAD_CHUNK], reduction="none")
-           for i in range(0, hidden.shape[0], HEAD_CHUNK)]
+    chunk = head_chunk(model)
+    out = [F.cross_entropy(_logits(model, hidden[i:i + chunk]), targets[i:i + chunk], reduction="none")
+           for i in range(0, hidden.shape[0], chunk)]
     return torch.cat(out) if out else hidden.new_zeros(0)
 
 
@@ -183,11 +189,13 @@ def choice_scores(model: nn.Module, batch: FactBatch, last_hidden: torch.Tensor 
         targets_at += targets
     rows_t = torch.tensor(rows, device=device)
     pred_t, target_t = torch.tensor(predictors, device=device), torch.tensor(targets_at, device=device)
-    logits = torch.cat([_logits(model, hidden[rows_t[i:i + HEAD_CHUNK], pred_t[i:i + HEAD_CHUNK]])
-                        for i in range(0, len(rows), HEAD_CHUNK)])
     targets = moved.input_ids[rows_t, target_t]
-    logprob = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1)
-    is_max = logits.argmax(-1) == targets
+    chunk, logprobs, maxima = head_chunk(model), [], []
+    for i in range(0, len(rows), chunk):
+        logits = _logits(model, hidden[rows_t[i:i + chunk], pred_t[i:i + chunk]])
+        logprobs.append(torch.log_softmax(logits, -1).gather(1, targets[i:i + chunk, None]).squeeze(1))
+        maxima.append(logits.argmax(-1) == targets[i:i + chunk])
+    logprob, is_max = torch.cat(logprobs), torch.cat(maxima)
     scores, offset = ChoiceScores({}, {}), 0
     for _, _, span_targets, f_index, c_index in batch.spans:
         n = len(span_targets)
