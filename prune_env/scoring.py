@@ -57,30 +57,40 @@ def _activation_norms(model: nn.Module, refs: list[LinearRef], batches: list[Tok
 def _gradient_means(model: nn.Module, refs: list[LinearRef], batches: list[TokenBatch]) -> dict[str, float]:
     """Mean over samples of |dL_i/dW|, reduced to one scalar per linear (one backward per sample).
 
-    The mean over weights and the mean over samples commute, so only one scalar per linear and sample
-    is kept, never a second model-sized buffer.
+    The mean over weights and the mean over samples commute, so each gradient is reduced to its scalar
+    the moment backward has accumulated it and then dropped: at most a few gradients exist at once,
+    never a model-sized set of them.
     """
     params = {ref.name: ref.module.weight for ref in refs}
     flags = {p: p.requires_grad for p in model.parameters()}
+    sums = dict.fromkeys(params, 0.0)
+
+    def reducer(name: str):
+        def hook(param: torch.Tensor) -> None:
+            sums[name] += float(param.grad.detach().abs().float().mean())
+            param.grad = None
+        return hook
+
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in params.values():
+    handles = []
+    for name, p in params.items():
         p.requires_grad_(True)
-    sums = dict.fromkeys(params, 0.0)
+        p.grad = None
+        handles.append(p.register_post_accumulate_grad_hook(reducer(name)))
     samples = 0
     try:
         for batch in batches:
             for row in batch.input_ids:
                 ids = row[None]
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                grads = torch.autograd.grad(loss, list(params.values()))
-                for name, grad in zip(params, grads):
-                    sums[name] += float(grad.detach().abs().float().mean())
-                del grads
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
                 samples += 1
     finally:
+        for handle in handles:
+            handle.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
+            p.grad = None
     return {name: total / max(samples, 1) for name, total in sums.items()}
 
 

@@ -1,0 +1,34 @@
+"""Sensitivity profile: gradient importance reduced on the fly equals the direct per-sample computation."""
+
+from __future__ import annotations
+
+import torch
+
+from prune_env.calibration import TokenBatch
+from prune_env.models import linear_layers
+from prune_env.scoring import _gradient_means
+from prune_env.tiny import tiny_model
+
+
+def test_gradient_means_equal_per_sample_autograd_and_leave_no_gradients():
+    model, _ = tiny_model("llama", seed=5)
+    refs = linear_layers(model)
+    ids = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+    expected = dict.fromkeys((ref.name for ref in refs), 0.0)
+    weights = [ref.module.weight for ref in refs]
+    for row in ids:
+        loss = model(input_ids=row[None], labels=row[None], use_cache=False).loss
+        for ref, grad in zip(refs, torch.autograd.grad(loss, weights)):
+            expected[ref.name] += float(grad.abs().float().mean()) / len(ids)
+    model.zero_grad(set_to_none=True)
+    embed = model.get_input_embeddings().weight
+    embed.requires_grad_(False)  # a frozen parameter stays frozen
+
+    got = _gradient_means(model, refs, [TokenBatch(ids[:2]), TokenBatch(ids[2:])])
+
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert abs(got[name] - value) <= 1e-6 * abs(value) + 1e-12, name
+    assert len(set(got.values())) == len(got)  # one value per linear, not a shared one
+    assert all(p.grad is None for p in model.parameters())
+    assert not embed.requires_grad and weights[0].requires_grad
