@@ -11,8 +11,8 @@ Prints and writes bench.json with the tracked figures:
   proxy_exact_spearman     rank correlation of proxy and exact episode quality over random allocations (goal >= 0.8)
   bf16_fp32_proxy_spearman rank correlation of the same proxy episodes in bfloat16 vs float32
   bf16_proxy_speedup       float32 proxy episode seconds / bfloat16 proxy episode seconds
-peak_rss_ratio is taken after the exact environment's set-up, one episode and one full evaluation,
-before the proxy and bf16 environments load their own state.
+peak_rss_ratio is taken after the exact environment's set-up, the profile, a Wanda pass, one episode and
+the full evaluations, before the plain-forward baseline (full logits) and the proxy and bf16 environments.
 """
 
 from __future__ import annotations
@@ -81,13 +81,6 @@ def main() -> int:
     model, data = ctx.model, ctx.data
     n_params = sum(p.numel() for p in model.parameters())
 
-    # 1. evaluation throughput: plain HF forward vs the project's perplexity + facts on the same batches
-    batches = fact_batches(ctx.tokenizer, ctx.facts, data.fact_batch_size)
-    plain_tps, tokens = plain_forward_tokens_per_s(model, ctx.slices.evaluation, batches, data.batch_size)
-    _, eval_s = timed(lambda: (perplexity(model, ctx.slices.evaluation, data.batch_size),
-                               evaluate_facts(model, ctx.tokenizer, ctx.facts, data.fact_batch_size)))
-    project_tps = tokens / eval_s
-
     # 2. profile (activation norms + gradient importance) vs one plain Wanda prune pass
     grad = [TokenBatch(ctx.slices.calibration[:data.grad_samples])]
     _, profile_s = timed(lambda: compute_linear_stats(model, ctx.refs, ctx.calibration, grad, None))
@@ -99,7 +92,15 @@ def main() -> int:
     uniform = [args.target] * len(ctx.units)
     _, episode_s = timed(lambda: play(exact, uniform))
     _, full_eval_s = timed(ctx.evaluate)
+    _, eval_s = timed(lambda: (perplexity(model, ctx.slices.evaluation, data.batch_size),
+                               evaluate_facts(model, ctx.tokenizer, ctx.facts, data.fact_batch_size)))
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # one exact env in the process
+
+    # 1. evaluation throughput: the project's perplexity + facts (just above) vs a plain HF forward on the
+    # same batches. Measured after peak_rss: the plain forward forms full logits, which the project never does.
+    batches = fact_batches(ctx.tokenizer, ctx.facts, data.fact_batch_size)
+    plain_tps, tokens = plain_forward_tokens_per_s(model, ctx.slices.evaluation, batches, data.batch_size)
+    project_tps = tokens / eval_s
 
     # 4./6. proxy episodes per second, and proxy/exact agreement over random allocations
     proxy = gym.make("prune_env/LayerPrune-v0", model=args.model, target_sparsity=args.target,
