@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from prune_env.calibration import TokenBatch, advance, record_inputs
+from prune_env.calibration import advance, record_inputs
 from prune_env.data import tokenize_corpus
 from prune_env.evaluation import (
     FactScores,
@@ -167,7 +167,6 @@ def test_fact_batches_packed_rows_hold_prompt_once_and_isolate_choices():
             # positions continue the prompt, as if the choice followed it directly
             assert batch.position_ids[row, targets].tolist() == list(range(len(prompt), len(prompt) + len(answer)))
             assert predictors[0] == len(prompt) - 1
-            first = targets[0]
             # a choice token sees the whole prompt and its own earlier tokens, nothing of other choices
             visible = mask[row, targets[-1]].nonzero().flatten().tolist()
             assert visible == list(range(len(prompt))) + targets
