@@ -12,6 +12,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -242,6 +243,41 @@ def _bytes(tensor: torch.Tensor):
     return tensor.reshape(-1).view(torch.uint8).numpy()
 
 
+class PackedMasks(Mapping[str, torch.Tensor]):
+    """Keep-masks by module name, stored as bits (a bool tensor per weight would cost 0.2x the fp32 model).
+
+    `masks[name]` unpacks a fresh bool tensor on the mask's device; removed-weight counts are kept
+    alongside, so sparsity bookkeeping never unpacks.
+    """
+
+    def __init__(self):
+        self._bits: dict[str, tuple[np.ndarray, tuple[int, ...], torch.device]] = {}
+        self._zeros: dict[str, int] = {}
+
+    def set(self, name: str, keep: torch.Tensor) -> None:
+        flat = keep.detach().reshape(-1).cpu().numpy()
+        self._bits[name] = (np.packbits(flat), tuple(keep.shape), keep.device)
+        self._zeros[name] = int(flat.size - np.count_nonzero(flat))
+
+    def pop(self, name: str, default=None):
+        self._zeros.pop(name, None)
+        return self._bits.pop(name, default)
+
+    def zeros(self, name: str) -> int:
+        return self._zeros.get(name, 0)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        bits, shape, device = self._bits[name]
+        flat = np.unpackbits(bits, count=math.prod(shape)).astype(bool)
+        return torch.from_numpy(flat).reshape(shape).to(device)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._bits)
+
+    def __len__(self) -> int:
+        return len(self._bits)
+
+
 class MaskedModel:
     """Dense snapshot of the prunable weights, so any mask can be undone bit-exactly.
 
@@ -252,7 +288,7 @@ class MaskedModel:
     def __init__(self, modules: dict[str, nn.Module], snapshot_on_disk: bool | None = None):
         self.modules = modules
         self.dense = DenseSnapshot(modules, snapshot_on_disk)
-        self.masks: dict[str, torch.Tensor] = {}
+        self.masks = PackedMasks()
 
     @torch.no_grad()
     def apply(self, name: str, keep: torch.Tensor, new_weight: torch.Tensor | None = None) -> None:
@@ -262,7 +298,7 @@ class MaskedModel:
         else:
             live.copy_(new_weight)
         live.mul_(keep.to(live.dtype))
-        self.masks[name] = keep
+        self.masks.set(name, keep)
 
     @torch.no_grad()
     def restore(self, names: list[str] | None = None) -> None:
@@ -274,8 +310,7 @@ class MaskedModel:
         return float((weight_matrix(self.modules[name]) == 0).float().mean())
 
     def zeros(self, name: str) -> int:
-        keep = self.masks.get(name)
-        return 0 if keep is None else int((~keep).sum())
+        return self.masks.zeros(name)
 
 
 class RankedMasks:

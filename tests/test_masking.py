@@ -11,6 +11,7 @@ import torch
 from prune_env.calibration import collect_stats
 from prune_env.masking import (
     MaskedModel,
+    PackedMasks,
     RankedMasks,
     check_ratio,
     magnitude_mask,
@@ -254,6 +255,22 @@ def test_dense_snapshot_round_trips_bit_exactly(family, dtype, on_disk):
         assert weight.dtype == dtype and torch.equal(weight, before[name]), name
     masked.restore()
     assert all(torch.equal(weight_matrix(ref.module), before[ref.name]) for ref in refs)
+
+
+def test_packed_masks_round_trip_odd_shapes_and_count_zeros():
+    masks = PackedMasks()
+    gen = torch.Generator().manual_seed(2)
+    kept = {"a": torch.rand(7, 13, generator=gen) > 0.3, "b": torch.zeros(3, 5, dtype=torch.bool),
+            "c": torch.ones(1, 9, dtype=torch.bool)}
+    for name, keep in kept.items():
+        masks.set(name, keep)
+    assert len(masks) == 3 and sorted(masks) == ["a", "b", "c"]
+    for name, keep in kept.items():
+        assert masks[name].dtype == torch.bool and torch.equal(masks[name], keep), name
+        assert masks.zeros(name) == int((~keep).sum())
+    assert dict(masks).keys() == kept.keys() and masks != {}
+    masks.pop("a")
+    assert "a" not in masks and masks.zeros("a") == 0 and masks.pop("a") is None
 
 
 def test_apply_zeroes_exactly_the_mask(llama):
