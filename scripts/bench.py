@@ -1,6 +1,6 @@
 """`make bench`: cost of evaluation and episodes on the embedded model, side by side, plus proxy fidelity.
 
-    python scripts/bench.py [--model smollm2-135m] [--allocations 30] [--out bench.json]
+    python scripts/bench.py [--model smollm2-135m] [--allocations 30] [--repeats 3] [--out bench.json]
 
 Prints and writes bench.json with the tracked figures:
   eval_throughput_ratio    project perplexity+facts tokens/s over a plain HF forward's, same batches (goal >= 0.8)
@@ -70,6 +70,7 @@ def main() -> int:
     parser.add_argument("--allocations", type=int, default=30)
     parser.add_argument("--target", type=float, default=0.5)
     parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--repeats", type=int, default=3, help="episode/evaluation timings to take the median of")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 ranking check")
     args = parser.parse_args()
     import gymnasium as gym
@@ -88,10 +89,14 @@ def main() -> int:
     _, wanda_s = timed(lambda: prune_model(model, ctx.slices.calibration, {r.name: 0.5 for r in ctx.refs}, "wanda",
                                            None, data.batch_size, ctx.masked))
 
-    # 3. one exact episode vs one full evaluation of the pruned model on the same slices
+    # 3. one exact episode vs one full evaluation of the pruned model on the same slices (medians of
+    # --repeats alternating runs: single timings on a shared 2-core machine vary by 10-15 %)
     uniform = [args.target] * len(ctx.units)
-    _, episode_s = timed(lambda: play(exact, uniform))
-    _, full_eval_s = timed(ctx.evaluate)
+    episode_times, eval_times = [], []
+    for _ in range(args.repeats):
+        episode_times.append(timed(lambda: play(exact, uniform))[1])
+        eval_times.append(timed(ctx.evaluate)[1])
+    episode_s, full_eval_s = float(np.median(episode_times)), float(np.median(eval_times))
     _, eval_s = timed(lambda: (perplexity(model, ctx.slices.evaluation, data.batch_size),
                                evaluate_facts(model, ctx.tokenizer, ctx.facts, data.fact_batch_size)))
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # one exact env in the process
@@ -146,6 +151,7 @@ def main() -> int:
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "plain_forward_tokens_per_s": plain_tps, "project_eval_tokens_per_s": project_tps, "eval_tokens": tokens,
         "profile_s": profile_s, "wanda_prune_s": wanda_s, "exact_episode_s": episode_s, "full_eval_s": full_eval_s,
+        "exact_episode_runs_s": episode_times, "full_eval_runs_s": eval_times,
         "proxy_episode_s": float(np.mean(proxy_times)) if proxy_times else None, "peak_rss_bytes": peak_rss,
         "exact_quality": exact_q, "proxy_quality": proxy_q, "bf16_proxy_quality": bf16_q, "data": ctx.describe(),
     }
