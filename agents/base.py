@@ -219,6 +219,9 @@ class LLMAgent:
             if value is not None and not isinstance(value, dict):
                 raise ValueError(f"llm {what} options must be a mapping, got {value!r}")
         self.name = "llm"
+        # the local backend picks the most likely candidate (no sampling) and the envs ignore the seed, so
+        # its allocation does not depend on the seed; a served model may sample, so seeds are real there
+        self.deterministic = backend.get("type", "openai") == "local"
         self.backend_config, self.mode = backend, mode
         self.agent_kwargs, self.env_kwargs = dict(agent or {}), dict(env or {})
         self.env_data: dict | None = None
@@ -307,7 +310,7 @@ class RLAgent:
     `policy`: extra RLPolicyAgent kwargs (device, name). `path`: a train.py run folder or a policy zip.
     """
 
-    deterministic = False
+    deterministic = True  # a fixed policy acting deterministically in a seed-independent env
 
     def __init__(self, path: str, env: dict | None = None, policy: dict | None = None):
         if not isinstance(path, (str, Path)) or not str(path):

@@ -511,3 +511,16 @@ def test_smollm2_candidate_scoring_real_model(tmp_path):
     assert all(math.isfinite(s) and s < 0 for s in scores)
     assert step["units"] and set(step["units"]) <= set(env.unit_names)
     assert env.actions and len(env.actions[0]) == len(step["units"])
+
+
+def test_llm_agent_is_reused_across_seeds_only_with_the_non_sampling_local_backend():
+    from agents.base import build_agent
+    from benchmark import plan_cells
+
+    local = build_agent({"name": "llm", "backend": {"type": "local", "model": "tiny-llama"}})
+    served = build_agent({"name": "llm", "backend": {"type": "openai", "base_url": "http://127.0.0.1:9/v1"}})
+    assert local.deterministic is True and served.deterministic is False
+    cells = plan_cells(["llm"], [0.5], [0, 1], {"llm": local.deterministic})
+    assert [(c.seed, c.reuse_from) for c in cells] == [(0, None), (1, 0)]
+    cells = plan_cells(["llm"], [0.5], [0, 1], {"llm": served.deterministic})
+    assert [(c.seed, c.reuse_from) for c in cells] == [(0, None), (1, None)]
