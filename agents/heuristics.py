@@ -53,15 +53,16 @@ def block_lod(ctx, m: float = 5.0) -> tuple[list[int], list[float], list[int]]:
     """(block indices, LOD per block, parameters per block): the share of each block's Wanda scores
     |W| * ||X||_2 (dense weights, dense calibration norms, all its linears concatenated) above m times
     their mean. One block at a time, so only one block's scores are ever in memory."""
+    from prune_env.masking import wanda_scores
+
     blocks: dict[int, list] = {}
     for ref in ctx.refs:
         blocks.setdefault(ref.block_index, []).append(ref)
     order = sorted(blocks)
     lod, sizes = [], []
     for b in order:
-        scores = torch.cat([(ctx.masked.dense[ref.name].detach().abs().float()
-                             * ctx.stats.act_norm[ref.name].float().to(ctx.masked.dense[ref.name].device)[None, :]
-                             ).reshape(-1) for ref in blocks[b]])
+        scores = torch.cat([wanda_scores(ctx.masked.dense[ref.name], ctx.stats.act_norm[ref.name]).reshape(-1)
+                            for ref in blocks[b]])
         lod.append(owl_outlier_ratio(scores, m))
         sizes.append(sum(ref.numel for ref in blocks[b]))
         del scores
