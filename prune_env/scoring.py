@@ -63,6 +63,7 @@ def _gradient_means(model: nn.Module, refs: list[LinearRef], batches: list[Token
     """
     params = {ref.name: ref.module.weight for ref in refs}
     flags = {p: p.requires_grad for p in model.parameters()}
+    held = {p: p.grad for p in params.values()}  # the caller's gradients, put back afterwards
     sums = dict.fromkeys(params, 0.0)
 
     def reducer(name: str):
@@ -90,7 +91,8 @@ def _gradient_means(model: nn.Module, refs: list[LinearRef], batches: list[Token
             handle.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
-            p.grad = None
+        for p, grad in held.items():
+            p.grad = grad
     return {name: total / max(samples, 1) for name, total in sums.items()}
 
 

@@ -32,3 +32,15 @@ def test_gradient_means_equal_per_sample_autograd_and_leave_no_gradients():
     assert len(set(got.values())) == len(got)  # one value per linear, not a shared one
     assert all(p.grad is None for p in model.parameters())
     assert not embed.requires_grad and weights[0].requires_grad
+
+
+def test_gradient_means_leave_the_callers_gradients_in_place():
+    model, _ = tiny_model("llama", seed=5)
+    refs = linear_layers(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    before = {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    _gradient_means(model, refs, [TokenBatch(ids)])
+
+    assert all(torch.equal(p.grad, before[name]) for name, p in model.named_parameters())
