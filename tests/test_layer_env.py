@@ -201,6 +201,7 @@ def test_observations_match_independent_computation(make_env, fidelity, granular
     units, total = u.units, sum(ref.numel for ref in linear_layers(model))
     n = len(units)
     prev_ratio, last_drop = 0.0, 0.0
+    info: dict = {}  # the last step's info, read once the episode has ended
     actions = actions_for(env, "random", seed=1)
     for step in range(n + 1):
         index = min(step, n - 1)
