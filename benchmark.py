@@ -92,6 +92,7 @@ from pathlib import Path
 from typing import Any
 
 from prune_env.config import is_finite_number, is_int
+from prune_env.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent
 SCHEMA_VERSION = 1
@@ -590,8 +591,6 @@ def load_results(path: str | Path) -> dict:
 
 def write_results(path: str | Path, data: dict) -> None:
     """Validate, then write via a temporary file in the same folder + os.replace (atomic)."""
-    from prune_env.files import atomic_write_text
-
     validate_results(data)
     atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False))
 
@@ -914,22 +913,21 @@ def write_report(data: dict, out: str | Path, allocation_target: float | None = 
     plots = []
     ok_targets = [t for t in targets if any(by[(a, t)].get("allocation") for a in agents if (a, t) in by)]
     if ok_targets:
-        chosen = allocation_target if allocation_target is not None else (0.5 if 0.5 in ok_targets else
-                                                                           ok_targets[len(ok_targets) // 2])
-        chosen = min(ok_targets, key=lambda t: abs(t - chosen))
-        fig, ax = plt.subplots(figsize=(9, 4))
-        for agent in agents:
-            r = by.get((agent, chosen))
-            if r and r.get("allocation"):
-                ax.plot(range(len(r["allocation"])), r["allocation"], marker="o", ms=3, label=agent)
-        ax.axhline(chosen, color="grey", lw=0.8, ls="--")
-        ax.set(xlabel="unit (model order)", ylabel="sparsity", title=f"Per-unit allocation at target {chosen:g}")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        name = f"allocation_t{chosen:g}.png"
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-        plots.append(name)
+        chosen = ok_targets if allocation_target is None else [min(ok_targets, key=lambda t: abs(t - allocation_target))]
+        for target in chosen:
+            fig, ax = plt.subplots(figsize=(9, 4))
+            for agent in agents:
+                r = by.get((agent, target))
+                if r and r.get("allocation"):
+                    ax.plot(range(len(r["allocation"])), r["allocation"], marker="o", ms=3, label=agent)
+            ax.axhline(target, color="grey", lw=0.8, ls="--")
+            ax.set(xlabel="unit (model order)", ylabel="sparsity", title=f"Per-unit allocation at target {target:g}")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            name = f"allocation_t{target:g}.png"
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            plots.append(name)
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for agent in agents:
@@ -964,7 +962,7 @@ def write_report(data: dict, out: str | Path, allocation_target: float | None = 
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 

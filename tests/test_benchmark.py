@@ -67,8 +67,8 @@ def test_serial_grid(grid):
     out = benchmark.Path(cfg["out"])
     report = (out / "report.md").read_text()
     assert "## Target sparsity 0.5" in report and "| owl | 1/0 |" in report
-    for png in ("allocation_t0.5.png", "ppl_vs_sparsity.png", "facts_vs_sparsity.png"):
-        assert (out / png).stat().st_size > 1000
+    for png in ("allocation_t0.3.png", "allocation_t0.5.png", "ppl_vs_sparsity.png", "facts_vs_sparsity.png"):
+        assert (out / png).stat().st_size > 1000 and f"![{png}]({png})" in report
 
 
 def test_cell_matches_a_direct_prune(grid):
@@ -198,7 +198,10 @@ def test_cli_errors_and_report_only(grid, capsys):
     assert "unknown config key 'modle'" in capsys.readouterr().err
     assert benchmark.main(["--config", str(benchmark.DEFAULT_CONFIG), "agents=[{name: owll}]"]) == 2
     assert "unknown agent 'owll'" in capsys.readouterr().err
-    assert benchmark.main(["--config", str(benchmark.DEFAULT_CONFIG), "--out", cfg["out"], "--report-only"]) == 0
+    assert benchmark.main(["--config", str(benchmark.DEFAULT_CONFIG), "--out", cfg["out"], "--report-only",
+                           "report.allocation_target=0.31"]) == 0  # one plot, at the nearest target
+    assert "allocation_t0.3.png" in (benchmark.Path(cfg["out"]) / "report.md").read_text()
+    assert "allocation_t0.5.png" not in (benchmark.Path(cfg["out"]) / "report.md").read_text()
     loaded = load_benchmark_config(benchmark.DEFAULT_CONFIG, ["targets=[0.5]"], eval_text="x.txt",
                                    export=["rl:ppo:0.5:1"])
     assert loaded["data"]["text"] == "x.txt" and loaded["export"] == [{"agent": "rl:ppo", "target": 0.5, "seed": 1}]
