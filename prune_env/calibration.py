@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -144,25 +144,30 @@ class ActivationStats:
         return self.sq_sum.sqrt()
 
 
-@dataclass
-class _StatsHooks:
-    stats: dict[str, ActivationStats] = field(default_factory=dict)
-    handles: list = field(default_factory=list)
+class StatsComplete(Exception):
+    """Raised by `collect_stats(stop_when_complete=True)` once every watched linear has seen its input."""
 
 
 @contextmanager
-def collect_stats(modules: dict[str, nn.Module], hessian: bool = False) -> Iterator[dict[str, ActivationStats]]:
-    """Accumulate input statistics of the given linears while the caller runs forwards."""
-    hooks = _StatsHooks()
+def collect_stats(modules: dict[str, nn.Module], hessian: bool = False,
+                  stop_when_complete: bool = False) -> Iterator[dict[str, ActivationStats]]:
+    """Accumulate input statistics of the given linears while the caller runs forwards.
+
+    With `stop_when_complete`, the forward is cut short (StatsComplete) as soon as every linear has
+    received its input, before the last one's matmul: a statistics pass needs no block output, and
+    skipping a block's down projection saves about a quarter of the pass.
+    """
+    stats: dict[str, ActivationStats] = {}
+    seen: set[str] = set()
 
     def make_hook(name: str, module: nn.Module) -> Callable:
         width = weight_matrix(module).shape[1]
 
-        def hook(_module, inputs, _output) -> None:  # must return None, or it would replace the output
+        def hook(_module, inputs) -> None:  # a pre-hook: must return None, or it would replace the input
             x = inputs[0].detach().reshape(-1, width).float()
-            entry = hooks.stats.get(name)
+            entry = stats.get(name)
             if entry is None:
-                entry = hooks.stats[name] = ActivationStats(torch.zeros(width, device=x.device))
+                entry = stats[name] = ActivationStats(torch.zeros(width, device=x.device))
                 if hessian:
                     entry.hessian = torch.zeros(width, width, device=x.device)
             entry.sq_sum += (x * x).sum(0)
@@ -170,13 +175,17 @@ def collect_stats(modules: dict[str, nn.Module], hessian: bool = False) -> Itera
             if entry.hessian is not None:  # running mean of 2 X X^T over tokens, as SparseGPT's add_batch
                 entry.hessian.mul_(n_old / n_new).addmm_(x.t(), x, alpha=2.0 / n_new)
             entry.tokens = n_new
+            if stop_when_complete:
+                seen.add(name)
+                if len(seen) == len(modules):
+                    seen.clear()
+                    raise StatsComplete
 
         return hook
 
-    for name, module in modules.items():
-        hooks.handles.append(module.register_forward_hook(make_hook(name, module)))
+    handles = [module.register_forward_pre_hook(make_hook(name, module)) for name, module in modules.items()]
     try:
-        yield hooks.stats
+        yield stats
     finally:
-        for handle in hooks.handles:
+        for handle in handles:
             handle.remove()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .calibration import ReplayState, TokenBatch, advance, collect_stats, record_inputs, run_block
+from .calibration import ReplayState, StatsComplete, TokenBatch, advance, collect_stats, record_inputs, run_block
 from .masking import METHODS, MaskedModel, magnitude_mask, sparsegpt_prune, wanda_mask
 from .models import decoder_blocks, linear_layers, weight_matrix
 
@@ -43,9 +43,12 @@ def block_stats(block: nn.Module, modules: dict[str, nn.Module], state: ReplaySt
     """
     if method == "magnitude" or not modules:
         return {}
-    with collect_stats(modules, hessian=method == "sparsegpt") as stats:
+    with collect_stats(modules, hessian=method == "sparsegpt", stop_when_complete=True) as stats:
         for b, hidden in enumerate(state.hidden):
-            run_block(block, hidden, state.calls[b][state.next_block])
+            try:
+                run_block(block, hidden, state.calls[b][state.next_block])
+            except StatsComplete:
+                pass
     return stats
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from prune_env.calibration import collect_stats
+from prune_env.calibration import advance, collect_stats, record_inputs, run_block
 from prune_env.masking import (
     MaskedModel,
     PackedMasks,
@@ -19,8 +19,8 @@ from prune_env.masking import (
     sparsegpt_prune,
     wanda_mask,
 )
-from prune_env.models import linear_layers, weight_matrix
-from prune_env.pruner import prune_model
+from prune_env.models import decoder_blocks, linear_layers, weight_matrix
+from prune_env.pruner import block_stats, calibration_batches, prune_model
 from prune_env.tiny import tiny_model
 
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.2.mlp.up_proj")
@@ -95,6 +95,29 @@ def test_collect_stats_norm_equals_own_hook(llama, calib_ids, activations):
         assert stats[name].tokens == x.shape[0]
         assert torch.allclose(stats[name].norm.double(), x.pow(2).sum(0).sqrt(), rtol=1e-5)
         assert torch.allclose(stats[name].hessian.double(), hessian(x), rtol=1e-4, atol=1e-5)
+
+
+def test_block_stats_stop_before_the_last_matmul_with_the_same_statistics(llama, calib_ids):
+    """The Wanda statistics pass ends once every linear of the block has its input (the down projection
+    never runs its matmul) and gives the same statistics as a full forward of the block."""
+    block_linears = {ref.name: ref.module for ref in linear_layers(llama) if ref.block_index == 1}
+    state = record_inputs(llama, calibration_batches(calib_ids, 2, "cpu"))
+    advance(llama, state, 1)
+    down = llama.get_submodule("model.layers.1.mlp.down_proj")
+    runs = []
+    handle = down.register_forward_hook(lambda *_: runs.append(1))
+    try:
+        early = block_stats(decoder_blocks(llama)[1], block_linears, state, "sparsegpt")
+    finally:
+        handle.remove()
+    assert runs == [] and state.next_block == 1
+    with collect_stats(block_linears, hessian=True) as full, torch.no_grad():
+        for b, hidden in enumerate(state.hidden):
+            run_block(decoder_blocks(llama)[1], hidden, state.calls[b][1])
+    assert set(early) == set(full) == set(block_linears)
+    for name in block_linears:
+        assert early[name].tokens == full[name].tokens == calib_ids.numel()
+        assert torch.equal(early[name].sq_sum, full[name].sq_sum) and torch.equal(early[name].hessian, full[name].hessian)
 
 
 def test_sequential_masks_for_every_block(calib_ids):
