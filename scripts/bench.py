@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import resource
 import sys
@@ -160,7 +161,9 @@ def main() -> int:
     for key, value in figures.items():
         goal = goals.get(key)
         verdict = ""
-        if goal:
+        if goal and math.isnan(value):
+            verdict = "not measured in this run"
+        elif goal:
             met = value >= goal[1] if goal[0] == ">=" else value <= goal[1]
             verdict = f"goal {goal[0]} {goal[1]}: {'met' if met else 'MISSED'}"
         print(f"{key:26s} {value:10.3f}  {verdict}")
