@@ -149,15 +149,17 @@ class StatsComplete(Exception):
 
 
 @contextmanager
-def collect_stats(modules: dict[str, nn.Module], hessian: bool = False,
-                  stop_when_complete: bool = False) -> Iterator[dict[str, ActivationStats]]:
-    """Accumulate input statistics of the given linears while the caller runs forwards.
+def collect_stats(modules: dict[str, nn.Module], hessian: bool = False, stop_when_complete: bool = False,
+                  into: dict[str, ActivationStats] | None = None) -> Iterator[dict[str, ActivationStats]]:
+    """Accumulate input statistics of the given linears (into `into` if given) while the caller runs forwards.
 
     With `stop_when_complete`, the forward is cut short (StatsComplete) as soon as every linear has
-    received its input, before the last one's matmul: a statistics pass needs no block output, and
-    skipping a block's down projection saves about a quarter of the pass.
+    received its input in this context, before the last one's matmul: a statistics pass needs no block
+    output, and skipping a block's down projection saves about a quarter of the pass. Use one context
+    per forward then (accumulating with `into`), so that a linear a forward skips (an unrouted expert)
+    cannot make the next forward stop early.
     """
-    stats: dict[str, ActivationStats] = {}
+    stats: dict[str, ActivationStats] = {} if into is None else into
     seen: set[str] = set()
 
     def make_hook(name: str, module: nn.Module) -> Callable:
@@ -178,7 +180,6 @@ def collect_stats(modules: dict[str, nn.Module], hessian: bool = False,
             if stop_when_complete:
                 seen.add(name)
                 if len(seen) == len(modules):
-                    seen.clear()
                     raise StatsComplete
 
         return hook

@@ -43,8 +43,9 @@ def block_stats(block: nn.Module, modules: dict[str, nn.Module], state: ReplaySt
     """
     if method == "magnitude" or not modules:
         return {}
-    with collect_stats(modules, hessian=method == "sparsegpt", stop_when_complete=True) as stats:
-        for b, hidden in enumerate(state.hidden):
+    stats: dict = {}
+    for b, hidden in enumerate(state.hidden):
+        with collect_stats(modules, hessian=method == "sparsegpt", stop_when_complete=True, into=stats):
             try:
                 run_block(block, hidden, state.calls[b][state.next_block])
             except StatsComplete:

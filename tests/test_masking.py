@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from prune_env.calibration import advance, collect_stats, record_inputs, run_block
+from prune_env.calibration import BlockCall, ReplayState, advance, collect_stats, record_inputs, run_block
 from prune_env.masking import (
     MaskedModel,
     PackedMasks,
@@ -118,6 +118,35 @@ def test_block_stats_stop_before_the_last_matmul_with_the_same_statistics(llama,
     for name in block_linears:
         assert early[name].tokens == full[name].tokens == calib_ids.numel()
         assert torch.equal(early[name].sq_sum, full[name].sq_sum) and torch.equal(early[name].hessian, full[name].hessian)
+
+
+class _RoutedBlock(torch.nn.Module):
+    """A block whose `first` linear runs only for some inputs, like an expert a router skips."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.mid, self.last = (torch.nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, hidden, routed: bool):
+        if routed:
+            hidden = self.first(hidden)
+        return self.last(self.mid(hidden))
+
+
+def test_block_stats_with_a_linear_that_some_forwards_skip():
+    """A forward that skips a linear must not make the next forward stop before its other linears."""
+    block = _RoutedBlock()
+    modules = {"first": block.first, "mid": block.mid, "last": block.last}
+    hidden = [torch.randn(1, 5, 4), torch.randn(1, 5, 4)]
+    calls = [[BlockCall((), {"routed": False})], [BlockCall((), {"routed": True})]]
+    early = block_stats(block, modules, ReplayState(hidden, calls), "wanda")
+    with collect_stats(modules) as full, torch.no_grad():
+        for h, call in zip(hidden, calls):
+            run_block(block, h, call[0])
+    assert {name: entry.tokens for name, entry in early.items()} == {"first": 5, "mid": 10, "last": 10}
+    for name in modules:
+        assert torch.equal(early[name].sq_sum, full[name].sq_sum)
 
 
 def test_sequential_masks_for_every_block(calib_ids):
