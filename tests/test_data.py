@@ -20,6 +20,7 @@ from prune_env.data import (
     tokenize_corpus,
 )
 
+
 def _smollm2_location() -> tuple[Path, str]:
     """Where the embedded model's GGUF is (any venv, any Python version); a missing file when not installed."""
     from prune_env.models import ALIASES, ModelSpecError, resolve_model_spec
