@@ -34,7 +34,7 @@ import importlib
 import inspect
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from prune_env.context import PruningContext
@@ -43,13 +43,36 @@ __all__ = ["AGENTS", "Agent", "LLMAgent", "RLAgent", "build_agent", "budget_tole
            "play", "profile_table"]
 
 
-@runtime_checkable
-class Agent(Protocol):
-    """Anything with a `name` and an `allocate(ctx, target, seed)` returning one ratio per unit."""
+class Agent:
+    """The one agent interface: `allocate(ctx, target, seed)` returns one sparsity ratio per unit.
 
-    name: str
+    Subclasses set `name` (the registry name; `build_agent` replaces it with the config's `label`)
+    and override `allocate`. The rest has working defaults, so callers never probe for attributes:
 
-    def allocate(self, ctx: "PruningContext", target: float, seed: int) -> list[float]: ...
+    deterministic   True when the allocation does not depend on `seed` (the benchmark then computes
+                    one seed and copies it to the others)
+    last_info       extra fields of the last `allocate` for the result record (iterations, rollbacks)
+    configure()     called once before any `allocate` with the env data (the reward slices) for
+                    agents that play an env, and a folder for their own files (LLM transcripts)
+    """
+
+    name: str = "agent"
+    deterministic: bool = True
+
+    def __init__(self) -> None:
+        self.last_info: dict = {}
+        self.env_data: dict | None = None
+        self.workdir: Path | None = None
+
+    def configure(self, env_data: dict | None = None, workdir: str | Path | None = None) -> None:
+        self.env_data = dict(env_data) if env_data is not None else None
+        self.workdir = Path(workdir) if workdir is not None else None
+
+    def allocate(self, ctx: "PruningContext", target: float, seed: int) -> list[float]:
+        raise NotImplementedError(f"{type(self).__name__} must implement allocate(ctx, target, seed)")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
 
 
 # --------------------------------------------------------------------------- registry

@@ -26,6 +26,7 @@ from agents.allocators import (
     uniform_ratios,
     zscore_greedy_ratios,
 )
+from agents.base import Agent
 
 __all__ = ["AlphaPruningAgent", "OWLAgent", "RandomAgent", "UniformAgent", "ZScoreGreedyAgent",
            "block_lod", "linear_alphas"]
@@ -35,7 +36,7 @@ def _numel(ctx) -> list[int]:
     return [unit.numel for unit in ctx.units]
 
 
-class UniformAgent:
+class UniformAgent(Agent):
     """Every unit at the target (the Wanda / SparseGPT default)."""
 
     name = "uniform"
@@ -69,7 +70,7 @@ def block_lod(ctx, m: float = 5.0) -> tuple[list[int], list[float], list[int]]:
     return order, lod, sizes
 
 
-class OWLAgent:
+class OWLAgent(Agent):
     """OWL (Yin et al., ICML 2024): blocks with more Wanda-score outliers (> m x mean) are pruned less;
     per-block sparsities span target +- lam around the target (see `owl_ratios_from_lod`)."""
 
@@ -77,6 +78,7 @@ class OWLAgent:
     deterministic = True
 
     def __init__(self, lam: float = 0.08, m: float = 5.0):
+        super().__init__()
         if not (isinstance(lam, (int, float)) and 0.0 <= lam < 0.5):
             raise ValueError(f"owl lam must be a number in [0, 0.5), got {lam!r}")
         if not (isinstance(m, (int, float)) and m > 0):
@@ -143,7 +145,7 @@ def linear_alphas(ctx, bins: int = 100, xmin_window: str = "reference", cache: b
     return list(alphas)
 
 
-class AlphaPruningAgent:
+class AlphaPruningAgent(Agent):
     """AlphaPruning (Lu et al., NeurIPS 2024): a heavier-tailed weight spectrum (smaller Hill alpha) means
     a better-trained layer, pruned less. Ratios = (1 - eps + 2 eps * normalised alpha) x a scaler that
     meets the budget. Block units use the mean alpha of their linears (the reference's block-wise mode)."""
@@ -152,6 +154,7 @@ class AlphaPruningAgent:
     deterministic = True
 
     def __init__(self, eps: float = 0.3, bins: int = 100, xmin_window: str = "reference", cache: bool = True):
+        super().__init__()
         if not (isinstance(eps, (int, float)) and 0.0 <= eps <= 1.0):
             raise ValueError(f"alphapruning eps must be in [0, 1], got {eps!r}")
         if xmin_window not in ("reference", "intended"):
@@ -170,7 +173,7 @@ class AlphaPruningAgent:
 # --------------------------------------------------------------------------- random, z-score
 
 
-class RandomAgent:
+class RandomAgent(Agent):
     """Seeded random control: Dirichlet shares scaled to the target, clipped to [low, high], budget-matched.
 
     The generator is `np.random.default_rng(np.random.SeedSequence([self.seed, seed]))`: the agent's own
@@ -180,6 +183,7 @@ class RandomAgent:
     deterministic = False
 
     def __init__(self, seed: int = 0, low: float = 0.0, high: float = 0.95):
+        super().__init__()
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"random seed must be a non-negative integer, got {seed!r}")
         if not 0.0 <= low < high < 1.0:
@@ -191,7 +195,7 @@ class RandomAgent:
         return random_ratios(_numel(ctx), target, rng, self.low, self.high)
 
 
-class ZScoreGreedyAgent:
+class ZScoreGreedyAgent(Agent):
     """The paper's sensitivity profile used by a fixed rule: ratio = target - spread * (z_wanda + z_grad)
     / max|z_wanda + z_grad|, shifted onto the budget (the LLM agent's no-LLM baseline)."""
 
@@ -199,6 +203,7 @@ class ZScoreGreedyAgent:
     deterministic = True
 
     def __init__(self, spread: float = 0.1):
+        super().__init__()
         if not (isinstance(spread, (int, float)) and spread >= 0):
             raise ValueError(f"zscore-greedy spread must be a non-negative number, got {spread!r}")
         self.spread = float(spread)

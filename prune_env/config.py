@@ -8,11 +8,18 @@ the defaults do not know, naming the key and the valid ones, so a typo never sil
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+
+from .validation import is_finite_number, is_int
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -99,25 +106,75 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, def
     return config
 
 
-def dataclass_from_dict(cls, values: dict | None, what: str):
-    """Build a dataclass from a mapping, naming any unknown key and the valid ones."""
-    from dataclasses import fields
+def dataclass_from_dict(cls: type[T], values: dict | None, what: str) -> T:
+    """A typed config dataclass from a mapping: unknown keys, wrong types and nested mappings checked.
 
-    values = dict(values or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
+    Field types are read from the annotations (int, float, bool, str, `X | None`, list[...], dict[...],
+    Literal[...] and nested dataclasses); a value of the wrong type is a ConfigError naming the dotted
+    key, the value and the expected type, so the bad value is found before any work starts. Range
+    checks live in each dataclass's `__post_init__` (with prune_env.validation).
+    """
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ValueError(f"unknown {what} option(s) {unknown}: valid options are {sorted(known)}")
-    return cls(**values)
+        raise ConfigError(f"unknown {what} option(s) {unknown}: valid options are {sorted(known)}")
+    kwargs = {name: _typed(hints[name], value, f"{what}.{name}") for name, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as error:  # a required field is missing
+        raise ConfigError(f"{what}: {error}") from None
+    except ValueError as error:
+        raise ConfigError(f"{what}: {error}") from None
 
 
-def is_int(value) -> bool:
-    """An int from YAML or JSON (a bool is not one)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_finite_number(value) -> bool:
-    """An int or float from YAML or JSON that is finite (a bool is not one)."""
-    import math
-
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _typed(hint: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _typed(arg, value, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r} matches none of {args}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return value if isinstance(value, hint) else dataclass_from_dict(hint, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        item = args[0] if args else Any
+        return [_typed(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if hint is int:
+        if not is_int(value):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return int(value)
+    if hint is float:
+        if not is_finite_number(value):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    return value

@@ -1,13 +1,19 @@
-"""Files on disk: the one cache root, and writes that never leave a half-written file or folder."""
+"""Files on disk: the one cache root, writes that never leave a half-written file or folder, JSON
+conversion, safe file names, and the lock that gives an output folder a single writer."""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import math
+import numbers
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def cache_root(cache_dir: Path | str | None = None) -> Path:
@@ -68,3 +74,90 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> None:
+    """`to_jsonable(data)` written atomically (strict JSON: NaN and infinities become null)."""
+    atomic_write_text(path, json.dumps(to_jsonable(data), indent=indent, allow_nan=False) + "\n")
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON types from numpy / torch scalars and arrays, tuples, Paths and dataclass-free dicts.
+
+    Non-finite floats become None, so every file this project writes is strict JSON that any parser reads.
+    """
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return to_jsonable(value.tolist())
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return to_jsonable(float(value))
+    return str(value)
+
+
+def safe_name(text: str) -> str:
+    """A file name made from `text`: letters, digits, '-', '_' and '.' kept, anything else '-'."""
+    name = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(text)).strip(".")
+    return name or "-"
+
+
+class OutputLockedError(RuntimeError):
+    """Another process is writing the same output folder."""
+
+
+LOCK_NAME = ".prune-gym.lock"
+
+
+@contextmanager
+def output_lock(directory: str | Path, what: str = "output folder") -> Iterator[Path]:
+    """Hold an exclusive lock on `directory` (created if needed) for as long as the block runs.
+
+    A second writer (another process, or this one) gets OutputLockedError at once instead of
+    interleaving its results with the first one's. The lock is an `flock` on a small file inside
+    the folder, so it is released by the kernel when the holder dies (kill -9 included).
+    """
+    directory = Path(directory)
+    check_writable_dir(directory, what)
+    lock_file = directory / LOCK_NAME
+    handle = open(lock_file, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise OutputLockedError(
+                f"{what} {str(directory)!r} is in use by {holder}: wait for it to finish or choose another "
+                f"folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield directory
+    finally:
+        handle.close()  # closing the descriptor releases the flock
+
+
+def check_writable_dir(directory: str | Path, what: str = "output folder") -> Path:
+    """Create `directory` if needed and prove a file can be written there, before any long work starts."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{what} {str(directory)!r} exists and is not a folder: choose another path")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise PermissionError(f"{what} {str(directory)!r} is not writable ({error.strerror}): "
+                              f"choose a folder you can write to") from None
+    return directory
