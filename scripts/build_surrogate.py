@@ -1,0 +1,222 @@
+"""`make surrogate`: (re)build the surrogate's data set of exactly evaluated allocations, then its fit.
+
+    python scripts/build_surrogate.py [--model smollm2-135m] [--rounds 30] [--out PATH] [--threads 1]
+
+Each draw is one allocation at one target in {0.3, 0.4, 0.5, 0.6}, played through LayerPrune-v0 with
+fidelity="exact" (one step per unit, as `agents.base.play` does) and appended as one JSON line with the
+env's final metrics. Draws are numbered and seeded (numpy generator [seed, draw]), so a rerun skips the
+draws already in the file and continues where the last run stopped. They are ordered in rounds: round 0
+is uniform at every target, each later round is one near-uniform, one random and one structured draw at
+every target, so a run stopped at any point leaves a set balanced over targets and kinds.
+
+Kinds: near (uniform plus Gaussian noise, i.i.d. or smooth over depth, sd 0.01-0.08: where a learning
+policy spends its time), random (Dirichlet weights, concentration 0.3-10), structured (depth ramps up or
+down, protected first / last / both ends, the z-score rule at several spreads, OWL and AlphaPruning at
+several strengths). Every allocation is budget-matched with `agents.allocators.match_budget` into the
+env's [min_sparsity, max_sparsity]. Only this script imports agents: prune_env never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agents.allocators import match_budget, zscore_greedy_ratios  # noqa: E402
+from prune_env.surrogate import PACKAGED, append_record, start_dataset  # noqa: E402
+
+TARGETS = (0.3, 0.4, 0.5, 0.6)
+KINDS = ("near", "random", "structured")
+STRUCTURED = ("ramp_up", "ramp_down", "protect_first", "protect_last", "protect_ends", "zscore", "owl",
+              "alphapruning")
+LOW, HIGH = 0.0, 0.9  # LayerPrune-v0's default min_sparsity / max_sparsity
+
+
+def plan(rounds: int, targets=TARGETS) -> list[dict]:
+    """Every draw in build order: (draw number, target, kind, structured variant)."""
+    draws = [{"target": t, "kind": "uniform", "variant": ""} for t in targets]
+    for r in range(rounds):
+        for kind in KINDS:
+            for j, t in enumerate(targets):
+                variant = STRUCTURED[(r + j) % len(STRUCTURED)] if kind == "structured" else ""
+                draws.append({"target": t, "kind": kind, "variant": variant})
+    return [{"draw": i, **d} for i, d in enumerate(draws)]
+
+
+class Profile:
+    """What the structured rules read from the dense model, computed once before any episode."""
+
+    def __init__(self, ctx):
+        from agents.heuristics import block_lod, linear_alphas
+
+        self.numel = [u.numel for u in ctx.units]
+        self.z_wanda, self.z_grad = list(ctx.z_wanda), list(ctx.z_grad)
+        _, self.lod, _ = block_lod(ctx)
+        self.alphas = linear_alphas(ctx)
+        unit_of = {ref.name: u for u, unit in enumerate(ctx.units) for ref in unit.linears}
+        self.unit_of_layer = [unit_of[ref.name] for ref in ctx.refs]
+        self.layer_numel = [ref.numel for ref in ctx.refs]
+
+
+def allocation(draw: dict, seed: int, profile: Profile) -> tuple[list[float], dict]:
+    """The draw's requested per-unit ratios (budget-matched) and the parameters that produced them."""
+    from agents.allocators import alphapruning_ratios, owl_ratios_from_lod
+
+    rng = np.random.default_rng([seed, draw["draw"]])
+    t, n = draw["target"], len(profile.numel)
+    depth = np.linspace(0.0, 1.0, n)
+    kind, variant = draw["kind"], draw["variant"]
+    params: dict = {}
+    if kind == "uniform":
+        raw = np.full(n, t)
+    elif kind == "near":
+        sd = float(np.exp(rng.uniform(np.log(0.01), np.log(0.08))))
+        smooth = bool(rng.random() < 0.5)
+        noise = rng.normal(0.0, 1.0, n)
+        if smooth:  # a random walk over depth, rescaled: neighbouring blocks move together
+            noise = np.cumsum(noise)
+            noise = (noise - noise.mean()) / max(noise.std(), 1e-12)
+        raw = t + sd * noise
+        params = {"sd": sd, "smooth": smooth}
+    elif kind == "random":
+        concentration = float(np.exp(rng.uniform(np.log(0.3), np.log(10.0))))
+        raw = rng.dirichlet(np.full(n, concentration)) * n * t
+        params = {"concentration": concentration}
+    elif variant in ("ramp_up", "ramp_down"):
+        slope = float(rng.uniform(0.05, 0.35)) * (1 if variant == "ramp_up" else -1)
+        raw = t + slope * (2 * depth - 1)
+        params = {"slope": slope}
+    elif variant.startswith("protect"):
+        k, keep = int(rng.integers(1, 5)), float(rng.uniform(0.0, 0.7))
+        raw = np.full(n, t)
+        if variant in ("protect_first", "protect_ends"):
+            raw[:k] = t * keep
+        if variant in ("protect_last", "protect_ends"):
+            raw[n - k:] = t * keep
+        params = {"blocks": k, "relative_sparsity": keep}
+    elif variant == "zscore":
+        spread = float(rng.uniform(0.03, 0.3)) * (1 if rng.random() < 0.8 else -1)  # some against the profile
+        raw = np.asarray(zscore_greedy_ratios(profile.z_wanda, profile.z_grad, profile.numel, t, abs(spread)))
+        if spread < 0:
+            raw = 2 * t - raw
+        params = {"spread": spread}
+    elif variant == "owl":
+        lam = float(rng.uniform(0.02, 0.2))
+        raw = np.asarray(owl_ratios_from_lod(profile.lod, t, lam, profile.numel))
+        params = {"lam": lam}
+    elif variant == "alphapruning":
+        eps = float(rng.uniform(0.1, 0.5))
+        raw = np.asarray(alphapruning_ratios(profile.alphas, profile.layer_numel, t, eps,
+                                             unit_of_layer=profile.unit_of_layer))
+        params = {"eps": eps}
+    else:
+        raise ValueError(f"unknown draw kind {kind!r}/{variant!r}")
+    return match_budget(raw, profile.numel, t, LOW, HIGH), params
+
+
+def model_file(spec: str) -> dict:
+    """Name, size and sha256 of the model's weights file (the GGUF), or the spec for tiny test models."""
+    from prune_env.models import resolve_model_spec
+
+    if spec.startswith("tiny-"):
+        return {"spec": spec}
+    location, gguf = resolve_model_spec(spec)
+    path = Path(location) / gguf if gguf else Path(location) / "config.json"
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"spec": spec, "name": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build(model: str, out: Path, rounds: int, seed: int, data: dict | None, log=print) -> int:
+    """Play every draw of the plan not yet in `out`; returns how many were added."""
+    import gymnasium as gym
+    import torch
+    import transformers
+
+    import prune_env  # noqa: F401  (registers the environments)
+    from prune_env.context import DataConfig, PruningContext
+    from prune_env.rewards import RewardConfig
+
+    ctx = PruningContext(model, data=DataConfig.from_dict(data))
+    profile = Profile(ctx)  # before any episode: the rules read dense weights
+    header = {
+        "env": {"id": "prune_env/LayerPrune-v0", "fidelity": "exact", "min_sparsity": LOW, "max_sparsity": HIGH},
+        "context": json.loads(json.dumps(ctx.describe())), "data_config": asdict(ctx.data),
+        "reward": asdict(RewardConfig()), "dense": ctx.dense.as_dict(), "model_file": model_file(model),
+        "unit_numel": profile.numel, "plan": {"targets": list(TARGETS), "kinds": ["uniform", *KINDS],
+                                               "structured": list(STRUCTURED), "seed": seed},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},
+        "git_commit": git_commit(), "machine": f"{platform.machine()} {platform.node()} {torch.get_num_threads()} thread(s)",
+    }
+    existing = start_dataset(out, header)
+    done = {record["draw"] for record in existing.records}
+    todo = [d for d in plan(rounds) if d["draw"] not in done]
+    log(f"{out}: {len(done)} draws already there, {len(todo)} to play")
+    if not todo:
+        return 0
+    env = gym.make("prune_env/LayerPrune-v0", model=model, fidelity="exact", data=asdict(ctx.data),
+                   min_sparsity=LOW, max_sparsity=HIGH)
+    commit = header["git_commit"]
+    for count, draw in enumerate(todo, 1):
+        ratios, params = allocation(draw, seed, profile)
+        start = time.perf_counter()
+        env.reset(seed=seed, options={"target_sparsity": draw["target"]})
+        info: dict = {}
+        for ratio in ratios:
+            _, _, terminated, _, info = env.step(env.unwrapped.action_for_ratio(ratio))
+        seconds = time.perf_counter() - start
+        record = {**draw, "params": params, "requested": ratios, "allocation": info["allocation"],
+                  "ppl": info["ppl"], "fact_acc": info["fact_acc"], "fact_nll": info["fact_nll"],
+                  "fact_retention": info["fact_retention"], "achieved_sparsity": info["achieved_sparsity"],
+                  "quality": info["quality"], "seconds": seconds, "commit": commit}
+        append_record(out, record)
+        log(f"[{count}/{len(todo)}] draw {draw['draw']} t={draw['target']} {draw['kind']} {draw['variant']} "
+            f"ppl={info['ppl']:.2f} fact_acc={info['fact_acc']:.3f} quality={info['quality']:.4f} {seconds:.1f}s")
+    env.close()
+    return len(todo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--out", type=Path, default=PACKAGED, help="the data set (appended to, resumable)")
+    parser.add_argument("--rounds", type=int, default=30, help="rounds of near/random/structured draws per target")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    parser.add_argument("--data", type=json.loads, default=None, help="DataConfig overrides as JSON")
+    parser.add_argument("--no-fit", dest="fit", action="store_false", help="only collect")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        build(args.model, args.out, args.rounds, args.seed, args.data, log=lambda m: print(m, flush=True))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
