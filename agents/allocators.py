@@ -257,7 +257,8 @@ def hill_alpha(
     a heavier-tailed, better-trained layer, which AlphaPruning prunes less.
 
     Exactly what is computed (following `net_esd_estimator(fix_fingers='xmin_peak')`):
-    1. eig = svdvals(W)**2 in float64 on CPU (eigenvalues of W^T W), sorted ascending;
+    1. eig = svdvals(W)**2 on CPU (eigenvalues of W^T W), sorted ascending; the SVD runs in
+       float32 (float64 only for a float64 W) and everything after it in float64;
        exact zeros are dropped (their log is -inf); N = number kept.
     2. Histogram of log10(eig) with `bins` equal-width bins on [min, max]; the first bin
        with the largest count is the peak; xmin2 = 10 ** (left edge of the peak bin).
@@ -272,8 +273,9 @@ def hill_alpha(
        D = max_k |1 - (eig_{i+k} / eig_i) ** (1 - alpha) - k / n|, k = 0..n-1.
        Fits with alpha <= 1 or undefined alpha are skipped (the reference gives them D = 1).
     5. Return the alpha of the minimal D (ties: smallest xmin).
-    Deviations: float64 instead of float32; if the window holds no usable candidate the
-    reference silently returns alpha = 0, here the search widens to every i in 0..N-2
+    Deviations: the steps after the SVD run in float64 (the reference stays in float32); if the
+    window holds no usable candidate the reference silently returns alpha = 0, here the search
+    widens to every i in 0..N-2
     (the reference's fix_fingers=None search); a spectrum with no usable fit at all
     (e.g. all singular values equal) raises ValueError.
     """
@@ -281,10 +283,11 @@ def hill_alpha(
         raise ValueError(f"xmin_window must be 'reference' or 'intended', got {xmin_window!r}")
     if int(bins) != bins or bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins!r}")
-    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    svd_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.detach().to(device="cpu", dtype=svd_dtype)
     if w.ndim != 2:
         raise ValueError(f"weight must be a 2-D matrix, got shape {tuple(w.shape)}")
-    eigs = np.sort(torch.linalg.svdvals(w).square().numpy())
+    eigs = np.sort(torch.linalg.svdvals(w).double().square().numpy())
     eigs = eigs[eigs > 0.0]
     if eigs.size < 2:
         raise ValueError("need at least two non-zero singular values to fit a power law")

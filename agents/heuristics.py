@@ -113,7 +113,7 @@ def _alpha_key(ctx, bins: int, xmin_window: str) -> str:
     for ref in ctx.refs:
         w = ctx.masked.dense[ref.name].detach().double()
         prints.append((ref.name, round(float(w.sum()), 6), round(float(w.square().sum()), 6)))
-    return cache_key(kind="hill-alpha", model=ctx.spec, dtype=ctx.dtype, bins=bins, xmin_window=xmin_window,
+    return cache_key(kind="hill-alpha-svd32", model=ctx.spec, dtype=ctx.dtype, bins=bins, xmin_window=xmin_window,
                      weights=prints)
 
 

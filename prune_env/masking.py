@@ -142,6 +142,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: float, p
     W[:, dead] = 0.0
     damp = percdamp * torch.mean(torch.diag(H))
     H += damp * torch.eye(cols, device=W.device)
+    if nm is not None and (cols % nm[1] or (cols > blocksize and blocksize % nm[1])):
+        raise ValueError(f"N:M pattern {pattern!r} needs the input width ({cols}) and the block size "
+                         f"({blocksize}) to be multiples of {nm[1]}: pick a pattern whose M divides both")
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     keep = torch.ones_like(W, dtype=torch.bool)
     total = rows * cols * ratio
@@ -149,15 +152,18 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, ratio: float, p
         i2 = min(i1 + blocksize, cols)
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
         Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        score = W1 ** 2 / torch.diag(Hinv1).reshape(1, -1) ** 2
+        inv_diag_sq = torch.diag(Hinv1).reshape(1, -1) ** 2
         if nm is None:  # exact count per column block, cumulative rounding keeps the matrix total exact
+            score = W1 ** 2 / inv_diag_sq
             k = round(total * i2 / cols) - round(total * i1 / cols)
             prune1 = ~_lowest_per_row(score.reshape(1, -1), torch.tensor([k])).reshape(score.shape)
         else:
             prune1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
-                prune1[:, i:i + nm[1]] = ~_nm_mask(score[:, i:i + nm[1]], *nm)
+                # each group is chosen from the weights as already updated by the columns to its left
+                group = slice(i, i + nm[1])
+                prune1[:, group] = ~_nm_mask(W1[:, group] ** 2 / inv_diag_sq[:, group], *nm)
             w, d = W1[:, i], Hinv1[i, i]
             q = w.clone()
             q[prune1[:, i]] = 0
