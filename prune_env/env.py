@@ -135,7 +135,7 @@ class LayerPruneEnv(gym.Env):
                  max_sparsity: float = 0.9, action_type: str = "continuous", n_actions: int = 11,
                  fidelity: str = "exact", reward: dict | None = None, data: dict | None = None,
                  proxy_eval_tokens: int = 1024, proxy_facts: int = 64, device: str = "cpu", dtype: str = "float32",
-                 render_mode: str | None = None, **kwargs):
+                 render_mode: str | None = None, context: PruningContext | None = None, **kwargs):
         _options(type(self), kwargs)
         check_target(target_sparsity)
         if not 0.0 <= min_sparsity <= max_sparsity < 1.0 or math.isnan(min_sparsity + max_sparsity):
@@ -151,11 +151,11 @@ class LayerPruneEnv(gym.Env):
         self.target_sparsity, self.min_sparsity, self.max_sparsity = target_sparsity, min_sparsity, max_sparsity
         self.fidelity, self.action_type, self.render_mode = fidelity, action_type, render_mode
         self.reward_config = RewardConfig.from_dict(reward)
-        self.ctx = PruningContext(model, device=device, dtype=dtype, granularity=granularity, method=method,
-                                  pattern=pattern, data=DataConfig.from_dict(data))
-        self.units = self.ctx.units
+        self.context = context or PruningContext(model, device=device, dtype=dtype, granularity=granularity,
+                                                 method=method, pattern=pattern, data=DataConfig.from_dict(data))
+        self.units = self.context.units
         self.unit_names = [unit.name for unit in self.units]
-        self.kinds = sorted({u.kind for u in self.units}) if granularity == "linear" else []
+        self.kinds = sorted({u.kind for u in self.units}) if self.context.granularity == "linear" else []
         self.grid = np.linspace(min_sparsity, max_sparsity, n_actions) if action_type == "discrete" else None
         self.action_space = (spaces.Discrete(n_actions) if action_type == "discrete"
                              else spaces.Box(0.0, 1.0, (1,), dtype=np.float32))
@@ -165,7 +165,7 @@ class LayerPruneEnv(gym.Env):
 
     # -- set-up ------------------------------------------------------------------------------------
     def _prepare(self, proxy_eval_tokens: int, proxy_facts: int) -> None:
-        ctx = self.ctx
+        ctx = self.context
         device = next(ctx.model.parameters()).device
         ctx.restore()
         if self.fidelity == "exact":
@@ -178,7 +178,7 @@ class LayerPruneEnv(gym.Env):
                              "facts": record_inputs(ctx.model, self._fact_batches)}
             probe = ReplayState([self._initial["calib"].hidden[0].clone()], [self._initial["calib"].calls[0]])
             self._dense_outputs = []
-            for index in range(len(decoder_blocks(self.ctx.model))):
+            for index in range(len(decoder_blocks(self.context.model))):
                 advance(ctx.model, probe, index + 1)
                 self._dense_outputs.append(probe.hidden[0].clone())
             self.reference = ctx.dense
@@ -196,7 +196,7 @@ class LayerPruneEnv(gym.Env):
         if not self.min_sparsity <= target <= self.max_sparsity:
             raise ValueError(f"target_sparsity {target} is outside [{self.min_sparsity}, {self.max_sparsity}]")
         self._target = target
-        self.ctx.restore()
+        self.context.restore()
         self._step, self._prev_action, self._last_drop = 0, 0.0, 0.0
         self._ratios = [0.0] * len(self.units)
         self._zeros = [0] * len(self.units)
@@ -220,7 +220,7 @@ class LayerPruneEnv(gym.Env):
         self._step += 1
         terminated = self._step == len(self.units)
         reward = -self.reward_config.shaping_weight * self._last_drop
-        info = {"ratio": self._ratios[self._step - 1], "achieved_sparsity": sum(self._zeros) / self.ctx.total_numel}
+        info = {"ratio": self._ratios[self._step - 1], "achieved_sparsity": sum(self._zeros) / self.context.total_numel}
         if terminated:
             metrics = self._finish()
             reward += quality(metrics["ppl"], metrics["fact_acc"], self.reference.ppl, self.reference.fact_acc,
@@ -234,11 +234,11 @@ class LayerPruneEnv(gym.Env):
         if self.render_mode is None:
             gym.logger.warn("render() called without render_mode: pass render_mode='ansi' or 'rgb_array'")
             return None
-        return render_allocation(self.unit_names, self._ratios, self.ctx.z_wanda, self.ctx.z_grad,
+        return render_allocation(self.unit_names, self._ratios, self.context.z_wanda, self.context.z_grad,
                                  self._target if self._step is not None else self.target_sparsity, self.render_mode)
 
     def close(self):
-        self.ctx.restore()
+        self.context.restore()
 
     # -- checkpoint / rollback ---------------------------------------------------------------------
     def checkpoint(self) -> _Checkpoint:
@@ -249,7 +249,7 @@ class LayerPruneEnv(gym.Env):
     def rollback(self, checkpoint: _Checkpoint) -> None:
         """Undo every unit decided after `checkpoint` (their dense weights come back bit-exactly)."""
         for index in range(checkpoint.step, self._step or 0):
-            self.ctx.masked.restore([ref.name for ref in self.units[index].linears])
+            self.context.masked.restore([ref.name for ref in self.units[index].linears])
         self._step, self._ratios, self._zeros = checkpoint.step, list(checkpoint.ratios), list(checkpoint.zeros)
         self._prev_action, self._last_drop = checkpoint.prev_action, checkpoint.last_drop
         if checkpoint.states is not None:
@@ -276,13 +276,13 @@ class LayerPruneEnv(gym.Env):
             raw = self.min_sparsity + float(np.clip(value[0], 0, 1)) * (self.max_sparsity - self.min_sparsity)
         unit = self.units[self._step]
         remaining = sum(u.numel for u in self.units[self._step + 1:])
-        bounds = wall_bounds(self._target * self.ctx.total_numel, sum(self._zeros), unit.numel, remaining,
+        bounds = wall_bounds(self._target * self.context.total_numel, sum(self._zeros), unit.numel, remaining,
                              self.min_sparsity, self.max_sparsity)
         return check_ratio(min(max(project(raw, bounds), 0.0), 0.999))
 
     def _prune_unit(self, index: int, ratio: float) -> int:
         unit = self.units[index]
-        ctx = self.ctx
+        ctx = self.context
         if self.fidelity == "proxy":
             zeros = 0
             for ref in unit.linears:
@@ -291,7 +291,7 @@ class LayerPruneEnv(gym.Env):
                 zeros += int((~keep).sum())
             return zeros
         block_index = unit.linears[0].block_index
-        blocks = decoder_blocks(self.ctx.model)
+        blocks = decoder_blocks(self.context.model)
         calib = self._states["calib"]
         if block_index not in self._stats:  # once per block, before any of its linears is pruned
             modules = {ref.name: ref.module for ref in ctx.refs if ref.block_index == block_index}
@@ -307,7 +307,7 @@ class LayerPruneEnv(gym.Env):
         return zeros
 
     def _finish(self) -> dict:
-        ctx = self.ctx
+        ctx = self.context
         if self.fidelity == "proxy":
             metrics = ctx.evaluate(self.reference.greedy_exact, windows=self._windows, facts=self._facts)
         else:
@@ -325,11 +325,11 @@ class LayerPruneEnv(gym.Env):
         n = len(self.units)
         index = min(self._step or 0, n - 1)
         unit = self.units[index]
-        total = self.ctx.total_numel
+        total = self.context.total_numel
         target = getattr(self, "_target", self.target_sparsity)
         remaining = sum(u.numel for u in self.units[index:])
         budget_left = (target * total - sum(self._zeros)) / remaining if self._step is not None and remaining else 0.0
-        obs = [self.ctx.z_wanda[index], self.ctx.z_grad[index], self._ratios[index] if self._step is not None else 0.0,
+        obs = [self.context.z_wanda[index], self.context.z_grad[index], self._ratios[index] if self._step is not None else 0.0,
                index / max(n - 1, 1), unit.numel / total, sum(self._zeros) / total if self._step is not None else 0.0,
                budget_left, self._prev_action if self._step is not None else 0.0,
                self._last_drop if self._step is not None else 0.0]

@@ -147,7 +147,7 @@ class IterativePruneEnv(gym.Env):
                  method: str = "wanda", increment: float = 0.05, max_sparsity: float = 0.9,
                  rollback_threshold: float = 0.10, max_steps: int = 100, reward: dict | None = None,
                  data: dict | None = None, device: str = "cpu", dtype: str = "float32",
-                 render_mode: str | None = None, **kwargs):
+                 render_mode: str | None = None, context: PruningContext | None = None, **kwargs):
         _options(type(self), kwargs)
         check_target(target_sparsity)
         if not is_number(max_sparsity) or not target_sparsity <= max_sparsity < 1.0:
@@ -167,13 +167,13 @@ class IterativePruneEnv(gym.Env):
         self._increment, self.rollback_threshold = float(increment), float(rollback_threshold)
         self.max_steps, self.render_mode = int(max_steps), render_mode
         self.reward_config = RewardConfig.from_dict(reward)
-        self.ctx = PruningContext(model, device=device, dtype=dtype, granularity=granularity, method=method,
-                                  data=DataConfig.from_dict(data))
-        self.units = self.ctx.units
+        self.context = context or PruningContext(model, device=device, dtype=dtype, granularity=granularity,
+                                                 method=method, data=DataConfig.from_dict(data))
+        self.units = self.context.units
         self.unit_names = [unit.name for unit in self.units]
         # ranks live on the CPU (they are as large as the model); each mask moves to the weight's device
-        self._ranks = RankedMasks({name: w.cpu() for name, w in self.ctx.masked.dense.items()}, self.ctx.method,
-                                  {name: a.cpu() for name, a in self.ctx.stats.act_norm.items()})
+        self._ranks = RankedMasks({name: w.cpu() for name, w in self.context.masked.dense.items()}, self.context.method,
+                                  {name: a.cpu() for name, a in self.context.stats.act_norm.items()})
         n = len(self.units)
         self.action_space = spaces.MultiBinary(n)
         self.observation_space = spaces.Box(-Z_CLIP, Z_CLIP, (UNIT_FEATURES * n + GLOBAL_FEATURES,),
@@ -182,10 +182,10 @@ class IterativePruneEnv(gym.Env):
         self._target = self._default_target
         self._zeros = [[0] * len(unit.linears) for unit in self.units]
         self._nominal = [0.0] * n
-        self._metrics = self.ctx.dense
+        self._metrics = self.context.dense
         self._quality = 0.0
-        self._s_wanda = list(self.ctx.dense_wanda)
-        self._z_wanda = list(self.ctx.z_wanda)
+        self._s_wanda = list(self.context.dense_wanda)
+        self._z_wanda = list(self.context.z_wanda)
         self._rollbacks, self._done = 0, False
 
     # -- Gymnasium API -----------------------------------------------------------------------------
@@ -196,13 +196,13 @@ class IterativePruneEnv(gym.Env):
             raise ValueError(f"target_sparsity {target} is above max_sparsity {self._max_sparsity}: "
                              f"no allocation can reach it")
         self._target = target
-        self.ctx.restore()
+        self.context.restore()
         self._steps, self._rollbacks, self._done = 0, 0, False
         self._zeros = [[0] * len(unit.linears) for unit in self.units]
         self._nominal = [0.0] * len(self.units)
-        self._metrics = self.ctx.dense
+        self._metrics = self.context.dense
         self._quality = self._quality_of(self._metrics)
-        self._s_wanda = list(self.ctx.dense_wanda)
+        self._s_wanda = list(self.context.dense_wanda)
         self._z_wanda = zscore(self._s_wanda)
         return self._observation(), self._info(rolled_back=False, increase=0.0, changed=[])
 
@@ -219,7 +219,7 @@ class IterativePruneEnv(gym.Env):
         rolled_back, increase, reward = False, 0.0, 0.0
         if changed:
             self._apply({u: proposal[u] for u in changed})
-            metrics = self.ctx.evaluate()
+            metrics = self.context.evaluate()
             increase = metrics.ppl / self._metrics.ppl - 1.0
             if not math.isfinite(metrics.ppl) or not increase <= self.rollback_threshold:
                 self._apply({u: self._zeros[u] for u in changed})
@@ -228,7 +228,7 @@ class IterativePruneEnv(gym.Env):
             else:
                 for u in changed:
                     self._zeros[u], self._nominal[u] = list(proposal[u]), nominal[u]
-                    self._s_wanda[u] = unit_wanda_percentile(self.units[u].linears, self.ctx.stats.act_norm)
+                    self._s_wanda[u] = unit_wanda_percentile(self.units[u].linears, self.context.stats.act_norm)
                 self._z_wanda = zscore(self._s_wanda)
                 new_quality = self._quality_of(metrics)
                 reward = new_quality - self._quality
@@ -243,11 +243,11 @@ class IterativePruneEnv(gym.Env):
         if self.render_mode is None:
             gym.logger.warn("render() called without render_mode: pass render_mode='ansi' or 'rgb_array'")
             return None
-        return render_allocation(self.unit_names, self._allocation(), self._z_wanda, self.ctx.z_grad,
+        return render_allocation(self.unit_names, self._allocation(), self._z_wanda, self.context.z_grad,
                                  self._target, self.render_mode)
 
     def close(self):
-        self.ctx.restore()
+        self.context.restore()
 
     # -- checkpoint / rollback ---------------------------------------------------------------------
     def checkpoint(self) -> _Checkpoint:
@@ -274,12 +274,12 @@ class IterativePruneEnv(gym.Env):
         """One row per unit: unit, index, z_wanda (live weights), z_grad (dense), sparsity, param_share."""
         allocation = self._allocation()
         return [{"unit": unit.name, "index": i, "z_wanda": float(self._z_wanda[i]),
-                 "z_grad": float(self.ctx.z_grad[i]), "sparsity": allocation[i],
-                 "param_share": unit.numel / self.ctx.total_numel} for i, unit in enumerate(self.units)]
+                 "z_grad": float(self.context.z_grad[i]), "sparsity": allocation[i],
+                 "param_share": unit.numel / self.context.total_numel} for i, unit in enumerate(self.units)]
 
     @property
     def global_sparsity(self) -> float:
-        return self._pruned() / self.ctx.total_numel
+        return self._pruned() / self.context.total_numel
 
     @property
     def target_sparsity(self) -> float:
@@ -314,7 +314,7 @@ class IterativePruneEnv(gym.Env):
 
     def _needed(self) -> int:
         """The fewest pruned weights whose global sparsity is >= target - 1e-9."""
-        return math.ceil((self._target - TARGET_TOL) * self.ctx.total_numel)
+        return math.ceil((self._target - TARGET_TOL) * self.context.total_numel)
 
     def _pruned(self) -> int:
         return sum(sum(z) for z in self._zeros)
@@ -347,7 +347,7 @@ class IterativePruneEnv(gym.Env):
 
     def _apply(self, zeros_by_unit: dict[int, list[int]]) -> None:
         """Set the masks of these units to the given per-linear zero counts (0: dense weights back)."""
-        masked = self.ctx.masked
+        masked = self.context.masked
         for u, zeros in zeros_by_unit.items():
             for ref, count in zip(self.units[u].linears, zeros):
                 if count == 0:
@@ -360,7 +360,7 @@ class IterativePruneEnv(gym.Env):
         return [sum(z) / unit.numel for z, unit in zip(self._zeros, self.units)]
 
     def _quality_of(self, metrics: Metrics) -> float:
-        dense = self.ctx.dense
+        dense = self.context.dense
         return quality(metrics.ppl, metrics.fact_acc, dense.ppl, dense.fact_acc, self.reward_config)
 
     def _info(self, rolled_back: bool, increase: float, changed: list[int]) -> dict:
@@ -370,12 +370,12 @@ class IterativePruneEnv(gym.Env):
                 "target_sparsity": self._target}
 
     def _observation(self) -> np.ndarray:
-        n, total = len(self.units), self.ctx.total_numel
+        n, total = len(self.units), self.context.total_numel
         allocation = self._allocation()
         obs = []
         for i, unit in enumerate(self.units):
-            obs += [self._z_wanda[i], self.ctx.z_grad[i], allocation[i], i / max(n - 1, 1), unit.numel / total]
-        dense = self.ctx.dense
+            obs += [self._z_wanda[i], self.context.z_grad[i], allocation[i], i / max(n - 1, 1), unit.numel / total]
+        dense = self.context.dense
         log_ratio = math.log(self._metrics.ppl / dense.ppl) if self._metrics.ppl > 0 else Z_CLIP
         glob = self.global_sparsity
         obs += [glob, self._target, self._target - glob, log_ratio, dense.fact_acc - self._metrics.fact_acc,

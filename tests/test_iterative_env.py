@@ -31,7 +31,7 @@ def env(data):
 
 
 def live_weights(env) -> dict[str, torch.Tensor]:
-    return {ref.name: weight_matrix(ref.module).detach().clone() for ref in env.ctx.refs}
+    return {ref.name: weight_matrix(ref.module).detach().clone() for ref in env.context.refs}
 
 
 def bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -66,8 +66,8 @@ def test_gymnasium_and_sb3_env_checkers(data):
     linear.rollback_threshold = math.inf
     steps = run(linear, [np.ones(21, dtype=np.int8)] * 10, seed=0, options={"target_sparsity": 0.33})
     assert len(steps) - 1 == 7 and steps[-1][2]
-    pruned = sum(int((weight_matrix(ref.module) == 0).sum()) for ref in linear.ctx.refs)
-    assert pruned == math.ceil((0.33 - 1e-9) * linear.ctx.total_numel)
+    pruned = sum(int((weight_matrix(ref.module) == 0).sum()) for ref in linear.context.refs)
+    assert pruned == math.ceil((0.33 - 1e-9) * linear.context.total_numel)
 
 
 def test_registered_with_gymnasium(data):
@@ -95,13 +95,13 @@ def test_render_modes(data):
 def test_all_ones_reaches_target_exactly(env, target):
     steps = run(env, [np.ones(3, dtype=np.int8)] * 20, seed=0, options={"target_sparsity": target})
     obs, _, terminated, truncated, info = steps[-1]
-    total = env.ctx.total_numel
+    total = env.context.total_numel
     assert terminated and not truncated
     assert len(steps) - 1 == math.ceil(target / env.increment - 1e-9)
     assert target - 1e-9 <= info["achieved_sparsity"] <= target + len(env.units) / total
-    pruned = sum(int((weight_matrix(ref.module) == 0).sum()) for ref in env.ctx.refs)
+    pruned = sum(int((weight_matrix(ref.module) == 0).sum()) for ref in env.context.refs)
     assert pruned == round(info["achieved_sparsity"] * total) == math.ceil((target - 1e-9) * total)
-    assert env.ctx.achieved_sparsity() == pytest.approx(info["achieved_sparsity"], abs=0)
+    assert env.context.achieved_sparsity() == pytest.approx(info["achieved_sparsity"], abs=0)
     assert env.global_sparsity == info["achieved_sparsity"]
     # the last step was scaled uniformly: the equal-sized blocks end within two weights of each other
     alloc = info["allocation"]
@@ -141,7 +141,7 @@ def test_rollback_restores_masks_and_weights_bit_exactly(data):
     env.reset(seed=0)
     rng = np.random.default_rng(0)
     for _ in range(8):
-        weights, masks = live_weights(env), dict(env.ctx.masked.masks)
+        weights, masks = live_weights(env), dict(env.context.masked.masks)
         before_table, before_obs = env.profile_table(), env._observation()
         action = rng.integers(0, 2, 3)
         action[rng.integers(0, 3)] = 1
@@ -152,8 +152,8 @@ def test_rollback_restores_masks_and_weights_bit_exactly(data):
         pytest.fail("no step raised perplexity on the tiny model: the rollback path was never taken")
     assert info["ppl_increase"] > 1e-9 and reward == -0.25 and info["rollbacks"] == 1 and info["changed"]
     assert bit_equal(weights, live_weights(env))
-    assert masks.keys() == env.ctx.masked.masks.keys()
-    assert all(torch.equal(masks[k], env.ctx.masked.masks[k]) for k in masks)
+    assert masks.keys() == env.context.masked.masks.keys()
+    assert all(torch.equal(masks[k], env.context.masked.masks[k]) for k in masks)
     assert env.profile_table() == before_table
     np.testing.assert_array_equal(obs[:-1], before_obs[:-1])
     assert obs[-1] == pytest.approx(1 / env.max_steps)
@@ -162,13 +162,13 @@ def test_rollback_restores_masks_and_weights_bit_exactly(data):
 def test_reset_restores_dense_weights_bit_exactly(env):
     env.reset(seed=0)
     dense = live_weights(env)
-    assert bit_equal(dense, env.ctx.masked.dense)  # the snapshot taken when the model was first loaded
+    assert bit_equal(dense, env.context.masked.dense)  # the snapshot taken when the model was first loaded
     run(env, [np.array([1, 0, 1]), np.ones(3, dtype=np.int8)], seed=0)
     assert not bit_equal(dense, live_weights(env))
     obs, info = env.reset(seed=1)
     assert bit_equal(dense, live_weights(env))
-    assert info["achieved_sparsity"] == 0.0 and env.ctx.masked.masks == {}
-    assert info["ppl"] == env.ctx.dense.ppl
+    assert info["achieved_sparsity"] == 0.0 and env.context.masked.masks == {}
+    assert info["ppl"] == env.context.dense.ppl
 
 
 def test_same_seed_and_actions_give_same_infos(env):
@@ -237,7 +237,7 @@ def independent_z_wanda(env) -> np.ndarray:
     """s_u = lower 10th percentile of the unit's non-zero |W_live| * ||X||_2, z-scored across units."""
     values = []
     for unit in env.units:
-        scores = torch.cat([wanda_scores(weight_matrix(ref.module), env.ctx.stats.act_norm[ref.name]).reshape(-1)
+        scores = torch.cat([wanda_scores(weight_matrix(ref.module), env.context.stats.act_norm[ref.name]).reshape(-1)
                             for ref in unit.linears])
         scores = np.sort(scores[scores != 0].double().numpy())
         values.append(scores[int(0.1 * (scores.size - 1))])
@@ -261,11 +261,11 @@ def test_profile_table_and_live_z_wanda(env):
     assert [row["sparsity"] for row in table] == info["allocation"] == pytest.approx([0.1, 0.05, 0.0], abs=1e-3)
     assert sum(row["param_share"] for row in table) == pytest.approx(1.0)
     np.testing.assert_allclose(obs[0:15:5], live_z, atol=1e-5)
-    np.testing.assert_allclose(obs[1:15:5], env.ctx.z_grad, atol=1e-5)
+    np.testing.assert_allclose(obs[1:15:5], env.context.z_grad, atol=1e-5)
     np.testing.assert_allclose(obs[2:15:5], info["allocation"], atol=1e-6)
     np.testing.assert_allclose(obs[3:15:5], [0.0, 0.5, 1.0])
     glob = info["achieved_sparsity"]
-    expected = [glob, 0.5, 0.5 - glob, math.log(info["ppl"] / env.ctx.dense.ppl),
-                env.ctx.dense.fact_acc - info["fact_acc"], 0.0]
+    expected = [glob, 0.5, 0.5 - glob, math.log(info["ppl"] / env.context.dense.ppl),
+                env.context.dense.fact_acc - info["fact_acc"], 0.0]
     np.testing.assert_allclose(obs[15:], expected, atol=1e-6)
     assert (env.target_sparsity, env.max_sparsity, env.increment) == (0.5, 0.9, 0.05)

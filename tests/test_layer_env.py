@@ -37,7 +37,7 @@ def make_env(tiny_data):
 
 
 def live_zeros(env) -> dict[str, int]:
-    return {ref.name: int((weight_matrix(ref.module) == 0).sum()) for ref in linear_layers(env.unwrapped.ctx.model)}
+    return {ref.name: int((weight_matrix(ref.module) == 0).sum()) for ref in linear_layers(env.unwrapped.context.model)}
 
 
 def run_episode(env, actions, seed=0, options=None):
@@ -84,7 +84,7 @@ def test_checkers_discrete(make_env):
 def test_spaces_and_units(make_env):
     for granularity, n_units, obs_dim in (("block", 3, 9), ("linear", 21, 9 + len(KINDS))):
         env = make_env(granularity=granularity)
-        refs = linear_layers(env.unwrapped.ctx.model)
+        refs = linear_layers(env.unwrapped.context.model)
         expected = ([f"block.{b}" for b in range(3)] if granularity == "block" else [ref.name for ref in refs])
         assert env.unwrapped.unit_names == expected
         assert len(env.unwrapped.units) == n_units
@@ -104,7 +104,7 @@ def test_target_is_met(make_env, config, kind):
     u = env.unwrapped
     _, _, infos = run_episode(env, actions_for(env, kind))
     zeros = live_zeros(env)
-    total = sum(ref.numel for ref in linear_layers(u.ctx.model))
+    total = sum(ref.numel for ref in linear_layers(u.context.model))
     n_linears = len(zeros)
     target = config.get("target_sparsity", 0.5)
     assert abs(sum(zeros.values()) - target * total) <= n_linears
@@ -128,7 +128,7 @@ def test_reset_target_option_changes_sparsity(make_env):
     low = infos[-1]["achieved_sparsity"]
     _, _, infos = run_episode(env, actions)  # no option: back to the constructor's target
     assert infos[0]["target_sparsity"] == 0.5
-    total = env.unwrapped.ctx.total_numel
+    total = env.unwrapped.context.total_numel
     assert abs(low * total - 0.3 * total) <= 21
     assert abs(infos[-1]["achieved_sparsity"] * total - 0.5 * total) <= 21
 
@@ -138,7 +138,7 @@ def test_reset_target_option_changes_sparsity(make_env):
 def independent_profile(env):
     """s_u, g_u z-scores from own hooks and own gradients on the dense model (not ctx.stats)."""
     u = env.unwrapped
-    ctx = u.ctx
+    ctx = u.context
     model = ctx.model
     refs = linear_layers(model)
     calib = ctx.slices.calibration
@@ -192,11 +192,11 @@ def test_observations_match_independent_computation(make_env, fidelity, granular
     env = make_env(fidelity=fidelity, granularity=granularity)
     u = env.unwrapped
     obs, _ = env.reset(seed=0)
-    model = u.ctx.model
+    model = u.context.model
     norms, z_wanda, z_grad = independent_profile(env)
     for name, norm in norms.items():  # the profile's activation statistics are the dense ones
-        assert torch.allclose(u.ctx.stats.act_norm[name].double(), norm, rtol=1e-5)
-    calib0 = u.ctx.slices.calibration[:u.ctx.data.batch_size]
+        assert torch.allclose(u.context.stats.act_norm[name].double(), norm, rtol=1e-5)
+    calib0 = u.context.slices.calibration[:u.context.data.batch_size]
     dense_out = block_outputs(model, calib0)
     units, total = u.units, sum(ref.numel for ref in linear_layers(model))
     n = len(units)
@@ -231,7 +231,7 @@ def test_observations_match_independent_computation(make_env, fidelity, granular
 # ----------------------------------------------------------------------------- reset, rollback, determinism
 
 def dense_snapshot(env) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in env.unwrapped.ctx.model.state_dict().items()}
+    return {k: v.clone() for k, v in env.unwrapped.context.model.state_dict().items()}
 
 
 @pytest.mark.parametrize("fidelity", ["exact", "proxy"])
@@ -242,9 +242,9 @@ def test_reset_restores_dense_weights(make_env, fidelity):
     run_episode(env, actions_for(env, "one"))
     assert sum(live_zeros(env).values()) > 0
     env.reset(seed=0)
-    for key, value in env.unwrapped.ctx.model.state_dict().items():
+    for key, value in env.unwrapped.context.model.state_dict().items():
         assert torch.equal(value, dense[key]), key
-    assert env.unwrapped.ctx.masked.masks == {}
+    assert env.unwrapped.context.masked.masks == {}
 
 
 @pytest.mark.parametrize("config,cut", [(dict(granularity="block"), 1), (dict(granularity="linear"), 2),
@@ -257,27 +257,27 @@ def test_checkpoint_rollback(make_env, config, cut):
     # strong early pruning, so block statistics after a mid-block rollback would visibly differ
     actions = [np.array([1.0], np.float32)] * cut + actions_for(env, "random", seed=2)[cut:]
     _, _, straight = run_episode(env, actions)
-    straight_masks = {k: v.clone() for k, v in u.ctx.masked.masks.items()}
+    straight_masks = {k: v.clone() for k, v in u.context.masked.masks.items()}
 
     obs, _ = env.reset(seed=0)
     for action in actions[:cut]:
         obs, *_ = env.step(action)
     checkpoint = u.checkpoint()
-    masks = {k: v.clone() for k, v in u.ctx.masked.masks.items()}
+    masks = {k: v.clone() for k, v in u.context.masked.masks.items()}
     weights = dense_snapshot(env)
     for _ in range(min(3, n - cut - 1)):
         env.step(np.array([0.2], np.float32))
     u.rollback(checkpoint)
-    assert u.ctx.masked.masks.keys() == masks.keys()
-    assert all(torch.equal(u.ctx.masked.masks[k], masks[k]) for k in masks)
-    for key, value in u.ctx.model.state_dict().items():
+    assert u.context.masked.masks.keys() == masks.keys()
+    assert all(torch.equal(u.context.masked.masks[k], masks[k]) for k in masks)
+    for key, value in u.context.model.state_dict().items():
         assert torch.equal(value, weights[key]), key
     assert np.array_equal(u._observation(), obs)
     for action in actions[cut:]:
         _, _, terminated, _, info = env.step(action)
     assert terminated
     assert info == straight[-1]
-    assert all(torch.equal(u.ctx.masked.masks[k], straight_masks[k]) for k in straight_masks)
+    assert all(torch.equal(u.context.masked.masks[k], straight_masks[k]) for k in straight_masks)
 
 
 def test_same_seed_and_actions_same_infos(make_env, tiny_data):
@@ -339,7 +339,7 @@ def test_bad_continuous_actions(make_env, action):
     with pytest.raises(ValueError, match="action"):
         env.step(action)
     # nothing happened: the episode still takes every unit
-    assert env._step == 0 and env.ctx.masked.masks == {}
+    assert env._step == 0 and env.context.masked.masks == {}
     _, _, infos = run_episode(env, actions_for(env, "random"))
     assert len(infos) == len(env.units) + 1
 
