@@ -8,7 +8,7 @@ Logits are only ever formed for the positions a score needs, in chunks, never fo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +22,12 @@ HEAD_CHUNK_ELEMENTS = 2 ** 24  # logits per chunk (64 MiB in fp32): 341 position
 
 @dataclass
 class FactScores:
+    """Fact metrics, plus per fact whether the multiple choice was right (for paired bootstraps)."""
+
     accuracy: float
     nll: float
     greedy_exact: list[bool]
+    correct: list[bool] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"fact_acc": self.accuracy, "fact_nll": self.nll,
@@ -63,17 +66,43 @@ def nll_from_hidden(model: nn.Module, batch: TokenBatch, last_hidden: torch.Tens
     return float(nll.double().sum()), nll.numel()
 
 
+@dataclass
+class WindowNLL:
+    """Summed NLL and token count per evaluation window: what a paired bootstrap over windows resamples.
+
+    `total` is summed batch by batch exactly as `perplexity` always summed it, so `ppl` is bit-identical.
+    """
+
+    nll: list[float]
+    tokens: list[int]
+    total: float
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.total / sum(self.tokens))
+
+
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
-    """exp(mean token NLL) over non-overlapping windows, as Wanda/SparseGPT evaluate WikiText-2."""
+def window_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> WindowNLL:
+    """Per-window summed next-token NLL over non-overlapping windows (one forward per batch)."""
     base = model.base_model
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    per_window: list[float] = []
+    tokens: list[int] = []
+    total = 0.0
     for batch in window_batches(windows.to(device), batch_size):
         hidden = base(input_ids=batch.input_ids, use_cache=False).last_hidden_state
         nll = token_nll(model, hidden[:, :-1], batch.input_ids[:, 1:])
-        total, count = total + float(nll.double().sum()), count + nll.numel()
-    return math.exp(total / count)
+        total = total + float(nll.double().sum())
+        rows = nll.view(batch.input_ids.shape[0], -1)
+        per_window += rows.double().sum(1).tolist()
+        tokens += [rows.shape[1]] * rows.shape[0]
+    return WindowNLL(per_window, tokens, total)
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """exp(mean token NLL) over non-overlapping windows, as Wanda/SparseGPT evaluate WikiText-2."""
+    return window_nll(model, windows, batch_size).ppl
 
 
 def _encode(tokenizer, text: str, special: bool) -> list[int]:
@@ -207,15 +236,15 @@ def choice_scores(model: nn.Module, batch: FactBatch, last_hidden: torch.Tensor 
 
 def summarise_facts(facts: list[Fact], scores: ChoiceScores) -> FactScores:
     """MC accuracy by summed log-likelihood, mean NLL of the correct answer, greedy-exact flags."""
-    correct, nll, exact = 0, 0.0, []
+    correct, nll, exact = [], 0.0, []
     for f_index, fact in enumerate(facts):
         gold = fact.choices.index(fact.answer)
         lls = [scores.loglik[(f_index, c)] for c in range(len(fact.choices))]
-        correct += int(max(range(len(lls)), key=lambda c: (lls[c], -c)) == gold)
+        correct.append(max(range(len(lls)), key=lambda c: (lls[c], -c)) == gold)
         nll -= lls[gold]
         exact.append(scores.greedy[(f_index, gold)])
     n = max(len(facts), 1)
-    return FactScores(accuracy=correct / n, nll=nll / n, greedy_exact=exact)
+    return FactScores(accuracy=sum(correct) / n, nll=nll / n, greedy_exact=exact, correct=correct)
 
 
 @torch.no_grad()

@@ -1,17 +1,23 @@
-"""benchmark.py on tiny-llama: serial grid, schema, resume, failing cells, export, Ray == serial."""
+"""benchmark.py / prune_bench on tiny-llama: serial grid, schema, resume, failing cells, export, Ray == serial."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 
 import benchmark
-from benchmark import ResultsError, check_export, load_benchmark_config, run_benchmark, validate_results
+from prune_bench.config import DEFAULT_CONFIG, BenchmarkConfig, defaults, load_benchmark_config
+from prune_bench.driver import run_benchmark
+from prune_bench.heldout import heldout_data
+from prune_bench.runner import Runner, check_export
+from prune_bench.store import ResultsError, validate_results
 from prune_env.config import merge
 from prune_env.context import PruningContext
 
@@ -23,7 +29,7 @@ def workspace(tmp_path_factory, text_file):
     torch.set_num_threads(old_threads)  # the benchmark configs below set threads=1
 
 
-def make_config(ws, out, **changes) -> dict:
+def make_config(ws, out, **changes) -> BenchmarkConfig:
     base = {
         "model": "tiny-llama", "device": "cpu", "threads": 1, "targets": [0.3, 0.5], "seeds": [0],
         "agents": [{"name": "uniform"}, {"name": "owl"}],
@@ -32,9 +38,7 @@ def make_config(ws, out, **changes) -> dict:
         "heldout": {"eval_tokens": 512, "eval_seq_len": 64, "n_facts": 40},
         "out": str(ws["root"] / out),
     }
-    cfg = merge(benchmark.defaults(), merge(base, changes))
-    benchmark.check_config(cfg)
-    return cfg
+    return BenchmarkConfig.from_dict(merge(defaults(), merge(base, changes)))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,7 @@ def grid(workspace):
 def test_serial_grid(grid):
     cfg, data = grid
     validate_results(data)
-    assert json.loads((benchmark.Path(cfg["out"]) / "results.json").read_text()) == data
+    assert json.loads((Path(cfg.out) / "results.json").read_text()) == data
     records = data["records"]
     assert [(r["agent"], r["target_sparsity"], r["seed"]) for r in records] == [
         ("uniform", 0.3, 0), ("uniform", 0.5, 0), ("owl", 0.3, 0), ("owl", 0.5, 0)]
@@ -64,7 +68,7 @@ def test_serial_grid(grid):
     assert data["data"]["facts"] == {"source": "offline", "n": 40, "offset": 20} and env["facts"] == [0, 20]
     assert {"platform", "cpu_count", "torch", "transformers", "device"} <= set(data["machine"])
     assert data["operator"] == {"method": "wanda", "pattern": None, "granularity": "block"}
-    out = benchmark.Path(cfg["out"])
+    out = Path(cfg.out)
     report = (out / "report.md").read_text()
     assert "## Target sparsity 0.5" in report and "| owl | 1/0 |" in report
     for png in ("allocation_t0.3.png", "allocation_t0.5.png", "ppl_vs_sparsity.png", "facts_vs_sparsity.png"):
@@ -72,11 +76,11 @@ def test_serial_grid(grid):
 
 
 def test_cell_matches_a_direct_prune(grid):
-    from prune_env.context import shared_model
+    from prune_env.context import load_template
 
     cfg, data = grid
-    held, _ = benchmark.heldout_data(cfg, shared_model("tiny-llama", "cpu", "float32")[1])
-    ctx = PruningContext("tiny-llama", data=held)
+    held = heldout_data(cfg, load_template("tiny-llama", "cpu", "float32")[1])
+    ctx = PruningContext("tiny-llama", data=held.data)
     ctx.prune(data["records"][3]["allocation"])
     metrics = ctx.evaluate().as_dict()
     ctx.restore()
@@ -87,7 +91,7 @@ def test_export_reloads_and_reproduces_ppl(grid):
     cfg, data = grid
     (entry,) = data["exports"]
     assert entry["ok"] and entry["cell"] == "owl-t0.5-s0"
-    directory = benchmark.Path(entry["dir"])
+    directory = Path(entry["dir"])
     assert (directory / "model" / "config.json").exists() and (directory / "masks.safetensors").exists()
     again = check_export(directory)
     assert again["ok"] and again["ppl_reloaded"] == pytest.approx(data["records"][3]["ppl"], rel=1e-6)
@@ -122,7 +126,7 @@ def test_schema_validation(grid):
 def test_resume_skips_finished_cells(workspace, monkeypatch):
     cfg = make_config(workspace, "resume", agents=[{"name": "uniform"}, {"name": "random"}], seeds=[0, 1])
     # 2 targets x (uniform: 1 computed + 1 reused, random: 2 computed) = 6 computed cells of 8
-    original = benchmark.Runner.run_cell
+    original = Runner.run_cell
     calls = []
 
     def interrupted(self, agent, target, seed):
@@ -131,10 +135,10 @@ def test_resume_skips_finished_cells(workspace, monkeypatch):
             raise KeyboardInterrupt
         return original(self, agent, target, seed)
 
-    monkeypatch.setattr(benchmark.Runner, "run_cell", interrupted)
+    monkeypatch.setattr(Runner, "run_cell", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_benchmark(cfg)
-    path = benchmark.Path(cfg["out"]) / "results.json"
+    path = Path(cfg.out) / "results.json"
     first = json.loads(path.read_text())
     validate_results(first)
     done = {(r["agent"], r["target_sparsity"], r["seed"]) for r in first["records"]}
@@ -142,7 +146,7 @@ def test_resume_skips_finished_cells(workspace, monkeypatch):
                     ("random", 0.3, 0)}
     assert [r["reused_from_seed"] for r in first["records"] if r["agent"] == "uniform"] == [None, 0, None, 0]
 
-    monkeypatch.setattr(benchmark.Runner, "run_cell", original)
+    monkeypatch.setattr(Runner, "run_cell", original)
     with pytest.raises(FileExistsError, match="--resume"):
         run_benchmark(cfg)
     prunes = []
@@ -158,12 +162,12 @@ def test_resume_skips_finished_cells(workspace, monkeypatch):
             assert r == before[key]  # same seconds too: not recomputed
 
     prunes.clear()  # a changed agent config is recomputed on resume, the unchanged agents are kept
-    retuned = {**cfg, "agents": [{"name": "uniform"}, {"name": "random", "high": 0.9}]}
+    retuned = dataclasses.replace(cfg, agents=[{"name": "uniform"}, {"name": "random", "high": 0.9}])
     again = run_benchmark(retuned, resume=True)
     assert len(prunes) == 4 and all(r["agent_config"].get("high") == 0.9 for r in again["records"]
                                     if r["agent"] == "random")
 
-    changed = merge(cfg, {"heldout": {"eval_tokens": 256}})
+    changed = dataclasses.replace(cfg, heldout=dataclasses.replace(cfg.heldout, eval_tokens=256))
     with pytest.raises(ResultsError, match="different data"):
         run_benchmark(changed, resume=True)
 
@@ -178,33 +182,34 @@ def test_failing_cell_is_recorded_and_others_finish(workspace):
     llm = {"name": "llm", "mode": "oneshot",
            "backend": {"type": "openai", "base_url": f"http://127.0.0.1:{_closed_port()}/v1", "model": "m",
                        "max_retries": 0, "timeout": 2}}
+    broken = workspace["root"] / "broken.zip"  # exists (a missing path is refused up front) but is no policy
+    broken.write_bytes(b"not a zip")
     cfg = make_config(workspace, "failing", targets=[0.5], seeds=[0, 1],
-                      agents=[llm, {"name": "rl", "path": str(workspace["root"] / "missing.zip")},
-                              {"name": "zscore-greedy"}])
+                      agents=[llm, {"name": "rl", "path": str(broken)}, {"name": "zscore-greedy"}])
     data = run_benchmark(cfg)
     by = {(r["agent"], r["seed"]): r for r in data["records"]}
-    for key in (("llm", 0), ("llm", 1), ("rl:missing", 0)):
+    for key in (("llm", 0), ("llm", 1), ("rl:broken", 0)):
         assert by[key]["status"] == "failed" and by[key]["error"] and by[key]["ppl"] is None
     if importlib.util.find_spec("agents.llm_agent") is not None:
         assert by[("llm", 0)]["error"].startswith("LLMBackendError") and by[("llm", 0)]["llm_model"] == "m"
-    assert "FileNotFoundError" in by[("rl:missing", 0)]["error"]
+    assert by[("rl:broken", 0)]["traceback"]
     assert by[("zscore-greedy", 0)]["status"] == by[("zscore-greedy", 1)]["status"] == "ok"
-    assert "## Failed cells" in (benchmark.Path(cfg["out"]) / "report.md").read_text()
+    assert "## Failed cells" in (Path(cfg.out) / "report.md").read_text()
 
 
 def test_cli_errors_and_report_only(grid, capsys):
     cfg, _ = grid
-    assert benchmark.main(["--config", str(benchmark.DEFAULT_CONFIG), "modle=tiny-llama"]) == 2
+    assert benchmark.main(["--config", str(DEFAULT_CONFIG), "modle=tiny-llama"]) == 2
     assert "unknown config key 'modle'" in capsys.readouterr().err
-    assert benchmark.main(["--config", str(benchmark.DEFAULT_CONFIG), "agents=[{name: owll}]"]) == 2
+    assert benchmark.main(["--config", str(DEFAULT_CONFIG), "agents=[{name: owll}]"]) == 2
     assert "unknown agent 'owll'" in capsys.readouterr().err
-    assert benchmark.main(["--config", str(benchmark.DEFAULT_CONFIG), "--out", cfg["out"], "--report-only",
+    assert benchmark.main(["--config", str(DEFAULT_CONFIG), "--out", cfg.out, "--report-only",
                            "report.allocation_target=0.31"]) == 0  # one plot, at the nearest target
-    assert "allocation_t0.3.png" in (benchmark.Path(cfg["out"]) / "report.md").read_text()
-    assert "allocation_t0.5.png" not in (benchmark.Path(cfg["out"]) / "report.md").read_text()
-    loaded = load_benchmark_config(benchmark.DEFAULT_CONFIG, ["targets=[0.5]"], eval_text="x.txt",
-                                   export=["rl:ppo:0.5:1"])
-    assert loaded["data"]["text"] == "x.txt" and loaded["export"] == [{"agent": "rl:ppo", "target": 0.5, "seed": 1}]
+    assert "allocation_t0.3.png" in (Path(cfg.out) / "report.md").read_text()
+    assert "allocation_t0.5.png" not in (Path(cfg.out) / "report.md").read_text()
+    loaded = load_benchmark_config(DEFAULT_CONFIG, ["targets=[0.5]"], eval_text="x.txt", export=["rl:ppo:0.5:1"])
+    assert loaded.data.text == "x.txt" and [dataclasses.asdict(e) for e in loaded.export] == [
+        {"agent": "rl:ppo", "target": 0.5, "seed": 1}]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'ray[default]')")

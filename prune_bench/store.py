@@ -1,0 +1,327 @@
+"""results.json: the records of a benchmark, their schema, resume, and atomic writes.
+
+results.json (schema_version 1; checked by `validate_results`)
+--------------------------------------------------------------
+Top level:
+    schema_version  1
+    model           model spec (str)
+    operator        {"method", "pattern", "granularity"}
+    data            ctx.describe() of the benchmark context (text source, calibration starts, evaluation
+                    region, facts source / n / offset, units, device, dtype)
+    env_data        the env DataConfig (dict) the held-out regions were derived from, with `reward_slices`
+    dense           dense metrics on the held-out data {ppl, fact_acc, fact_nll, fact_retention}
+    dense_per_fact  {"greedy_exact": [bool per held-out fact]} (retention intervals; absent in old files)
+    units           [{"name", "numel"}] in allocation order
+    machine         {platform, python, cpu_count, torch, transformers, device, cuda_device, backend}
+    config          the full benchmark config
+    created, updated  ISO timestamps
+    exports         [{cell, dir, ppl, ppl_reloaded, ok}] (may be empty)
+    records         one per agent x target x seed:
+        agent             label (str)
+        agent_config      the agent's config dict
+        seed              int
+        target_sparsity   float in (0, 1)
+        achieved_sparsity float (zeros / prunable weights after the prune) or null
+        ppl, fact_acc, fact_nll, fact_retention   floats (null when failed)
+        per_window        {"nll": [summed NLL], "tokens": [count]} per held-out window, or null (failed,
+                          or absent in records written before intervals existed)
+        per_fact          {"correct": [bool], "greedy_exact": [bool]} per held-out fact, or null / absent
+        allocation        per-unit ratios (list of floats, len == len(units)) or null
+        seconds           wall seconds of the cell (0 for reused records)
+        timings           {"allocate", "prune", "evaluate"} seconds
+        status            "ok" | "failed"
+        error             null when ok, else "ExceptionType: message"; `traceback` holds the stack
+        llm_model, iterations, rollbacks   LLM agent only (else null); `llm` holds more LLM details,
+                          `rl` the policy, algo, training model and env fidelity of RL agents
+        reused_from_seed  int or null
+results.json is rewritten atomically after every cell. `--resume` keeps the ok records of an existing
+results.json made with the same model, operator and data (else it refuses) and runs the missing and the
+failed cells. Without `--resume` an existing results.json is never overwritten.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prune_env.files import atomic_write_json, safe_name, to_jsonable
+from prune_env.validation import is_finite_number, is_int
+
+SCHEMA_VERSION = 1
+METRICS = ("ppl", "fact_acc", "fact_nll", "fact_retention")
+
+
+class ResultsError(ValueError):
+    """A results.json that does not follow the schema, or cannot be resumed."""
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def cell_key(agent: str, target: float, seed: int) -> tuple[str, float, int]:
+    return (str(agent), round(float(target), 9), int(seed))
+
+
+def cell_name(agent: str, target: float, seed: int) -> str:
+    return f"{safe_name(agent)}-t{float(target):g}-s{int(seed)}"
+
+
+def new_record(agent: str, agent_config: dict, target: float, seed: int) -> dict:
+    return {"agent": agent, "agent_config": agent_config, "seed": int(seed), "target_sparsity": float(target),
+            "achieved_sparsity": None, "ppl": None, "fact_acc": None, "fact_nll": None, "fact_retention": None,
+            "per_window": None, "per_fact": None, "allocation": None, "seconds": 0.0, "timings": {},
+            "status": "failed", "error": None, "llm_model": None, "iterations": None, "rollbacks": None,
+            "reused_from_seed": None}
+
+
+def validate_results(data: Any) -> None:
+    """Raise ResultsError listing every violation of the results.json schema (module docstring)."""
+    errors: list[str] = []
+    if not isinstance(data, dict):
+        raise ResultsError(f"results must be a JSON object, got {type(data).__name__}")
+    top = {"schema_version": is_int, "model": lambda v: isinstance(v, str),
+           "operator": lambda v: isinstance(v, dict), "data": lambda v: isinstance(v, dict),
+           "machine": lambda v: isinstance(v, dict), "records": lambda v: isinstance(v, list)}
+    for key, ok in top.items():
+        if key not in data:
+            errors.append(f"missing top-level field {key!r}")
+        elif not ok(data[key]):
+            errors.append(f"top-level field {key!r} has the wrong type ({type(data[key]).__name__})")
+    if data.get("schema_version") not in (None, SCHEMA_VERSION) and is_int(data.get("schema_version")):
+        errors.append(f"schema_version {data['schema_version']} is not supported (expected {SCHEMA_VERSION})")
+    if isinstance(data.get("operator"), dict):
+        missing = {"method", "pattern", "granularity"} - set(data["operator"])
+        if missing:
+            errors.append(f"operator lacks {sorted(missing)}")
+    if isinstance(data.get("machine"), dict):
+        missing = {"platform", "cpu_count", "torch", "transformers", "device"} - set(data["machine"])
+        if missing:
+            errors.append(f"machine lacks {sorted(missing)}")
+    sizes = _sizes(data)
+    dense = data.get("dense_per_fact")
+    if dense is not None:
+        errors.extend(_flags_errors("dense_per_fact", dense, ("greedy_exact",), sizes["facts"]))
+    seen: dict[tuple, int] = {}
+    for i, rec in enumerate(data.get("records") if isinstance(data.get("records"), list) else []):
+        errors.extend(_record_errors(i, rec, sizes, seen))
+    if errors:
+        shown = errors[:25] + ([f"... and {len(errors) - 25} more"] if len(errors) > 25 else [])
+        raise ResultsError("invalid results:\n  - " + "\n  - ".join(shown))
+
+
+def _sizes(data: dict) -> dict[str, int | None]:
+    """Units, held-out windows and facts of the file (None where the header does not say)."""
+    described = data.get("data") if isinstance(data.get("data"), dict) else {}
+    windows = ((described.get("text") or {}).get("evaluation") or {}).get("windows")
+    facts = (described.get("facts") or {}).get("n")
+    return {"units": len(data["units"]) if isinstance(data.get("units"), list) else None,
+            "windows": windows if is_int(windows) else None, "facts": facts if is_int(facts) else None}
+
+
+def _flags_errors(where: str, value: Any, keys: tuple[str, ...], n: int | None) -> list[str]:
+    if not isinstance(value, dict):
+        return [f"{where} must be an object with {list(keys)}"]
+    errors = []
+    for key in keys:
+        flags = value.get(key)
+        if not isinstance(flags, list) or not all(isinstance(x, bool) for x in flags):
+            errors.append(f"{where}.{key} must be a list of true/false")
+        elif n is not None and len(flags) != n:
+            errors.append(f"{where}.{key} has {len(flags)} entries but there are {n} held-out facts")
+    return errors
+
+
+def _per_window_errors(where: str, value: Any, n: int | None) -> list[str]:
+    if not isinstance(value, dict) or not isinstance(value.get("nll"), list) or not isinstance(value.get("tokens"), list):
+        return [f"{where}: 'per_window' must be an object with lists 'nll' and 'tokens'"]
+    nll, tokens = value["nll"], value["tokens"]
+    errors = []
+    if not all(is_finite_number(x) and x >= 0 for x in nll):
+        errors.append(f"{where}: 'per_window.nll' must be non-negative finite numbers")
+    if not all(is_int(x) and x > 0 for x in tokens):
+        errors.append(f"{where}: 'per_window.tokens' must be positive integers")
+    if len(nll) != len(tokens) or (n is not None and len(nll) != n):
+        errors.append(f"{where}: 'per_window' has {len(nll)} nll and {len(tokens)} token counts for {n} windows")
+    return errors
+
+
+def _record_errors(i: int, rec: Any, sizes: dict, seen: dict) -> list[str]:
+    if not isinstance(rec, dict):
+        return [f"records[{i}] must be an object, got {type(rec).__name__}"]
+    where = f"records[{i}] (agent={rec.get('agent')!r}, target={rec.get('target_sparsity')!r}, seed={rec.get('seed')!r})"
+    required = ("agent", "seed", "target_sparsity", "achieved_sparsity", *METRICS, "allocation", "seconds",
+                "status", "error", "llm_model", "iterations", "rollbacks")
+    errors = [f"{where}: missing field {key!r}" for key in required if key not in rec]
+    if errors:
+        return errors
+    if not isinstance(rec["agent"], str) or not rec["agent"]:
+        errors.append(f"{where}: 'agent' must be a non-empty string")
+    if not is_int(rec["seed"]) or rec["seed"] < 0:
+        errors.append(f"{where}: 'seed' must be a non-negative integer, got {rec['seed']!r}")
+    if not is_finite_number(rec["target_sparsity"]) or not 0.0 < rec["target_sparsity"] < 1.0:
+        errors.append(f"{where}: 'target_sparsity' must be a number in (0, 1), got {rec['target_sparsity']!r}")
+    if not is_finite_number(rec["seconds"]) or rec["seconds"] < 0:
+        errors.append(f"{where}: 'seconds' must be a non-negative number, got {rec['seconds']!r}")
+    if rec["status"] not in ("ok", "failed"):
+        errors.append(f"{where}: 'status' must be 'ok' or 'failed', got {rec['status']!r}")
+    if rec["llm_model"] is not None and not isinstance(rec["llm_model"], str):
+        errors.append(f"{where}: 'llm_model' must be a string or null, got {rec['llm_model']!r}")
+    for key in ("iterations", "rollbacks"):
+        if rec[key] is not None and (not is_int(rec[key]) or rec[key] < 0):
+            errors.append(f"{where}: {key!r} must be a non-negative integer or null, got {rec[key]!r}")
+    alloc = rec["allocation"]
+    if alloc is not None:
+        if not isinstance(alloc, list) or not all(is_finite_number(x) and 0.0 <= x < 1.0 for x in alloc):
+            errors.append(f"{where}: 'allocation' must be a list of ratios in [0, 1) or null")
+        elif sizes["units"] is not None and len(alloc) != sizes["units"]:
+            errors.append(f"{where}: 'allocation' has {len(alloc)} ratios but there are {sizes['units']} units")
+    if rec.get("per_window") is not None:
+        errors.extend(_per_window_errors(where, rec["per_window"], sizes["windows"]))
+    if rec.get("per_fact") is not None:
+        errors.extend(_flags_errors(f"{where}: per_fact", rec["per_fact"], ("correct", "greedy_exact"),
+                                    sizes["facts"]))
+    if rec["status"] == "ok":
+        if rec["error"] is not None:
+            errors.append(f"{where}: an ok record must have error null, got {rec['error']!r}")
+        for key in METRICS:
+            if not is_finite_number(rec[key]):
+                errors.append(f"{where}: ok record needs a finite number {key!r}, got {rec[key]!r}")
+        if is_finite_number(rec["ppl"]) and rec["ppl"] <= 0:
+            errors.append(f"{where}: 'ppl' must be positive, got {rec['ppl']!r}")
+        for key in ("fact_acc", "fact_retention"):
+            if is_finite_number(rec[key]) and not 0.0 <= rec[key] <= 1.0:
+                errors.append(f"{where}: {key!r} must be in [0, 1], got {rec[key]!r}")
+        if not is_finite_number(rec["achieved_sparsity"]) or not 0.0 <= rec["achieved_sparsity"] <= 1.0:
+            errors.append(f"{where}: ok record needs 'achieved_sparsity' in [0, 1], got {rec['achieved_sparsity']!r}")
+        if alloc is None:
+            errors.append(f"{where}: ok record needs an 'allocation'")
+    elif rec["status"] == "failed":
+        if not isinstance(rec["error"], str) or not rec["error"].strip():
+            errors.append(f"{where}: a failed record needs a non-empty 'error' string, got {rec['error']!r}")
+        for key in METRICS:
+            if rec[key] is not None and not is_finite_number(rec[key]):
+                errors.append(f"{where}: {key!r} must be a number or null, got {rec[key]!r}")
+    if not errors:
+        key = cell_key(rec["agent"], rec["target_sparsity"], rec["seed"])
+        if key in seen:
+            errors.append(f"{where}: duplicate of records[{seen[key]}] (same agent, target, seed)")
+        seen[key] = i
+    return errors
+
+
+def load_results(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ResultsError(f"{path} is not valid JSON: {error}") from None
+    try:
+        validate_results(data)
+    except ResultsError as error:
+        raise ResultsError(f"{path}: {error}") from None
+    return data
+
+
+def write_results(path: str | Path, data: dict) -> None:
+    """Validate, then write atomically (a reader sees the old or the new file, never a mix)."""
+    validate_results(data)
+    atomic_write_json(path, data, indent=1)
+
+
+_COMPARED = ("model", "operator", "units")
+
+
+def check_resumable(old: dict, header: dict, path: Path) -> None:
+    """Refuse to mix records of a different model, operator, units or data (the device may differ)."""
+    diffs = [k for k in _COMPARED if old.get(k) != header.get(k)]
+    strip = lambda d: {k: v for k, v in (d or {}).items() if k != "device"}  # noqa: E731
+    if strip(old.get("data")) != strip(header.get("data")):
+        diffs.append("data")
+    if diffs:
+        raise ResultsError(f"cannot resume {path}: it was made with a different {', '.join(diffs)}; "
+                           "use a new --out folder or the original config")
+
+
+@dataclass
+class Cell:
+    agent: str
+    target: float
+    seed: int
+    reuse_from: int | None = None  # seed of the record this deterministic cell copies
+
+    @property
+    def key(self) -> tuple[str, float, int]:
+        return cell_key(self.agent, self.target, self.seed)
+
+
+def plan_cells(labels: list[str], targets: list[float], seeds: list[int], deterministic: dict[str, bool],
+               reuse: bool = True) -> list[Cell]:
+    cells = []
+    for agent in labels:
+        for target in targets:
+            for k, seed in enumerate(seeds):
+                reuse_from = seeds[0] if reuse and deterministic[agent] and k > 0 else None
+                cells.append(Cell(agent, float(target), int(seed), reuse_from))
+    return cells
+
+
+class Store:
+    """results.json in memory: records keyed by cell, rewritten atomically on every change."""
+
+    def __init__(self, path: Path, header: dict, config: dict, plan: list[Cell], previous: dict | None = None,
+                 agent_configs: dict[str, dict] | None = None):
+        self.path, self.plan = path, plan
+        self.agent_configs = to_jsonable(agent_configs or {})
+        self.data = {**header, "config": to_jsonable(config), "created": now(), "updated": now(), "exports": [],
+                     "records": []}
+        self.records: dict[tuple, dict] = {}
+        if previous is not None:
+            self.data["created"] = previous.get("created", self.data["created"])
+            self.data["exports"] = list(previous.get("exports") or [])
+            for rec in previous["records"]:
+                self.records[cell_key(rec["agent"], rec["target_sparsity"], rec["seed"])] = rec
+
+    def done(self, cell: Cell) -> bool:
+        """An ok record made with the agent's current config (a changed config is recomputed)."""
+        rec = self.records.get(cell.key)
+        if rec is None or rec["status"] != "ok":
+            return False
+        return rec.get("agent_config") == self.agent_configs.get(cell.agent, rec.get("agent_config"))
+
+    def todo(self) -> list[Cell]:
+        """The cells to compute: not copies of another seed, and without an ok record."""
+        return [cell for cell in self.plan if cell.reuse_from is None and not self.done(cell)]
+
+    def get(self, agent: str, target: float, seed: int) -> dict | None:
+        return self.records.get(cell_key(agent, target, seed))
+
+    def add(self, record: dict) -> None:
+        self.records[cell_key(record["agent"], record["target_sparsity"], record["seed"])] = record
+        self.fill_copies()
+        self.write()
+
+    def set_export(self, entry: dict) -> None:
+        self.data["exports"] = [e for e in self.data["exports"] if e.get("cell") != entry["cell"]]
+        self.data["exports"].append(to_jsonable(entry))
+        self.write()
+
+    def fill_copies(self) -> None:
+        for cell in self.plan:
+            if cell.reuse_from is None or self.done(cell):
+                continue
+            source = self.get(cell.agent, cell.target, cell.reuse_from)
+            if source is not None and source.get("reused_from_seed") is None:
+                self.records[cell.key] = {**copy.deepcopy(source), "seed": cell.seed, "seconds": 0.0, "timings": {},
+                                          "reused_from_seed": cell.reuse_from}
+
+    def write(self) -> None:
+        order = {cell.key: i for i, cell in enumerate(self.plan)}
+        keys = sorted(self.records, key=lambda k: order.get(k, len(order)))
+        self.data["records"] = [self.records[k] for k in keys]
+        self.data["updated"] = now()
+        write_results(self.path, self.data)
