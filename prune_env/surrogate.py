@@ -104,3 +104,178 @@ def start_dataset(path: str | Path, header: dict) -> Dataset:
             raise ValueError(f"{str(path)!r} was built with a different {key} ({existing.header.get(key)!r}, "
                              f"now {wanted.get(key)!r}): pass another --out or delete the file to start over")
     return existing
+
+
+# --------------------------------------------------------------------------- the fit
+
+TARGETS = ("log_ppl_ratio", "fact_acc", "fact_nll", "fact_retention")
+"""What is regressed: log(ppl / ppl_dense) (ppl spans orders of magnitude), and the fact metrics as they are."""
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Ridge regression on a per-unit piecewise-linear basis; the penalty is chosen per metric by exact
+    leave-one-out error over `penalties` (closed form for ridge, so the fit stays deterministic and fast)."""
+
+    knots: tuple[float, ...] = (0.2, 0.35, 0.5, 0.65, 0.8)
+    penalties: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def features(allocations: np.ndarray, knots: tuple[float, ...]) -> np.ndarray:
+    """(m, n_units) allocations -> (m, n_features): per unit s and max(0, s - k) for every knot (each unit's
+    own cost curve), then the same basis summed over units and powers of the mean sparsity (the shared,
+    compounding part of the damage)."""
+    s = np.atleast_2d(np.asarray(allocations, dtype=np.float64))
+    hinges = [np.maximum(s - k, 0.0) for k in knots]
+    per_unit = np.concatenate([s, *hinges], axis=1)
+    mean = s.mean(axis=1, keepdims=True)
+    shared = np.concatenate([h.mean(axis=1, keepdims=True) for h in hinges] + [mean ** 2, mean ** 3], axis=1)
+    return np.concatenate([per_unit, shared], axis=1)
+
+
+def _ridge_loo(x: np.ndarray, y: np.ndarray, penalty: float) -> tuple[np.ndarray, float]:
+    """Coefficients of ridge on standardised x (intercept unpenalised) and the exact leave-one-out MSE."""
+    m = x.shape[0]
+    design = np.concatenate([np.ones((m, 1)), x], axis=1)
+    reg = np.eye(design.shape[1]) * penalty
+    reg[0, 0] = 0.0
+    inverse = np.linalg.pinv(design.T @ design + reg)
+    coef = inverse @ design.T @ y
+    hat = np.einsum("ij,jk,ik->i", design, inverse, design)
+    residual = (y - design @ coef) / np.clip(1.0 - hat, 1e-9, None)
+    return coef, float(np.mean(residual ** 2))
+
+
+@dataclass
+class Surrogate:
+    """Predicts the exact env's final metrics from an allocation; pure numpy, microseconds per call."""
+
+    header: dict
+    config: FitConfig
+    mean: np.ndarray      # feature standardisation
+    scale: np.ndarray
+    coef: np.ndarray      # (1 + n_features, len(TARGETS)), intercept first
+    penalties: list[float]
+
+    @property
+    def n_units(self) -> int:
+        return len(self.header["unit_numel"])
+
+    def predict_many(self, allocations) -> dict[str, np.ndarray]:
+        s = np.atleast_2d(np.asarray(allocations, dtype=np.float64))
+        if s.shape[1] != self.n_units or not np.isfinite(s).all():
+            raise ValueError(f"allocation of shape {s.shape[1:]} must hold {self.n_units} finite ratios, one per unit")
+        x = (features(s, self.config.knots) - self.mean) / self.scale
+        out = self.coef[0] + x @ self.coef[1:]
+        dense = self.header["dense"]
+        return {"ppl": dense["ppl"] * np.exp(out[:, 0]),
+                "fact_acc": np.clip(out[:, 1], 0.0, 1.0), "fact_nll": np.maximum(out[:, 2], 0.0),
+                "fact_retention": np.clip(out[:, 3], 0.0, 1.0)}
+
+    def predict(self, allocation, target_sparsity: float | None = None) -> dict[str, float]:
+        """Metrics of the model pruned to `allocation` (the per-unit ratios the env applied). The target is
+        implied by the allocation (its parameter-weighted mean); when given it must agree to 1e-3."""
+        s = np.asarray(allocation, dtype=np.float64).reshape(1, -1)
+        if target_sparsity is not None and s.shape[1] == self.n_units:
+            numel = np.asarray(self.header["unit_numel"], dtype=np.float64)
+            achieved = float(s[0] @ numel / numel.sum())
+            if abs(achieved - target_sparsity) > 1e-3:
+                raise ValueError(f"allocation averages {achieved:.4f}, not target_sparsity {target_sparsity}: "
+                                 "pass the ratios the env applied")
+        return {key: float(value[0]) for key, value in self.predict_many(s).items()}
+
+
+def fit(dataset: Dataset, config: FitConfig = FitConfig(), records: list[dict] | None = None) -> Surrogate:
+    """Fit on `records` (default: all of the data set's)."""
+    records = dataset.records if records is None else records
+    if len(records) < 3:
+        raise ValueError(f"a surrogate needs at least 3 records, the data set has {len(records)}: "
+                         f"rebuild it with {REBUILD}")
+    s = np.asarray([r["allocation"] for r in records], dtype=np.float64)
+    dense = dataset.header["dense"]
+    y = np.stack([np.log([r["ppl"] / dense["ppl"] for r in records])] +
+                 [np.asarray([r[key] for r in records], dtype=np.float64) for key in TARGETS[1:]], axis=1)
+    raw = features(s, config.knots)
+    mean, scale = raw.mean(axis=0), raw.std(axis=0)
+    scale[scale < 1e-12] = 1.0
+    x = (raw - mean) / scale
+    coefs, chosen = [], []
+    for j in range(y.shape[1]):
+        fits = [(_ridge_loo(x, y[:, j], p), p) for p in config.penalties]
+        (coef, _), penalty = min(fits, key=lambda item: item[0][1])
+        coefs.append(coef)
+        chosen.append(penalty)
+    return Surrogate(dataset.header, config, mean, scale, np.stack(coefs, axis=1), chosen)
+
+
+def quality_of(metrics: dict, dense: dict, reward: dict) -> np.ndarray | float:
+    """LayerPrune-v0's terminal reward from (predicted or exact) metrics, as `rewards.quality` computes it."""
+    return (-reward["ppl_weight"] * np.log(np.asarray(metrics["ppl"]) / dense["ppl"])
+            - reward["fact_weight"] * (dense["fact_acc"] - np.asarray(metrics["fact_acc"])))
+
+
+# --------------------------------------------------------------------------- held-out fidelity
+
+
+def heldout(dataset: Dataset, folds: int = 5, config: FitConfig = FitConfig()) -> dict:
+    """Fidelity on allocations the fit never saw: k-fold by draw number (fold = draw % folds). Returns the
+    Spearman rank correlation of predicted vs exact reward overall and within each target, the bias (mean
+    predicted - exact reward) and the mean absolute error, with the per-record predictions."""
+    from scipy.stats import spearmanr
+
+    records = dataset.records
+    if len(records) < 2 * folds:
+        raise ValueError(f"{len(records)} records are too few for {folds}-fold held-out figures")
+    dense, reward = dataset.header["dense"], dataset.header["reward"]
+    exact = np.asarray([r["quality"] for r in records])
+    predicted = np.empty(len(records))
+    for fold in range(folds):
+        test = [i for i, r in enumerate(records) if r["draw"] % folds == fold]
+        train = [r for r in records if r["draw"] % folds != fold]
+        model = fit(dataset, config, train)
+        metrics = model.predict_many([records[i]["allocation"] for i in test])
+        predicted[test] = quality_of(metrics, dense, reward)
+    targets = np.asarray([r["target"] for r in records])
+    per_target = {}
+    for t in sorted(set(targets.tolist())):
+        pick = targets == t
+        per_target[str(t)] = float(spearmanr(exact[pick], predicted[pick]).statistic) if pick.sum() > 2 else None
+    return {"records": len(records), "folds": folds, "spearman": float(spearmanr(exact, predicted).statistic),
+            "spearman_per_target": per_target, "bias": float(np.mean(predicted - exact)),
+            "mae": float(np.mean(np.abs(predicted - exact))), "exact": exact.tolist(), "predicted": predicted.tolist()}
+
+
+# --------------------------------------------------------------------------- serving
+
+_LOADED: dict[tuple, Surrogate] = {}
+
+
+def check_match(header: dict, description: dict, path: Path) -> None:
+    """Refuse a data set built for another model, dtype, operator or data slices than the env's."""
+    built = header["context"]
+    wanted = json.loads(json.dumps(description))
+    differ = [key for key in MATCH_KEYS if built.get(key) != wanted.get(key)]
+    if differ:
+        def show(d: dict) -> str:
+            return ", ".join(f"{k}={json.dumps(d.get(k))[:120]}" for k in differ)
+        raise SurrogateMismatchError(
+            f"surrogate data set {str(path)!r} was built for {show(built)}; this env has {show(wanted)}: "
+            f"build one for this env with `python scripts/build_surrogate.py --model {wanted.get('model')} "
+            f"--out PATH` and pass it as surrogate=PATH")
+
+
+def load_surrogate(path: str | Path | None, description: dict, config: FitConfig = FitConfig()) -> Surrogate:
+    """The surrogate fitted on the data set at `path` (None: the packaged SmolLM2-135M one), refused with
+    a clear error when `description` (`PruningContext.describe()`) is not what the data set was built
+    from. The fit is recomputed from the data (milliseconds) and kept per process."""
+    path = Path(path) if path is not None else PACKAGED
+    stat = path.stat() if path.is_file() else None
+    key = (str(path.resolve()), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0, config)
+    if key not in _LOADED:
+        dataset = read_dataset(path)
+        check_match(dataset.header, description, path)
+        _LOADED.clear()
+        _LOADED[key] = fit(dataset, config)
+    surrogate = _LOADED[key]
+    check_match(surrogate.header, description, path)
+    return surrogate
