@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from .masking import check_ratio
+from .validation import check_ratio
 from .models import LinearRef
 
 
@@ -15,7 +15,7 @@ def _check_values(values: list, where: str) -> list[float]:
     for i, value in enumerate(values):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{where}: entry {i} is {value!r}, not a number")
-        out.append(check_ratio(value, what=f"{where}: entry {i} sparsity"))
+        out.append(check_ratio(f"{where}: entry {i} sparsity", value))
     return out
 
 

@@ -24,13 +24,15 @@ import torch
 
 from .calibration import TokenBatch
 from .config import dataclass_from_dict
-from .data import load_text, split_corpus, tokenize_corpus
+from .corpus import load_text
+from .data import split_corpus, tokenize_corpus
 from .evaluation import FactScores, evaluate_facts, perplexity, retention
 from .facts import Fact, load_facts
 from .files import atomic_write_text
-from .masking import MaskedModel, parse_pattern
+from .masking import parse_pattern
 from .models import LinearRef, linear_layers, load_model
 from .pruner import PruneResult, calibration_batches, check_method, prune_model
+from .snapshot import MaskedModel
 from .scoring import LinearStats, cache_dir, cache_key, compute_linear_stats, unit_gradient, unit_wanda_percentile, zscore
 
 GRANULARITIES = ("block", "linear")

@@ -1,58 +1,46 @@
-"""LayerPrune-v0: choose the sparsity of each pruning unit of a real causal LM, one unit per step."""
+"""LayerPrune-v0 / -v1: choose the sparsity of each pruning unit of a real causal LM, one unit per step."""
 
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
-import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
 
 from .allocation import project, wall_bounds
+from .base_env import PruneEnvBase, clip_observation, check_whole
 from .calibration import ReplayState, advance, record_inputs
-from .context import DataConfig, PruningContext
+from .context import PruningContext
 from .evaluation import (ChoiceScores, choice_scores, fact_batches, nll_from_hidden, summarise_facts,
                          supports_packing, window_batches)
-from .masking import RankedMasks, check_ratio
 from .models import decoder_blocks
-from .pruner import block_stats, prune_linear
-from .rendering import render_allocation
-from .rewards import RewardConfig, quality
+from .pruner import SequentialPruner
+from .registry import observation_feature
+from .rewards import objectives, scalar_quality
+from .snapshot import RankedMasks
+from .validation import check_number, check_ratio
 
 FIDELITIES = ("exact", "proxy")
 ACTION_TYPES = ("continuous", "discrete")
-Z_CLIP = 10.0
+KIND_ENCODINGS = ("one_hot", "role")
+ROLES = ("attention_in", "attention_out", "mlp_in", "mlp_out", "other")
+REWARD_MODES = ("scalar", "vector")
+BASE_FEATURES = 9
 
 
-def _options(cls, kwargs: dict) -> None:
-    if kwargs:
-        import inspect
-
-        valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs")]
-        raise ValueError(f"unknown option(s) {sorted(kwargs)} for {cls.__name__}: valid options are {valid}")
-
-
-def is_number(value) -> bool:
-    """A real number that is not a bool and not NaN (numpy scalars included)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
-
-
-def check_target(target) -> None:
-    if not is_number(target) or not 0.0 < target < 1.0:
-        raise ValueError(f"target_sparsity {target!r} must be in (0, 1)")
-
-
-def reset_target(options: dict | None, default: float) -> float:
-    """The episode's target from reset()'s options (only `target_sparsity` is accepted)."""
-    options = dict(options or {})
-    target = options.pop("target_sparsity", default)
-    if options:
-        raise ValueError(f"unknown reset option(s) {sorted(options)}: valid options are ['target_sparsity']")
-    check_target(target)
-    return float(target)
+def linear_role(kind: str) -> str:
+    """A family-independent role of a linear from its name inside the block (q/k/v -> attention_in ...)."""
+    name = kind.lower()
+    attention = any(part in name for part in ("attn", "attention"))
+    mlp = any(part in name for part in ("mlp", "ffn", "feed_forward", "fc1", "fc2"))
+    out = any(part in name for part in ("o_proj", "out_proj", "c_proj", "down_proj", "fc2", "dense_4h_to_h", "wo"))
+    if attention:
+        return "attention_out" if out else "attention_in"
+    if mlp:
+        return "mlp_out" if out else "mlp_in"
+    return "other"
 
 
 @dataclass
@@ -66,7 +54,7 @@ class _Checkpoint:
     stats: dict  # block statistics taken before the block's first linear was pruned (mid-block checkpoints)
 
 
-class LayerPruneEnv(gym.Env):
+class LayerPruneEnv(PruneEnvBase):
     """
     ## Description
     Prunes a real Hugging Face causal LM, one unit at a time in model order (a unit is a decoder block,
@@ -128,40 +116,51 @@ class LayerPruneEnv(gym.Env):
     device ("cpu"), dtype ("float32"), render_mode (None | "ansi" | "rgb_array").
     """
 
-    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
-
     def __init__(self, model: str = "smollm2-135m", target_sparsity: float = 0.5, granularity: str = "block",
                  method: str = "wanda", pattern: str | None = None, min_sparsity: float = 0.0,
                  max_sparsity: float = 0.9, action_type: str = "continuous", n_actions: int = 11,
                  fidelity: str = "exact", reward: dict | None = None, data: dict | None = None,
                  proxy_eval_tokens: int = 1024, proxy_facts: int = 64, device: str = "cpu", dtype: str = "float32",
-                 render_mode: str | None = None, context: PruningContext | None = None, **kwargs):
-        _options(type(self), kwargs)
-        check_target(target_sparsity)
-        if not 0.0 <= min_sparsity <= max_sparsity < 1.0 or math.isnan(min_sparsity + max_sparsity):
+                 render_mode: str | None = None, context: PruningContext | None = None,
+                 target_sparsity_range: tuple[float, float] | None = None, kind_encoding: str = "one_hot",
+                 extra_features: list[str] | None = None, reward_mode: str = "scalar", **kwargs):
+        for name, value in (("min_sparsity", min_sparsity), ("max_sparsity", max_sparsity)):
+            check_ratio(name, value)
+        if not min_sparsity <= max_sparsity:
             raise ValueError(f"need 0 <= min_sparsity <= max_sparsity < 1, got min={min_sparsity} max={max_sparsity}")
-        if not min_sparsity <= target_sparsity <= max_sparsity:
-            raise ValueError(f"target_sparsity {target_sparsity} is outside [min_sparsity, max_sparsity] = "
-                             f"[{min_sparsity}, {max_sparsity}]: no allocation can reach it")
-        for name, value, allowed in (("fidelity", fidelity, FIDELITIES), ("action_type", action_type, ACTION_TYPES)):
+        for name, value, allowed in (("fidelity", fidelity, FIDELITIES), ("action_type", action_type, ACTION_TYPES),
+                                     ("kind_encoding", kind_encoding, KIND_ENCODINGS),
+                                     ("reward_mode", reward_mode, REWARD_MODES)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"unknown render_mode {render_mode!r}: use 'ansi' or 'rgb_array'")
-        self.target_sparsity, self.min_sparsity, self.max_sparsity = target_sparsity, min_sparsity, max_sparsity
-        self.fidelity, self.action_type, self.render_mode = fidelity, action_type, render_mode
-        self.reward_config = RewardConfig.from_dict(reward)
-        self.context = context or PruningContext(model, device=device, dtype=dtype, granularity=granularity,
-                                                 method=method, pattern=pattern, data=DataConfig.from_dict(data))
-        self.units = self.context.units
-        self.unit_names = [unit.name for unit in self.units]
-        self.kinds = sorted({u.kind for u in self.units}) if self.context.granularity == "linear" else []
+        self.min_sparsity, self.max_sparsity = float(min_sparsity), float(max_sparsity)
+        self.fidelity, self.action_type = fidelity, action_type
+        self.kind_encoding, self.reward_mode = kind_encoding, reward_mode
+        self.extra_features = list(extra_features or [])
+        self._features = [observation_feature(name) for name in self.extra_features]
+        self._setup(unknown=kwargs, target_sparsity=target_sparsity, target_sparsity_range=target_sparsity_range,
+                    target_bounds=(self.min_sparsity, self.max_sparsity), render_mode=render_mode, reward=reward,
+                    context=context, context_args=dict(model=model, device=device, dtype=dtype,
+                                                       granularity=granularity, method=method, pattern=pattern,
+                                                       data=data))
+        linear = self.context.granularity == "linear"
+        self.kinds = (sorted({u.kind for u in self.units}) if kind_encoding == "one_hot" else list(ROLES)) \
+            if linear else []
+        self._kind_of = [(u.kind if kind_encoding == "one_hot" else linear_role(u.kind)) for u in self.units]
+        n_actions = check_whole("n_actions", n_actions, 2)
         self.grid = np.linspace(min_sparsity, max_sparsity, n_actions) if action_type == "discrete" else None
         self.action_space = (spaces.Discrete(n_actions) if action_type == "discrete"
                              else spaces.Box(0.0, 1.0, (1,), dtype=np.float32))
-        self.observation_space = spaces.Box(-Z_CLIP, Z_CLIP, (9 + len(self.kinds),), dtype=np.float32)
-        self._prepare(proxy_eval_tokens, proxy_facts)
+        size = BASE_FEATURES + len(self.kinds) + len(self._features)
+        self.observation_space = spaces.Box(-10.0, 10.0, (size,), dtype=np.float32)
+        n_objectives = len(self.reward_config.names())
+        self.reward_space = spaces.Box(-np.inf, np.inf, (n_objectives,), dtype=np.float64)
+        self._prepare(check_whole("proxy_eval_tokens", proxy_eval_tokens, 1),
+                      check_whole("proxy_facts", proxy_facts, 1))
         self._step = None  # None: reset() not called yet
+        self._ratios = [0.0] * len(self.units)
+        self._zeros = [0] * len(self.units)
+        self._prev_action, self._last_drop = 0.0, 0.0
 
     # -- set-up ------------------------------------------------------------------------------------
     def _prepare(self, proxy_eval_tokens: int, proxy_facts: int) -> None:
@@ -178,32 +177,28 @@ class LayerPruneEnv(gym.Env):
                              "facts": record_inputs(ctx.model, self._fact_batches)}
             probe = ReplayState([self._initial["calib"].hidden[0].clone()], [self._initial["calib"].calls[0]])
             self._dense_outputs = []
-            for index in range(len(decoder_blocks(self.context.model))):
+            for index in range(len(decoder_blocks(ctx.model))):
                 advance(ctx.model, probe, index + 1)
                 self._dense_outputs.append(probe.hidden[0].clone())
-            self.reference = ctx.dense
+            self._reference = ctx.dense
         else:
             n_windows = max(1, proxy_eval_tokens // ctx.data.eval_seq_len)
             self._windows = ctx.slices.evaluation[:n_windows].to(device)
             self._facts = ctx.facts[:proxy_facts]
             self._ranks = RankedMasks(ctx.masked.dense, ctx.method, ctx.stats.act_norm)
-            self.reference = ctx.evaluate(dense_exact=None, windows=self._windows, facts=self._facts)
+            self._reference = ctx.evaluate(dense_exact=None, windows=self._windows, facts=self._facts)
 
     # -- Gymnasium API -----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        target = reset_target(options, self.target_sparsity)
-        if not self.min_sparsity <= target <= self.max_sparsity:
-            raise ValueError(f"target_sparsity {target} is outside [{self.min_sparsity}, {self.max_sparsity}]")
-        self._target = target
+        target = self._reset_target(seed, options)
         self.context.restore()
         self._step, self._prev_action, self._last_drop = 0, 0.0, 0.0
         self._ratios = [0.0] * len(self.units)
         self._zeros = [0] * len(self.units)
-        self._stats: dict = {}
         self._states = {k: v.clone() for k, v in self._initial.items()} if self.fidelity == "exact" else None
+        self._pruner = self._new_pruner({})
         self._final: dict = {}
-        return self._observation(), {"target_sparsity": self._target}
+        return self._observation(), {"target_sparsity": target}
 
     @torch.no_grad()
     def step(self, action):
@@ -219,32 +214,27 @@ class LayerPruneEnv(gym.Env):
         self._prev_action = ratio
         self._step += 1
         terminated = self._step == len(self.units)
-        reward = -self.reward_config.shaping_weight * self._last_drop
-        info = {"ratio": self._ratios[self._step - 1], "achieved_sparsity": sum(self._zeros) / self.context.total_numel}
+        shaping = -self.reward_config.shaping_weight * self._last_drop
+        vector = np.zeros(self.reward_space.shape, dtype=np.float64)
+        vector[0] = shaping
+        reward = shaping
+        info = {"ratio": self._ratios[self._step - 1], "achieved_sparsity": sum(self._zeros) / self.context.total_numel,
+                "target_sparsity": self.target_sparsity}
         if terminated:
             metrics = self._finish()
-            reward += quality(metrics["ppl"], metrics["fact_acc"], self.reference.ppl, self.reference.fact_acc,
-                              self.reward_config)
-            info.update(metrics, allocation=list(self._ratios), quality=quality(
-                metrics["ppl"], metrics["fact_acc"], self.reference.ppl, self.reference.fact_acc, self.reward_config))
+            final = scalar_quality(metrics, self._reference, self.context, self.reward_config)
+            vector += objectives(metrics, self._reference, self.context, self.reward_config)
+            reward += final
+            info.update(metrics, allocation=list(self._ratios), quality=final)
             self._final = info
-        return self._observation(), float(reward), terminated, False, info
-
-    def render(self):
-        if self.render_mode is None:
-            gym.logger.warn("render() called without render_mode: pass render_mode='ansi' or 'rgb_array'")
-            return None
-        return render_allocation(self.unit_names, self._ratios, self.context.z_wanda, self.context.z_grad,
-                                 self._target if self._step is not None else self.target_sparsity, self.render_mode)
-
-    def close(self):
-        self.context.restore()
+        reward = vector if self.reward_mode == "vector" else float(reward)
+        return self._observation(), reward, terminated, False, info
 
     # -- checkpoint / rollback ---------------------------------------------------------------------
     def checkpoint(self) -> _Checkpoint:
         states = {k: v.clone() for k, v in self._states.items()} if self._states is not None else None
         return _Checkpoint(self._step, list(self._ratios), list(self._zeros), self._prev_action, self._last_drop,
-                           states, dict(self._stats))
+                           states, dict(self._pruner.stats) if self._pruner else {})
 
     def rollback(self, checkpoint: _Checkpoint) -> None:
         """Undo every unit decided after `checkpoint` (their dense weights come back bit-exactly)."""
@@ -255,61 +245,62 @@ class LayerPruneEnv(gym.Env):
         if checkpoint.states is not None:
             self._states = {k: v.clone() for k, v in checkpoint.states.items()}
         # not recomputed: after a mid-block rollback the block's earlier linears are already pruned
-        self._stats = dict(checkpoint.stats)
+        self._pruner = self._new_pruner(checkpoint.stats)
         self._final = {}
 
     # -- internals ---------------------------------------------------------------------------------
+    def _new_pruner(self, stats: dict) -> SequentialPruner | None:
+        if self.fidelity != "exact":
+            return None
+        ctx = self.context
+        return SequentialPruner(ctx.model, ctx.masked, ctx.method, ctx.pattern, self._states["calib"], stats)
+
     def _ratio_from_action(self, action) -> float:
         if self.action_type == "discrete":
             value = np.asarray(action)
             # an integer index (integral floats too); never truncate 1.5 or NaN to an index
             if value.size != 1 or value.dtype.kind not in "iuf" or not np.isfinite(value).all() or \
                     float(value.reshape(())) % 1 or not 0 <= float(value.reshape(())) < self.action_space.n:
-                raise ValueError(f"action {action!r} is not in {self.action_space}")
+                raise ValueError(f"action {action!r} is not in {self.action_space}: give one integer index")
             raw = float(self.grid[int(value.reshape(()))])
         else:
-            value = np.asarray(action, dtype=np.float64).reshape(-1)
-            if value.size != 1 or not np.isfinite(value).all():
+            value = np.asarray(action)
+            if value.dtype.kind not in "iuf":
+                raise ValueError(f"action {action!r} is not a real number (it is {value.dtype}): give a float in "
+                                 f"[0, 1] of shape (1,), never a string, bool or complex number")
+            if value.shape not in ((), (1,)):
+                raise ValueError(f"action of shape {value.shape} is not in {self.action_space}: give shape (1,)")
+            value = value.astype(np.float64).reshape(-1)
+            if not np.isfinite(value).all():
                 raise ValueError(f"action {action!r} must be one finite number in [0, 1] (shape (1,))")
             if not -1e-6 <= value[0] <= 1 + 1e-6:
                 raise ValueError(f"action {float(value[0])} is outside the action space [0, 1]")
             raw = self.min_sparsity + float(np.clip(value[0], 0, 1)) * (self.max_sparsity - self.min_sparsity)
         unit = self.units[self._step]
         remaining = sum(u.numel for u in self.units[self._step + 1:])
-        bounds = wall_bounds(self._target * self.context.total_numel, sum(self._zeros), unit.numel, remaining,
-                             self.min_sparsity, self.max_sparsity)
-        return check_ratio(min(max(project(raw, bounds), 0.0), 0.999))
+        bounds = wall_bounds(self.target_sparsity * self.context.total_numel, sum(self._zeros), unit.numel,
+                             remaining, self.min_sparsity, self.max_sparsity)
+        return check_ratio("ratio", min(max(project(raw, bounds), 0.0), 0.999))
 
     def _prune_unit(self, index: int, ratio: float) -> int:
         unit = self.units[index]
         ctx = self.context
         if self.fidelity == "proxy":
-            zeros = 0
-            for ref in unit.linears:
-                keep = self._ranks.keep(ref.name, ratio)
-                ctx.masked.apply(ref.name, keep)
-                zeros += int((~keep).sum())
-            return zeros
+            return sum(self._ranks.apply(ctx.masked, ref.name, ratio) for ref in unit.linears)
+        zeros = sum(self._pruner.prune(unit.linears, ratio).values())
         block_index = unit.linears[0].block_index
-        blocks = decoder_blocks(self.context.model)
-        calib = self._states["calib"]
-        if block_index not in self._stats:  # once per block, before any of its linears is pruned
-            modules = {ref.name: ref.module for ref in ctx.refs if ref.block_index == block_index}
-            self._stats = {block_index: block_stats(blocks[block_index], modules, calib, ctx.method)}
-        zeros = sum(prune_linear(ctx.masked, ref.name, ratio, ctx.method, ctx.pattern, self._stats[block_index])
-                    for ref in unit.linears)
         last_of_block = index == len(self.units) - 1 or self.units[index + 1].linears[0].block_index != block_index
         if last_of_block:
-            for state in self._states.values():
-                advance(ctx.model, state, block_index + 1)
+            self._pruner.finish_block(block_index, (self._states["text"], self._states["facts"]))
             dense = self._dense_outputs[block_index]
+            calib = self._states["calib"]
             self._last_drop = float((calib.hidden[0] - dense).norm() / dense.norm().clamp_min(1e-12))
         return zeros
 
     def _finish(self) -> dict:
         ctx = self.context
         if self.fidelity == "proxy":
-            metrics = ctx.evaluate(self.reference.greedy_exact, windows=self._windows, facts=self._facts)
+            metrics = ctx.evaluate(self._reference.greedy_exact, windows=self._windows, facts=self._facts)
         else:
             total, count = 0.0, 0
             for batch, hidden in zip(self._windows, self._states["text"].hidden):
@@ -321,20 +312,24 @@ class LayerPruneEnv(gym.Env):
             metrics = ctx.metrics(math.exp(total / count), summarise_facts(self._facts, scores))
         return {**metrics.as_dict(), "achieved_sparsity": ctx.achieved_sparsity()}
 
+    def _allocation(self) -> list[float]:
+        return list(self._ratios)
+
     def _observation(self) -> np.ndarray:
         n = len(self.units)
+        started = self._step is not None
         index = min(self._step or 0, n - 1)
         unit = self.units[index]
         total = self.context.total_numel
-        target = getattr(self, "_target", self.target_sparsity)
         remaining = sum(u.numel for u in self.units[index:])
-        budget_left = (target * total - sum(self._zeros)) / remaining if self._step is not None and remaining else 0.0
-        obs = [self.context.z_wanda[index], self.context.z_grad[index], self._ratios[index] if self._step is not None else 0.0,
-               index / max(n - 1, 1), unit.numel / total, sum(self._zeros) / total if self._step is not None else 0.0,
-               budget_left, self._prev_action if self._step is not None else 0.0,
-               self._last_drop if self._step is not None else 0.0]
-        obs += [float(unit.kind == kind) for kind in self.kinds]
-        return np.clip(np.asarray(obs, dtype=np.float32), -Z_CLIP, Z_CLIP)
+        budget_left = (self.target_sparsity * total - sum(self._zeros)) / remaining if started and remaining else 0.0
+        obs = [self.context.z_wanda[index], self.context.z_grad[index], self._ratios[index] if started else 0.0,
+               index / max(n - 1, 1), unit.numel / total, sum(self._zeros) / total if started else 0.0,
+               budget_left, self._prev_action if started else 0.0, self._last_drop if started else 0.0]
+        obs += [float(self._kind_of[index] == kind) for kind in self.kinds]
+        obs += [float(check_number(f"observation feature {name!r}", feature(self, index)))
+                for name, feature in zip(self.extra_features, self._features)]
+        return clip_observation(obs)
 
     # -- helpers for agents ------------------------------------------------------------------------
     def action_for_ratio(self, ratio: float):
@@ -343,7 +338,3 @@ class LayerPruneEnv(gym.Env):
             return int(np.argmin(np.abs(self.grid - ratio)))
         span = self.max_sparsity - self.min_sparsity
         return np.array([0.0 if span == 0 else np.clip((ratio - self.min_sparsity) / span, 0, 1)], dtype=np.float32)
-
-    @property
-    def episode_target(self) -> float:
-        return getattr(self, "_target", self.target_sparsity)

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
-import gymnasium as gym
 import numpy as np
 import torch
 from gymnasium import spaces
 
-from .context import DataConfig, Metrics, PruningContext
-from .env import Z_CLIP, _options, check_target, is_number, reset_target
-from .masking import RankedMasks
-from .rendering import render_allocation
-from .rewards import RewardConfig, quality
+from .base_env import Z_CLIP, PruneEnvBase, check_whole, clip_observation
+from .context import Metrics, PruningContext
+from .rewards import scalar_quality
 from .scoring import unit_wanda_percentile, zscore
+from .snapshot import RankedMasks
+from .validation import check_number
 
 UNIT_FEATURES = 5  # z_wanda, z_grad, sparsity, depth, param_share
 GLOBAL_FEATURES = 6  # global sparsity, target, budget left, log ppl ratio, fact acc drop, rollback rate
@@ -59,7 +57,7 @@ class _Checkpoint:
     done: bool
 
 
-class IterativePruneEnv(gym.Env):
+class IterativePruneEnv(PruneEnvBase):
     """
     ## Description
     The iterative pruning loop of arXiv 2601.09694 on a real Hugging Face causal LM. A unit is a decoder
@@ -141,36 +139,24 @@ class IterativePruneEnv(gym.Env):
     `max_sparsity`, `increment`, `checkpoint()` / `rollback(cp)`.
     """
 
-    metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
-
     def __init__(self, model: str = "smollm2-135m", target_sparsity: float = 0.5, granularity: str = "block",
                  method: str = "wanda", increment: float = 0.05, max_sparsity: float = 0.9,
                  rollback_threshold: float = 0.10, max_steps: int = 100, reward: dict | None = None,
                  data: dict | None = None, device: str = "cpu", dtype: str = "float32",
-                 render_mode: str | None = None, context: PruningContext | None = None, **kwargs):
-        _options(type(self), kwargs)
-        check_target(target_sparsity)
-        if not is_number(max_sparsity) or not target_sparsity <= max_sparsity < 1.0:
-            raise ValueError(f"need target_sparsity <= max_sparsity < 1, got target={target_sparsity} "
-                             f"max_sparsity={max_sparsity!r}: no unit could go high enough")
-        if not is_number(increment) or not 0.0 < increment < 1.0:
-            raise ValueError(f"increment {increment!r} must be in (0, 1): the sparsity added per selected unit "
-                             f"and step, e.g. 0.05")
-        if not is_number(rollback_threshold) or rollback_threshold < 0:
-            raise ValueError(f"rollback_threshold {rollback_threshold!r} must be >= 0 (relative perplexity "
-                             f"increase of one step, e.g. 0.10; math.inf never reverts)")
-        if isinstance(max_steps, bool) or not isinstance(max_steps, numbers.Integral) or max_steps < 1:
-            raise ValueError(f"max_steps {max_steps!r} must be an integer >= 1")
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"unknown render_mode {render_mode!r}: use 'ansi' or 'rgb_array'")
-        self._default_target, self._max_sparsity = float(target_sparsity), float(max_sparsity)
-        self._increment, self.rollback_threshold = float(increment), float(rollback_threshold)
-        self.max_steps, self.render_mode = int(max_steps), render_mode
-        self.reward_config = RewardConfig.from_dict(reward)
-        self.context = context or PruningContext(model, device=device, dtype=dtype, granularity=granularity,
-                                                 method=method, data=DataConfig.from_dict(data))
-        self.units = self.context.units
-        self.unit_names = [unit.name for unit in self.units]
+                 render_mode: str | None = None, context: PruningContext | None = None,
+                 target_sparsity_range: tuple[float, float] | None = None, **kwargs):
+        max_sparsity = float(check_number("max_sparsity", max_sparsity, low=0.0, high=1.0, low_open=True,
+                                          high_open=True))
+        increment = float(check_number("increment", increment, low=0.0, high=1.0, low_open=True, high_open=True))
+        self.rollback_threshold = float(check_number("rollback_threshold", rollback_threshold, low=0.0)
+                                        if rollback_threshold != math.inf else math.inf)
+        self.max_steps = check_whole("max_steps", max_steps, 1)
+        self._max_sparsity, self._increment = max_sparsity, increment
+        self._setup(unknown=kwargs, target_sparsity=target_sparsity, target_sparsity_range=target_sparsity_range,
+                    target_bounds=(0.0, max_sparsity), render_mode=render_mode, reward=reward, context=context,
+                    context_args=dict(model=model, device=device, dtype=dtype, granularity=granularity,
+                                      method=method, data=data))
+        self._reference = self.context.dense
         # ranks live on the CPU (they are as large as the model); each mask moves to the weight's device
         self._ranks = RankedMasks({name: w.cpu() for name, w in self.context.masked.dense.items()}, self.context.method,
                                   {name: a.cpu() for name, a in self.context.stats.act_norm.items()})
@@ -179,7 +165,6 @@ class IterativePruneEnv(gym.Env):
         self.observation_space = spaces.Box(-Z_CLIP, Z_CLIP, (UNIT_FEATURES * n + GLOBAL_FEATURES,),
                                             dtype=np.float32)
         self._steps: int | None = None  # None: reset() not called yet
-        self._target = self._default_target
         self._zeros = [[0] * len(unit.linears) for unit in self.units]
         self._nominal = [0.0] * n
         self._metrics = self.context.dense
@@ -190,12 +175,7 @@ class IterativePruneEnv(gym.Env):
 
     # -- Gymnasium API -----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        target = reset_target(options, self._default_target)
-        if target > self._max_sparsity:
-            raise ValueError(f"target_sparsity {target} is above max_sparsity {self._max_sparsity}: "
-                             f"no allocation can reach it")
-        self._target = target
+        self._reset_target(seed, options)
         self.context.restore()
         self._steps, self._rollbacks, self._done = 0, 0, False
         self._zeros = [[0] * len(unit.linears) for unit in self.units]
@@ -239,21 +219,11 @@ class IterativePruneEnv(gym.Env):
         info = self._info(rolled_back=rolled_back, increase=float(increase), changed=changed)
         return self._observation(), float(reward), terminated, truncated, info
 
-    def render(self):
-        if self.render_mode is None:
-            gym.logger.warn("render() called without render_mode: pass render_mode='ansi' or 'rgb_array'")
-            return None
-        return render_allocation(self.unit_names, self._allocation(), self._z_wanda, self.context.z_grad,
-                                 self._target, self.render_mode)
-
-    def close(self):
-        self.context.restore()
-
     # -- checkpoint / rollback ---------------------------------------------------------------------
     def checkpoint(self) -> _Checkpoint:
         if self._steps is None:
             raise RuntimeError("call reset() before checkpoint()")
-        return _Checkpoint(self._steps, self._target, [list(z) for z in self._zeros], list(self._nominal),
+        return _Checkpoint(self._steps, self.target_sparsity, [list(z) for z in self._zeros], list(self._nominal),
                            self._metrics, self._quality, list(self._s_wanda), self._rollbacks, self._done)
 
     def rollback(self, checkpoint: _Checkpoint) -> None:
@@ -261,7 +231,7 @@ class IterativePruneEnv(gym.Env):
         if self._steps is None:
             raise RuntimeError("call reset() before rollback()")
         self._apply({u: zeros for u, zeros in enumerate(checkpoint.zeros) if zeros != self._zeros[u]})
-        self._steps, self._target = checkpoint.steps, checkpoint.target
+        self._steps, self.target_sparsity = checkpoint.steps, checkpoint.target
         self._zeros = [list(z) for z in checkpoint.zeros]
         self._nominal = list(checkpoint.nominal)
         self._metrics, self._quality = checkpoint.metrics, checkpoint.quality
@@ -282,15 +252,6 @@ class IterativePruneEnv(gym.Env):
         return self._pruned() / self.context.total_numel
 
     @property
-    def target_sparsity(self) -> float:
-        """The current episode's target (the constructor's until reset(options=...) changes it)."""
-        return self._target
-
-    @property
-    def episode_target(self) -> float:
-        return self._target
-
-    @property
     def max_sparsity(self) -> float:
         return self._max_sparsity
 
@@ -300,21 +261,24 @@ class IterativePruneEnv(gym.Env):
 
     # -- internals ---------------------------------------------------------------------------------
     def _selection(self, action) -> np.ndarray:
-        n = len(self.units)
+        n = self.action_space.n
         expected = f"{self.action_space} (shape ({n},), each value 0 or 1)"
-        try:
-            values = np.asarray(action, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError(f"action {action!r} is not in {expected}") from None
+        values = np.asarray(action)
+        if values.dtype.kind not in "biuf":
+            raise ValueError(f"action {action!r} is not in {expected}: its entries are {values.dtype}, not numbers")
         if values.shape != (n,):
             raise ValueError(f"action of shape {values.shape} is not in {expected}")
+        values = values.astype(np.float64)
+        if np.isnan(values).any():
+            raise ValueError(f"action {values.tolist()} is not in {expected}: it contains NaN")
         if not np.isin(values, (0.0, 1.0)).all():
-            raise ValueError(f"action {values.tolist()} is not in {expected}: values must be 0 or 1, not NaN")
+            bad = sorted({float(v) for v in values if v not in (0.0, 1.0)})
+            raise ValueError(f"action {values.tolist()} is not in {expected}: {bad} are not 0 or 1")
         return values == 1.0
 
     def _needed(self) -> int:
         """The fewest pruned weights whose global sparsity is >= target - 1e-9."""
-        return math.ceil((self._target - TARGET_TOL) * self.context.total_numel)
+        return math.ceil((self.target_sparsity - TARGET_TOL) * self.context.total_numel)
 
     def _pruned(self) -> int:
         return sum(sum(z) for z in self._zeros)
@@ -347,27 +311,25 @@ class IterativePruneEnv(gym.Env):
 
     def _apply(self, zeros_by_unit: dict[int, list[int]]) -> None:
         """Set the masks of these units to the given per-linear zero counts (0: dense weights back)."""
-        masked = self.context.masked
         for u, zeros in zeros_by_unit.items():
             for ref, count in zip(self.units[u].linears, zeros):
-                if count == 0:
-                    masked.restore([ref.name])
-                else:
-                    keep = self._ranks.keep(ref.name, count / ref.numel)
-                    masked.apply(ref.name, keep.to(ref.module.weight.device))
+                self._ranks.apply(self.context.masked, ref.name, count / ref.numel)
 
     def _allocation(self) -> list[float]:
         return [sum(z) / unit.numel for z, unit in zip(self._zeros, self.units)]
 
     def _quality_of(self, metrics: Metrics) -> float:
-        dense = self.context.dense
-        return quality(metrics.ppl, metrics.fact_acc, dense.ppl, dense.fact_acc, self.reward_config)
+        state = {**metrics.as_dict(), "achieved_sparsity": self.global_sparsity}
+        return scalar_quality(state, self.context.dense, self.context, self.reward_config)
+
+    def _render_z_wanda(self) -> list[float]:
+        return list(self._z_wanda)
 
     def _info(self, rolled_back: bool, increase: float, changed: list[int]) -> dict:
         return {**self._metrics.as_dict(), "quality": self._quality, "achieved_sparsity": self.global_sparsity,
                 "allocation": self._allocation(), "rolled_back": rolled_back, "rollbacks": self._rollbacks,
                 "ppl_increase": increase, "changed": list(changed), "step": self._steps,
-                "target_sparsity": self._target}
+                "target_sparsity": self.target_sparsity}
 
     def _observation(self) -> np.ndarray:
         n, total = len(self.units), self.context.total_numel
@@ -378,7 +340,6 @@ class IterativePruneEnv(gym.Env):
         dense = self.context.dense
         log_ratio = math.log(self._metrics.ppl / dense.ppl) if self._metrics.ppl > 0 else Z_CLIP
         glob = self.global_sparsity
-        obs += [glob, self._target, self._target - glob, log_ratio, dense.fact_acc - self._metrics.fact_acc,
+        obs += [glob, self.target_sparsity, self.target_sparsity - glob, log_ratio, dense.fact_acc - self._metrics.fact_acc,
                 self._rollbacks / self.max_steps]
-        return np.clip(np.nan_to_num(np.asarray(obs, dtype=np.float64), nan=Z_CLIP, posinf=Z_CLIP,
-                                     neginf=-Z_CLIP), -Z_CLIP, Z_CLIP).astype(np.float32)
+        return clip_observation(obs)

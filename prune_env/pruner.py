@@ -1,6 +1,8 @@
 """The sequential pruning pass: block i is calibrated on the outputs of blocks 0..i-1 as already pruned.
 
 This is how Wanda and SparseGPT prune; here every linear can have its own ratio (the allocation).
+`SequentialPruner` is the one block walk of the package: `prune_model` drives it over a whole model,
+LayerPrune-v0 drives it one decision unit per step.
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ import torch
 from torch import nn
 
 from .calibration import ReplayState, StatsComplete, TokenBatch, advance, collect_stats, record_inputs, run_block
-from .masking import METHODS, MaskedModel, magnitude_mask, sparsegpt_prune, wanda_mask
-from .models import decoder_blocks, linear_layers, weight_matrix
+from .methods import check_method, get_method
+from .models import LinearRef, decoder_blocks, linear_layers, weight_matrix
+from .snapshot import MaskedModel
+
+__all__ = ["PruneResult", "SequentialPruner", "block_stats", "calibration_batches", "check_method", "prune_linear",
+           "prune_model"]
 
 
 @dataclass
@@ -28,12 +34,6 @@ class PruneResult:
         return {name: self.zeros[name] / self.numel[name] for name in self.numel}
 
 
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}: use one of {', '.join(METHODS)}")
-    return method
-
-
 @torch.no_grad()
 def block_stats(block: nn.Module, modules: dict[str, nn.Module], state: ReplayState, method: str) -> dict:
     """Input statistics of the given linears from one pass of `block` on the current inputs.
@@ -41,11 +41,12 @@ def block_stats(block: nn.Module, modules: dict[str, nn.Module], state: ReplaySt
     The block is run but NOT advanced: statistics of all its linears come from the block as it was
     before any of them is pruned, as in Wanda's and SparseGPT's reference pipelines.
     """
-    if method == "magnitude" or not modules:
+    statistics = get_method(method).statistics
+    if statistics == "none" or not modules:
         return {}
     stats: dict = {}
     for b, hidden in enumerate(state.hidden):
-        with collect_stats(modules, hessian=method == "sparsegpt", stop_when_complete=True, into=stats):
+        with collect_stats(modules, hessian=statistics == "hessian", stop_when_complete=True, into=stats):
             try:
                 run_block(block, hidden, state.calls[b][state.next_block])
             except StatsComplete:
@@ -59,27 +60,53 @@ def prune_linear(masked: MaskedModel, name: str, ratio: float, method: str, patt
     if ratio <= 0 and not pattern:
         masked.restore([name])
         return 0
-    weight = masked.dense[name]
-    if method == "magnitude":
-        keep, new = magnitude_mask(weight, ratio, pattern), None
-    elif method == "wanda":
-        keep, new = wanda_mask(weight, stats[name].norm, ratio, pattern), None
-    else:
-        keep, new = sparsegpt_prune(weight, stats[name].hessian, ratio, pattern)
+    keep, new = get_method(method).select(masked.dense[name], stats.get(name), ratio, pattern)
     masked.apply(name, keep, new)
-    return int((~keep).sum())
-
-
-def prune_block(masked: MaskedModel, block: nn.Module, names: list[str], ratios: dict[str, float],
-                state: ReplayState | None, method: str, pattern: str | None) -> dict[str, int]:
-    """Prune the linears of one block (full names) on the block's current inputs."""
-    todo = {name: masked.modules[name] for name in names if ratios.get(name, 0.0) > 0 or pattern}
-    stats = block_stats(block, todo, state, method) if state is not None else {}
-    return {name: prune_linear(masked, name, ratios.get(name, 0.0), method, pattern, stats) for name in names}
+    return masked.zeros(name)
 
 
 def calibration_batches(calibration: torch.Tensor, batch_size: int, device: torch.device | str) -> list[TokenBatch]:
     return [TokenBatch(calibration[i:i + batch_size].to(device)) for i in range(0, calibration.shape[0], batch_size)]
+
+
+class SequentialPruner:
+    """Walks a model's blocks in order: prune linears of the current block, then `finish_block` runs it.
+
+    Statistics of a block are taken once, on its calibration inputs, before its first linear is pruned
+    (so every linear of a block sees the block as it was); `finish_block` advances the calibration
+    replay (and any other replay states the caller follows, e.g. evaluation windows) through the
+    block as pruned. `calib` is None for methods that need no statistics.
+    """
+
+    def __init__(self, model: nn.Module, masked: MaskedModel, method: str, pattern: str | None,
+                 calib: ReplayState | None, stats: dict[int, dict] | None = None):
+        self.model, self.masked = model, masked
+        self.method, self.pattern = check_method(method), pattern
+        self.calib = calib
+        self.stats: dict[int, dict] = dict(stats or {})  # block index -> statistics of its linears
+        self._blocks = decoder_blocks(model)
+
+    def prune(self, refs: list[LinearRef], ratio: float) -> dict[str, int]:
+        """Prune these linears (all of one block, in model order) to `ratio`; zeros per linear."""
+        return {ref.name: self._prune_one(ref, ratio) for ref in refs}
+
+    def _prune_one(self, ref: LinearRef, ratio: float) -> int:
+        needs_stats = (ratio > 0 or self.pattern) and get_method(self.method).statistics != "none"
+        if needs_stats and ref.block_index not in self.stats:
+            if self.calib is None:
+                raise ValueError(f"method {self.method!r} needs calibration statistics: pass calib")
+            index = ref.block_index
+            modules = {r.name: r.module for r in linear_layers(self.model) if r.block_index == index}
+            self.stats = {index: block_stats(self._blocks[index], modules, self.calib, self.method)}
+        return prune_linear(self.masked, ref.name, ratio, self.method, self.pattern,
+                            self.stats.get(ref.block_index, {}))
+
+    @torch.no_grad()
+    def finish_block(self, index: int, others: tuple[ReplayState, ...] = ()) -> None:
+        """Run block `index` (as pruned now) on the calibration replay and the given states."""
+        for state in (self.calib, *others):
+            if state is not None:
+                advance(self.model, state, index + 1)
 
 
 @torch.no_grad()
@@ -91,17 +118,17 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, ratios: dict[str, f
     refs = linear_layers(model)
     masked = masked or MaskedModel({ref.name: ref.module for ref in refs})
     device = next(model.parameters()).device
-    state = record_inputs(model, calibration_batches(calibration, batch_size, device)) if method != "magnitude" else None
+    needs_calib = get_method(method).statistics != "none"
+    calib = record_inputs(model, calibration_batches(calibration, batch_size, device)) if needs_calib else None
+    pruner = SequentialPruner(model, masked, method, pattern, calib)
     result = PruneResult(numel={ref.name: weight_matrix(ref.module).numel() for ref in refs})
-    blocks = decoder_blocks(model)
-    iterator = range(len(blocks))
+    iterator = range(len(decoder_blocks(model)))
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc=f"{method} pruning", unit="block")
     for index in iterator:
-        names = [ref.name for ref in refs if ref.block_index == index]
-        result.zeros.update(prune_block(masked, blocks[index], names, ratios, state, method, pattern))
-        if state is not None:
-            advance(model, state, index + 1)
+        for ref in (r for r in refs if r.block_index == index):
+            result.zeros.update(pruner.prune([ref], ratios.get(ref.name, 0.0)))
+        pruner.finish_block(index)
     return masked, result

@@ -224,9 +224,16 @@ def test_bad_reset_and_actions(env, data):
     with pytest.raises(ValueError, match="above max_sparsity"):
         env.reset(options={"target_sparsity": 0.95})
     env.reset(seed=0)
-    for bad in (np.ones(4), np.ones((1, 3)), 1, [1, 0, 2], [0.5, 0, 1], [float("nan"), 0, 1], "abc"):
+    for bad in (np.ones(4), np.ones((1, 3)), 1, [1, 0, 2], [0.5, 0, 1], [float("nan"), 0, 1], "abc", ["1", "0", "0"],
+                [1 + 0j, 0, 0]):
         with pytest.raises(ValueError, match=r"MultiBinary\(3\)"):
             env.step(bad)
+    with pytest.raises(ValueError, match=r"\[2.0\] are not 0 or 1"):
+        env.step([1, 0, 2])
+    with pytest.raises(ValueError, match="contains NaN"):
+        env.step([float("nan"), 0, 1])
+    with pytest.raises(ValueError, match="not numbers"):
+        env.step(["1", "0", "0"])
     assert env.step([True, False, False])[4]["changed"] == [0]  # bools and lists are in the space
 
 

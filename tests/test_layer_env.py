@@ -296,13 +296,14 @@ def test_same_seed_and_actions_same_infos(make_env, tiny_data):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(bogus=1), r"unknown option\(s\) \['bogus'\].*target_sparsity"),
-    (dict(target_sparsity=1.5), r"target_sparsity 1.5 must be in \(0, 1\)"),
-    (dict(target_sparsity=0), r"target_sparsity 0 must be in \(0, 1\)"),
-    (dict(target_sparsity=float("nan")), r"target_sparsity nan must be in \(0, 1\)"),
+    (dict(target_sparsity=1.5), r"target_sparsity=1.5 is outside the allowed range \(0, 1\)"),
+    (dict(target_sparsity=0), r"target_sparsity=0 is outside the allowed range \(0, 1\)"),
+    (dict(target_sparsity=float("nan")), r"target_sparsity=nan is not a number: give a number in \(0, 1\)"),
+    (dict(target_sparsity="0.5"), r"target_sparsity='0.5' is not a number"),
     (dict(min_sparsity=0.6, max_sparsity=0.4), "min_sparsity <= max_sparsity"),
-    (dict(max_sparsity=1.0), "max_sparsity < 1"),
+    (dict(max_sparsity=1.0), r"max_sparsity=1.0 is outside the allowed range \[0, 1\)"),
     (dict(min_sparsity=float("nan")), "min_sparsity"),
-    (dict(target_sparsity=0.95), r"outside \[min_sparsity, max_sparsity\]"),
+    (dict(target_sparsity=0.95), "target_sparsity 0.95 is above max_sparsity 0.9"),
     (dict(fidelity="fast"), "unknown fidelity 'fast'"),
     (dict(action_type="multi"), "unknown action_type 'multi'"),
     (dict(render_mode="video"), "unknown render_mode 'video'"),
@@ -319,9 +320,12 @@ def test_bad_constructor_arguments(tiny_data, kwargs, message):
 
 @pytest.mark.parametrize("options,message", [
     ({"target": 0.3}, r"unknown reset option\(s\) \['target'\]"),
-    ({"target_sparsity": 1.5}, r"must be in \(0, 1\)"),
-    ({"target_sparsity": float("nan")}, r"must be in \(0, 1\)"),
-    ({"target_sparsity": 0.95}, "outside"),
+    ({"target_sparsity": 1.5}, r"target_sparsity=1.5 is outside the allowed range \(0, 1\)"),
+    ({"target_sparsity": float("nan")}, r"target_sparsity=nan is not a number"),
+    ({"target_sparsity": 0.95}, "above max_sparsity"),
+    ({"target_sparsity": 0.3, "target_sparsity_range": (0.2, 0.4)}, "not both"),
+    ({"target_sparsity_range": (0.4, 0.2)}, "lo <= hi"),
+    ({"target_sparsity_range": 0.3}, r"must be a pair \(lo, hi\)"),
 ])
 def test_bad_reset_options(make_env, options, message):
     # unwrapped: gymnasium's PassiveEnvChecker cannot check a first step after its first reset raised
@@ -332,7 +336,9 @@ def test_bad_reset_options(make_env, options, message):
 
 @pytest.mark.parametrize("action", [np.array([np.nan], np.float32), np.array([1.5], np.float32),
                                     np.array([-0.2], np.float32), np.array([0.1, 0.2], np.float32),
-                                    np.array([np.inf], np.float32), float("nan")])
+                                    np.array([np.inf], np.float32), float("nan"), "0.5", np.array(["0.5"]), True,
+                                    np.array([True]), 0.5 + 0j, np.array([0.5 + 0j]), np.array([[0.5]], np.float32),
+                                    [[0.5]], None])
 def test_bad_continuous_actions(make_env, action):
     env = make_env().unwrapped
     env.reset(seed=0)
@@ -344,7 +350,7 @@ def test_bad_continuous_actions(make_env, action):
     assert len(infos) == len(env.units) + 1
 
 
-@pytest.mark.parametrize("action", [11, -1, 1.5, float("nan"), np.array([1, 2])])
+@pytest.mark.parametrize("action", [11, -1, 1.5, float("nan"), np.array([1, 2]), "3", True, 3 + 0j])
 def test_bad_discrete_actions(make_env, action):
     env = make_env(action_type="discrete").unwrapped
     env.reset(seed=0)

@@ -9,18 +9,10 @@ import pytest
 import torch
 
 from prune_env.calibration import BlockCall, ReplayState, advance, collect_stats, record_inputs, run_block
-from prune_env.masking import (
-    MaskedModel,
-    PackedMasks,
-    RankedMasks,
-    check_ratio,
-    magnitude_mask,
-    parse_pattern,
-    sparsegpt_prune,
-    wanda_mask,
-)
+from prune_env.masking import magnitude_mask, parse_pattern, sparsegpt_prune, wanda_mask
 from prune_env.models import decoder_blocks, linear_layers, weight_matrix
 from prune_env.pruner import block_stats, calibration_batches, prune_model
+from prune_env.snapshot import MaskedModel, PackedMasks, RankedMasks
 from prune_env.tiny import tiny_model
 
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.2.mlp.up_proj")
@@ -357,20 +349,19 @@ def test_same_inputs_same_masks(calib_ids, method):
 # ----------------------------------------------------------------------------- input checks
 
 
-@pytest.mark.parametrize("bad", [1.0, -0.1, float("nan"), 1.5])
-def test_check_ratio_rejects(bad):
-    with pytest.raises(ValueError, match=r"outside \[0, 1\)") as error:
-        check_ratio(bad)
-    assert repr(float(bad)) in str(error.value)
-    with pytest.raises(ValueError, match="block 3 sparsity"):
-        check_ratio(bad, what="block 3 sparsity")
-    with pytest.raises(ValueError):
-        magnitude_mask(torch.randn(4, 4), bad)
+@pytest.mark.parametrize("bad", [1.0, -0.1, float("nan"), 1.5, "0.5", True])
+def test_operators_reject_bad_ratios(bad):
+    """The operators check ratios with prune_env.validation.check_ratio: the value and [0, 1) are named."""
+    for operator in (lambda: magnitude_mask(torch.randn(4, 4), bad),
+                     lambda: wanda_mask(torch.randn(4, 4), torch.ones(4), bad)):
+        with pytest.raises(ValueError, match=r"sparsity=.*\[0, 1\)") as error:
+            operator()
+        assert repr(bad) in str(error.value)
 
 
-def test_check_ratio_accepts_the_interval():
-    assert check_ratio(0) == 0.0
-    assert check_ratio(0.999) == 0.999
+def test_operators_accept_the_interval():
+    assert int((~magnitude_mask(torch.randn(4, 4), 0)).sum()) == 0
+    assert int((~magnitude_mask(torch.randn(10, 10), 0.999)).sum()) == 100
 
 
 @pytest.mark.parametrize("bad,message", [("4:2", "0 < N < M"), ("4:4", "0 < N < M"), ("0:4", "0 < N < M"),
