@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     from prune_env.context import PruningContext
 
-__all__ = ["AGENTS", "Agent", "LLMAgent", "RLAgent", "build_agent", "budget_tolerance", "check_allocation",
-           "play", "profile_table"]
+__all__ = ["AGENTS", "Agent", "build_agent", "budget_tolerance", "check_allocation",
+           "play"]
 
 
 class Agent:
@@ -83,8 +83,8 @@ AGENTS: dict[str, str] = {
     "alphapruning": "agents.heuristics:AlphaPruningAgent",
     "random": "agents.heuristics:RandomAgent",
     "zscore-greedy": "agents.heuristics:ZScoreGreedyAgent",
-    "llm": "agents.base:LLMAgent",
-    "rl": "agents.base:RLAgent",
+    "llm": "agents.llm:LLMAgent",
+    "rl": "agents.rl:RLAgent",
 }
 """Registry name -> "module:Class". Classes are imported on first use (no torch import at load)."""
 
@@ -157,12 +157,6 @@ def check_allocation(ctx: "PruningContext", allocation, target: float, who: str 
     return values
 
 
-def profile_table(ctx: "PruningContext") -> list[dict]:
-    """The dense sensitivity profile as the rows the LLM agent reads (sparsity 0: nothing pruned yet)."""
-    return [{"unit": unit.name, "index": i, "z_wanda": float(ctx.z_wanda[i]), "z_grad": float(ctx.z_grad[i]),
-             "sparsity": 0.0, "param_share": unit.numel / ctx.total_numel} for i, unit in enumerate(ctx.units)]
-
-
 def play(env, allocation, *, target: float | None = None, seed: int | None = None) -> dict:
     """Play a full allocation through LayerPrune-v0 and return the final step's info.
 
@@ -187,17 +181,6 @@ def play(env, allocation, *, target: float | None = None, seed: int | None = Non
     return dict(info)
 
 
-def _call(fn, *args, **optional):
-    """Call fn(*args, **the optional keywords its signature accepts)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return fn(*args)
-    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(*args, **optional)
-    return fn(*args, **{k: v for k, v in optional.items() if k in params})
-
-
 def _env_kwargs(entry_point: str, ctx: "PruningContext", base: dict, user: dict) -> dict:
     """Env constructor kwargs: `base`, overridden by the caller's model and operator (model, device, dtype,
     granularity, method, pattern), keeping only what the env's constructor takes; then the agent
@@ -213,171 +196,3 @@ def _env_kwargs(entry_point: str, ctx: "PruningContext", base: dict, user: dict)
     kwargs = {k: v for k, v in defaults.items() if k in accepted}
     kwargs.update(user)
     return kwargs
-
-
-# --------------------------------------------------------------------------- LLM agent adapter
-
-
-class LLMAgent:
-    """LLMPruningAgent (agents/llm_agent.py, imported lazily) as an `Agent`.
-
-    backend: {"type": "openai", ...OpenAIChatBackend kwargs} or {"type": "local", ...LocalChatBackend
-    kwargs}. mode: "iterative" plays IterativePrune-v0 with `LLMPruningAgent.run` (the paper's loop:
-    memory, self-reflection, rollbacks) and returns the env's final per-unit sparsities, shifted with
-    `match_budget` onto the exact target (the iterative env moves in increments); "oneshot" asks for a
-    whole allocation at once with `LLMPruningAgent.allocate` on the dense profile. agent: extra
-    LLMPruningAgent kwargs. env: extra IterativePrune-v0 kwargs.
-    """
-
-    deterministic = False
-
-    def __init__(self, backend: dict | None = None, mode: str = "iterative", agent: dict | None = None,
-                 env: dict | None = None):
-        if mode not in ("iterative", "oneshot"):
-            raise ValueError(f"llm mode must be 'iterative' or 'oneshot', got {mode!r}")
-        backend = dict(backend or {"type": "openai"})
-        if backend.get("type", "openai") not in ("openai", "local"):
-            raise ValueError(f"llm backend type must be 'openai' or 'local', got {backend.get('type')!r}")
-        for what, value in (("agent", agent), ("env", env)):
-            if value is not None and not isinstance(value, dict):
-                raise ValueError(f"llm {what} options must be a mapping, got {value!r}")
-        self.name = "llm"
-        # the local backend picks the most likely candidate (no sampling) and the envs ignore the seed, so
-        # its allocation does not depend on the seed; a served model may sample, so seeds are real there
-        self.deterministic = backend.get("type", "openai") == "local"
-        self.backend_config, self.mode = backend, mode
-        self.agent_kwargs, self.env_kwargs = dict(agent or {}), dict(env or {})
-        self.env_data: dict | None = None
-        self.workdir: Path | None = None
-        self.last_info: dict = {}
-
-    def configure(self, env_data: dict | None = None, workdir: str | Path | None = None) -> None:
-        self.env_data = env_data
-        self.workdir = Path(workdir) if workdir is not None else None
-
-    def _backend(self):
-        from agents import llm_backends
-
-        options = dict(self.backend_config)
-        kind = options.pop("type", "openai")
-        cls = llm_backends.OpenAIChatBackend if kind == "openai" else llm_backends.LocalChatBackend
-        return cls(**options)
-
-    def allocate(self, ctx: "PruningContext", target: float, seed: int) -> list[float]:
-        from agents.allocators import match_budget
-        from agents.llm_agent import LLMPruningAgent
-
-        self.last_info = {}
-        transcript = None
-        if self.workdir is not None:
-            safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in self.name)
-            transcript = self.workdir / "transcripts" / f"{safe}-t{target:g}-s{seed}.jsonl"
-            transcript.parent.mkdir(parents=True, exist_ok=True)
-            transcript.unlink(missing_ok=True)
-        backend = self._backend()
-        self.last_info = {"llm_model": str(getattr(backend, "name", type(backend).__name__))}
-        agent = LLMPruningAgent(backend, **{"seed": seed, "transcript_path": transcript, **self.agent_kwargs})
-        numel = [unit.numel for unit in ctx.units]
-        if self.mode == "oneshot":
-            ratios = agent.allocate(profile_table(ctx), numel, target)
-            self.last_info = {"llm_model": agent.llm_model, "iterations": 1, "rollbacks": 0,
-                              "llm": {"mode": "oneshot", "fallbacks": agent.fallbacks,
-                                      "invalid_answers": agent.invalid_answers,
-                                      "transcript": str(transcript) if transcript else None}}
-            return [float(r) for r in ratios]
-        import gymnasium as gym
-
-        import prune_env  # noqa: F401  (registers the envs)
-
-        base = {"target_sparsity": float(target)}
-        if self.env_data is not None:
-            base["data"] = self.env_data
-        env = gym.make("prune_env/IterativePrune-v0",
-                       **_env_kwargs("prune_env/IterativePrune-v0", ctx, base, self.env_kwargs))
-        try:
-            summary = agent.run(env, seed=seed)
-            final = summary.get("final_info") or {}
-            allocation = final.get("allocation")
-            if allocation is None and hasattr(getattr(env.unwrapped, "ctx", None), "unit_sparsity"):
-                allocation = env.unwrapped.ctx.unit_sparsity()
-            if allocation is None:
-                raise RuntimeError("IterativePrune-v0 exposes no final allocation (info['allocation'] or ctx)")
-        finally:
-            env.close()
-        if len(allocation) != len(ctx.units):
-            raise ValueError(f"the iterative env has {len(allocation)} units but the benchmark has "
-                             f"{len(ctx.units)}: use the same granularity")
-        reached = ctx.weighted_sparsity(allocation)
-        self.last_info = {"llm_model": summary.get("llm_model", agent.llm_model),
-                          "iterations": int(summary.get("iterations", 0)),
-                          "rollbacks": int(summary.get("rollbacks", 0)),
-                          "llm": {"mode": "iterative", "reached_sparsity": reached,
-                                  "fallbacks": summary.get("fallbacks"), "stopped": summary.get("stopped"),
-                                  "invalid_answers": summary.get("invalid_answers"),
-                                  "transcript": str(transcript) if transcript else None}}
-        return match_budget(allocation, numel, target)
-
-
-# --------------------------------------------------------------------------- RL policy adapter
-
-
-class RLAgent:
-    """An SB3 policy saved by train.py (agents/rl.py `RLPolicyAgent`, imported lazily) as an `Agent`.
-
-    The policy plays one deterministic LayerPrune-v0 episode per allocation. The env is built from the
-    policy's training env kwargs (action_type, n_actions, min/max sparsity, fidelity, proxy sizes...),
-    with the caller's model and operator (model, device, dtype, granularity, method, pattern: the
-    allocation is for the model being benchmarked), the env data given by `configure` (the benchmark's
-    `data`, i.e. the env's reward slices) and finally the agent config's `env` mapping, e.g.
-    `env: {fidelity: exact}` (default: the training fidelity). One env per agent, reset to each target.
-    `policy`: extra RLPolicyAgent kwargs (device, name). `path`: a train.py run folder or a policy zip.
-    """
-
-    deterministic = True  # a fixed policy acting deterministically in a seed-independent env
-
-    def __init__(self, path: str, env: dict | None = None, policy: dict | None = None):
-        if not isinstance(path, (str, Path)) or not str(path):
-            raise ValueError(f"rl agent needs the path of a saved policy, got {path!r}")
-        for what, value in (("env", env), ("policy", policy)):
-            if value is not None and not isinstance(value, dict):
-                raise ValueError(f"rl {what} options must be a mapping, got {value!r}")
-        self.path = str(path)
-        self.name = f"rl:{Path(self.path).stem}"
-        self.env_kwargs, self.policy_kwargs = dict(env or {}), dict(policy or {})
-        self.env_data: dict | None = None
-        self._env = None
-        self._policy = None
-        self.last_info: dict = {}
-
-    def configure(self, env_data: dict | None = None, workdir: str | Path | None = None) -> None:
-        self.env_data = env_data
-
-    def allocate(self, ctx: "PruningContext", target: float, seed: int) -> list[float]:
-        import gymnasium as gym
-
-        import prune_env  # noqa: F401
-
-        if not Path(self.path).exists():
-            raise FileNotFoundError(f"RL policy {self.path!r} does not exist")
-        if self._policy is None:
-            from agents.rl import RLPolicyAgent
-
-            self._policy = RLPolicyAgent(self.path, **self.policy_kwargs)
-        trained = dict(self._policy.trained_env_kwargs(fidelity=None)) \
-            if hasattr(self._policy, "trained_env_kwargs") else {}
-        if self._env is None:
-            base = {**trained, "target_sparsity": float(target)}
-            if self.env_data is not None:
-                base["data"] = self.env_data
-            self._env = gym.make("prune_env/LayerPrune-v0",
-                                 **_env_kwargs("prune_env/LayerPrune-v0", ctx, base, self.env_kwargs))
-        u = self._env.unwrapped
-        if len(u.units) != len(ctx.units):
-            raise ValueError(f"the policy's env has {len(u.units)} units but the benchmark has {len(ctx.units)}")
-        u.target_sparsity = float(target)  # for policies whose allocate() takes no target: reset() uses it
-        allocation = _call(self._policy.allocate, self._env, seed=seed, target=float(target))
-        if isinstance(allocation, dict) and "allocation" in allocation:
-            allocation = allocation["allocation"]
-        self.last_info = {"rl": {"policy": self.path, "algo": getattr(self._policy, "algo", None),
-                                 "trained_model": trained.get("model"), "fidelity": getattr(u, "fidelity", None)}}
-        return [float(x) for x in allocation]

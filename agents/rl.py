@@ -1,99 +1,41 @@
-"""Stable-Baselines3 policies trained on LayerPrune-v0 (by ``train.py``) used as pruning agents.
+"""Stable-Baselines3 policies trained by train.py, used as pruning agents.
 
-A saved policy is the SB3 zip (``final_model.zip`` or a checkpoint's ``model.zip``) with the resolved
-training config (``config.yaml``) beside it or in a parent folder (checkpoints live in
-``run_dir/checkpoints/step_N/``). The agent plays one deterministic episode of the env it is given and
-returns the per-unit allocation the env applied (after the env's budget wall)::
+A saved policy is the SB3 zip (`final_model.zip` or a checkpoint's `model.zip`) with the run's
+config.yaml beside it or up to two folders above it (checkpoints live in run_dir/checkpoints/step_N/).
+It is loaded without unpickling anything (agents/safe_load.py): the algorithm and policy are rebuilt
+from config.yaml in the spaces of the env it will play, and only tensors are read from the zip::
 
-    agent = RLPolicyAgent("runs/ppo-0/final_model.zip")
-    ratios = agent.allocate(env)        # list[float], one per unit, weighted mean == target
-    summary = agent.run(env)            # ratios + final ppl / fact metrics + total reward
+    agent = RLAgent("runs/ppo-0")                 # a run folder or a policy zip
+    ratios = agent.allocate(ctx, 0.5, seed=0)     # one deterministic LayerPrune-v0 episode on ctx's model
 
-Observation feature 8 (``last_drop``) is 0 in proxy episodes but measured in exact ones; a policy
+Observation feature 8 (`last_drop`) is 0 in proxy episodes but measured in exact ones; a policy
 trained on proxy never saw it vary, so when it plays an exact env the feature is zeroed: the policy
 sees exactly the features it was trained on.
 """
 
 from __future__ import annotations
 
-import pickle
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import yaml
 
-ENV_ID = "prune_env/LayerPrune-v0"
-ALGO_NAMES = ("ppo", "sac", "dqn")
+from agents.base import Agent
+from agents.safe_load import NormalizerStats, build_model, load_normalizer, load_parameters
+from agents.train_config import TrainConfig, config_from_dict
+from prune_env.factory import make_env
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prune_env.context import PruningContext
+
 CONFIG_NAME = "config.yaml"
 FINAL_MODEL = "final_model.zip"
-VECNORMALIZE = "vecnormalize.pkl"
 LAST_DROP = 8  # observation index of last_drop (see LayerPruneEnv's docstring)
 
-__all__ = ["ALGO_NAMES", "RLPolicyAgent", "algo_class", "env_kwargs", "find_config", "load_policy", "make_env",
-           "play_episode", "resolve_policy_path"]
-
-
-def algo_class(name: str):
-    """The SB3 class for an algo name (ppo | sac | dqn)."""
-    from stable_baselines3 import DQN, PPO, SAC
-
-    classes = {"ppo": PPO, "sac": SAC, "dqn": DQN}
-    if name not in classes:
-        raise ValueError(f"unknown algo {name!r}: use one of {', '.join(ALGO_NAMES)}")
-    return classes[name]
-
-
-def make_env(torch_threads: int | None = None, **kwargs):
-    """LayerPrune-v0 through gym.make (module-level, so SubprocVecEnv can pickle it by reference).
-
-    `torch_threads` sets torch's thread count in the process that builds the env (SubprocVecEnv workers).
-    """
-    import gymnasium as gym
-
-    import prune_env  # noqa: F401  (registers the env ids)
-
-    if torch_threads is not None:
-        import torch
-
-        torch.set_num_threads(torch_threads)
-    env = gym.make(ENV_ID, **kwargs)
-    if isinstance(env.action_space, gym.spaces.Box):
-        # SB3's Gaussian policies start at mean 0 and work best on a symmetric [-1, 1] space: unscaled, the
-        # deterministic policy sits on the Box(0, 1) bound (ratio = min_sparsity) and never leaves it
-        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
-    return env
-
-
-def to_env_action(action, model_space, env_space):
-    """Map a policy action from the space it was trained in to the env's (identity when they agree)."""
-    import numpy as np
-    from gymnasium import spaces
-
-    if not isinstance(env_space, spaces.Box) or not isinstance(model_space, spaces.Box):
-        return action
-    if np.array_equal(model_space.low, env_space.low) and np.array_equal(model_space.high, env_space.high):
-        return action
-    unit = (np.asarray(action, dtype=np.float64) - model_space.low) / (model_space.high - model_space.low)
-    return np.clip(env_space.low + unit * (env_space.high - env_space.low), env_space.low,
-                   env_space.high).astype(env_space.dtype)
-
-
-def env_kwargs(config: dict, fidelity: str | None = None, data_overrides: dict | None = None) -> dict:
-    """LayerPrune-v0 kwargs from a resolved train config, with optional fidelity and data overrides."""
-    kwargs = {key: (dict(value) if isinstance(value, dict) else value) for key, value in config["env"].items()}
-    if fidelity is not None:
-        kwargs["fidelity"] = fidelity
-    if data_overrides:
-        kwargs["data"] = {**kwargs.get("data", {}), **data_overrides}
-    return kwargs
-
-
-def eval_env_kwargs(config: dict) -> dict:
-    """The kwargs of the evaluation env of a train config: eval.fidelity and eval.data over env."""
-    evaluation = config.get("eval", {})
-    return env_kwargs(config, evaluation.get("fidelity", "exact"), evaluation.get("data") or {})
+__all__ = ["RLAgent", "SavedPolicy", "find_config", "load_policy", "play_episode", "resolve_policy_path"]
 
 
 def resolve_policy_path(path: str | Path) -> Path:
@@ -110,107 +52,136 @@ def find_config(policy_path: str | Path) -> Path:
     """config.yaml beside the policy or up to two folders above it (checkpoints/step_N/model.zip)."""
     policy_path = Path(policy_path)
     for folder in [policy_path.parent, *list(policy_path.parent.parents)[:2]]:
-        candidate = folder / CONFIG_NAME
-        if candidate.is_file():
-            return candidate
+        if (folder / CONFIG_NAME).is_file():
+            return folder / CONFIG_NAME
     raise FileNotFoundError(f"no {CONFIG_NAME} beside {str(policy_path)!r} or in the two folders above it: "
                             "the policy must come from train.py's run folder")
 
 
-def _normalizer_beside(policy_path: Path):
-    """VecNormalize statistics saved next to the policy (None when obs normalisation was off)."""
-    path = policy_path.parent / VECNORMALIZE
-    if not path.is_file():
-        return None
-    with path.open("rb") as handle:
-        normalizer = pickle.load(handle)  # VecNormalize without its venv: normalize_obs still works
-    normalizer.training = False
-    return normalizer
+def read_run_config(policy_path: str | Path) -> TrainConfig:
+    """The TrainConfig saved with a policy (YAML, read with the safe loader)."""
+    return config_from_dict(yaml.safe_load(find_config(resolve_policy_path(policy_path)).read_text()) or {})
 
 
-def load_policy(path: str | Path, device: str = "cpu"):
-    """(SB3 model, resolved config dict, VecNormalize or None) of a policy saved by train.py."""
+@dataclass
+class SavedPolicy:
+    """A trained policy rebuilt from its run: the SB3 model, its config and observation statistics."""
+
+    path: Path
+    config: TrainConfig
+    model: Any
+    normalizer: NormalizerStats | None
+
+    def play(self, env, seed: int | None = None, target: float | None = None) -> dict[str, Any]:
+        """One deterministic episode (see `play_episode`)."""
+        return play_episode(self.model, env, train_fidelity=self.config.env.fidelity,
+                            normalize=self.normalizer.normalize_obs if self.normalizer is not None else None,
+                            seed=seed, target=target)
+
+
+def load_policy(path: str | Path, env, device: str = "cpu", trust_pickle: bool = False) -> SavedPolicy:
+    """The policy saved at `path` (a zip or run folder), rebuilt in `env`'s spaces; nothing is unpickled."""
     policy_path = resolve_policy_path(path)
-    config = yaml.safe_load(find_config(policy_path).read_text())
-    model = algo_class(config["algo"]["name"]).load(policy_path, device=device)
-    return model, config, _normalizer_beside(policy_path)
+    config = read_run_config(policy_path)
+    check_compatible(config, env)
+    model = build_model(config, env, seed=None, device=device)
+    load_parameters(model, policy_path)
+    return SavedPolicy(policy_path, config, model, load_normalizer(policy_path.parent, trust_pickle))
 
 
-def policy_observation(obs: np.ndarray, env, train_fidelity: str, normalizer=None) -> np.ndarray:
+def check_compatible(config: TrainConfig, env) -> None:
+    """Fail with an explanation when the env does not act and observe as the policy's training env did."""
+    unwrapped = env.unwrapped
+    if unwrapped.action_type != config.env.action_type:
+        raise ValueError(f"the policy was trained with action_type={config.env.action_type!r} but the env has "
+                         f"{unwrapped.action_type!r}: use the training action_type")
+    if config.env.action_type == "discrete" and unwrapped.action_space.n != config.env.n_actions:
+        raise ValueError(f"the policy picks one of {config.env.n_actions} actions but the env has "
+                         f"{unwrapped.action_space.n}: use n_actions={config.env.n_actions}")
+    if unwrapped.context.granularity != config.env.granularity:
+        raise ValueError(f"the policy was trained on granularity={config.env.granularity!r} but the env prunes "
+                         f"{unwrapped.context.granularity!r}: use the training granularity")
+
+
+def policy_observation(obs: np.ndarray, env, train_fidelity: str,
+                       normalize: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """The observation as the policy saw it in training (last_drop zeroed when trained on proxy)."""
     obs = np.array(obs, dtype=np.float32, copy=True)
     if train_fidelity == "proxy" and env.unwrapped.fidelity != "proxy":
         obs[LAST_DROP] = 0.0
-    if normalizer is not None:
-        obs = normalizer.normalize_obs(obs).astype(np.float32)
-    return obs
+    return normalize(obs).astype(np.float32) if normalize is not None else obs
 
 
-def check_compatible(model, env) -> None:
-    """Fail with an explanation when the env's spaces are not the ones the policy was trained on."""
-    from gymnasium import spaces
-
-    obs_space, act_space = env.unwrapped.observation_space, env.unwrapped.action_space
-    if obs_space.shape != model.observation_space.shape:
-        raise ValueError(f"the policy was trained on observations of shape {model.observation_space.shape} but the "
-                         f"env gives {obs_space.shape}: use the same granularity (and model family) as in training")
-    if type(act_space) is not type(model.action_space) or (
-            isinstance(act_space, spaces.Discrete) and act_space.n != model.action_space.n):
-        raise ValueError(f"the policy acts in {model.action_space} but the env expects {act_space}: use the same "
-                         "action_type (and n_actions) as in training")
-
-
-def play_episode(model, env, *, train_fidelity: str = "proxy", normalizer=None, seed: int | None = None,
-                 target: float | None = None) -> dict[str, Any]:
+def play_episode(model, env, *, train_fidelity: str = "proxy", normalize: Callable | None = None,
+                 seed: int | None = None, target: float | None = None) -> dict[str, Any]:
     """One deterministic episode of `model` on a LayerPrune env; the final info plus reward and timing."""
-    check_compatible(model, env)
+    if env.observation_space.shape != model.observation_space.shape:
+        raise ValueError(f"the policy observes shape {model.observation_space.shape} but the env gives "
+                         f"{env.observation_space.shape}: use the training granularity and model family")
     started = time.time()
-    options = {"target_sparsity": float(target)} if target is not None else None
-    obs, _ = env.reset(seed=seed, options=options)
+    obs, _ = env.reset(seed=seed, options={"target_sparsity": float(target)} if target is not None else None)
     total, steps, done, info = 0.0, 0, False, {}
     while not done:
-        action, _ = model.predict(policy_observation(obs, env, train_fidelity, normalizer), deterministic=True)
-        obs, reward, terminated, truncated, info = env.step(to_env_action(action, model.action_space,
-                                                                          env.action_space))
+        action, _ = model.predict(policy_observation(obs, env, train_fidelity, normalize), deterministic=True)
+        obs, reward, terminated, truncated, info = env.step(action)
         total, steps, done = total + float(reward), steps + 1, terminated or truncated
     unwrapped = env.unwrapped
-    reference = unwrapped.reference
     return {"reward": total, "quality": float(info["quality"]), "ppl": float(info["ppl"]),
             "fact_acc": float(info["fact_acc"]), "fact_nll": float(info["fact_nll"]),
             "fact_retention": float(info["fact_retention"]), "achieved_sparsity": float(info["achieved_sparsity"]),
-            "dense_ppl": float(reference.ppl), "dense_fact_acc": float(reference.fact_acc),
+            "dense_ppl": float(unwrapped.reference.ppl), "dense_fact_acc": float(unwrapped.reference.fact_acc),
             "target_sparsity": float(unwrapped.episode_target), "allocation": [float(r) for r in info["allocation"]],
             "steps": steps, "seconds": time.time() - started}
 
 
-class RLPolicyAgent:
-    """A policy saved by train.py, playing LayerPrune-v0 deterministically to produce an allocation."""
+class RLAgent(Agent):
+    """A policy saved by train.py as an `Agent`: one deterministic LayerPrune-v0 episode per allocation.
 
-    def __init__(self, path: str | Path, device: str = "cpu", name: str | None = None):
-        self.path = resolve_policy_path(path)
-        self.model, self.config, self.normalizer = load_policy(self.path, device)
-        self.algo = self.config["algo"]["name"]
-        self.train_fidelity = self.config["env"].get("fidelity", "proxy")
-        self.name = name or f"rl-{self.algo}"
-        self.last_result: dict[str, Any] | None = None
+    The episode runs on the caller's model (`context=ctx`: the ctx is lent for the episode and its dense
+    weights are restored afterwards) with the policy's training env options (action_type, n_actions,
+    min/max sparsity, fidelity, proxy sizes, reward), overridden by `env`, e.g. `{fidelity: exact}`.
+    `policy`: `device` (default cpu) and `trust_pickle` (read a pickled vecnormalize.pkl of an older run).
+    """
 
-    def trained_env_kwargs(self, fidelity: str | None = "exact") -> dict:
-        """LayerPrune-v0 kwargs of the training config (model, granularity, action_type, data...), at `fidelity`."""
-        return env_kwargs(self.config, fidelity)
+    name = "rl"
+    deterministic = True  # a fixed policy acting deterministically in a seed-independent env
+    POLICY_OPTIONS = ("device", "trust_pickle")
+    CONTEXT_KEYS = ("model", "device", "dtype", "granularity", "method", "pattern", "data")
 
-    def run(self, env, seed: int | None = None, target: float | None = None) -> dict[str, Any]:
-        """Play one deterministic episode; the summary (allocation, ppl, fact metrics, reward)."""
-        result = play_episode(self.model, env, train_fidelity=self.train_fidelity, normalizer=self.normalizer,
-                              seed=seed, target=target)
-        unwrapped = env.unwrapped
-        result.update(agent=self.name, algo=self.algo, policy=str(self.path), units=list(unwrapped.unit_names),
-                      granularity=unwrapped.ctx.granularity, model=unwrapped.ctx.spec, fidelity=unwrapped.fidelity)
-        self.last_result = result
-        return result
+    def __init__(self, path: str, env: dict | None = None, policy: dict | None = None):
+        super().__init__()
+        if not isinstance(path, (str, Path)) or not str(path):
+            raise ValueError(f"rl agent needs the path of a saved policy, got {path!r}")
+        for what, value in (("env", env), ("policy", policy)):
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"rl {what} options must be a mapping, got {value!r}")
+        unknown = sorted(set(policy or {}) - set(self.POLICY_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown rl policy option(s) {unknown}: valid options are {list(self.POLICY_OPTIONS)}")
+        self.path = str(path)
+        self.name = f"rl:{Path(self.path).stem}"
+        self.env_options, self.policy_options = dict(env or {}), dict(policy or {})
+        self._env = None
+        self._policy: SavedPolicy | None = None
 
-    def allocate(self, env, seed: int | None = None, target: float | None = None) -> list[float]:
-        """Per-unit sparsity ratios chosen by the policy on `env` (a LayerPrune-v0 env, any fidelity)."""
-        return list(self.run(env, seed=seed, target=target)["allocation"])
+    def _env_for(self, ctx: "PruningContext", target: float):
+        """One env per lent context, with the policy's training options (the model comes from ctx)."""
+        if self._env is not None and self._env.unwrapped.context is ctx:
+            return self._env
+        config = read_run_config(self.path)
+        kwargs = {key: value for key, value in config.env_kwargs().items() if key not in self.CONTEXT_KEYS}
+        self._env = make_env(**{**kwargs, **self.env_options, "target_sparsity": float(target)}, context=ctx)
+        return self._env
 
-    def __repr__(self) -> str:
-        return f"RLPolicyAgent({str(self.path)!r}, algo={self.algo!r})"
+    def allocate(self, ctx: "PruningContext", target: float, seed: int) -> list[float]:
+        env = self._env_for(ctx, target)
+        if self._policy is None:
+            self._policy = load_policy(self.path, env, **self.policy_options)
+        try:
+            result = self._policy.play(env, seed=seed, target=float(target))
+        finally:
+            env.unwrapped.context.restore()  # the lent model goes back dense
+        self.last_info = {"rl": {"policy": str(self._policy.path), "algo": self._policy.config.algo.name,
+                                 "trained_model": self._policy.config.env.model,
+                                 "fidelity": env.unwrapped.fidelity}}
+        return list(result["allocation"])

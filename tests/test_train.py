@@ -15,8 +15,9 @@ import pytest
 from stable_baselines3.common.callbacks import BaseCallback
 
 import train
-from agents.rl import RLPolicyAgent, eval_env_kwargs, make_env
+from agents.rl import RLAgent, load_policy, read_run_config
 from prune_env.allocation import parse_allocation
+from prune_env.factory import make_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -66,10 +67,10 @@ def test_smoke_run_writes_logs_checkpoints_and_policy(smoke_run: Path):
     steps = [step for step, _ in train.list_checkpoints(smoke_run / "checkpoints")]
     assert steps == [24, 48, 60]  # first rollout boundary (12-step rollouts) after every 20 steps, then the end
     last = smoke_run / "checkpoints" / "step_0000000060"
-    assert {p.name for p in last.iterdir()} == {"model.zip", "rng.pt", "state.json"}
+    assert {p.name for p in last.iterdir()} == {"model.zip", "rng.safetensors", "state.json"}
     state = json.loads((last / "state.json").read_text())
     assert state["num_timesteps"] == 60 and [r["step"] for r in state["eval_history"]] == [30, 60]
-    assert not list((smoke_run / "checkpoints").glob(".tmp-*"))
+    assert not list((smoke_run / "checkpoints").glob(".*"))  # no staging folder left
 
 
 class Interrupt(BaseCallback):
@@ -120,11 +121,12 @@ def test_resume_continues_from_the_last_checkpoint(tiny_data: dict, tmp_path: Pa
 
 
 def test_saved_policy_gives_a_stable_allocation_and_eval_writes_it(smoke_run: Path, tmp_path: Path):
-    agent = RLPolicyAgent(smoke_run)
-    env = make_env(**eval_env_kwargs(agent.config))
-    first, second = agent.allocate(env), agent.allocate(env)
+    env = make_env(**read_run_config(smoke_run).env_kwargs(evaluation=True))
+    policy = load_policy(smoke_run, env)
+    first, second = policy.play(env, seed=0)["allocation"], policy.play(env, seed=0)["allocation"]
     assert first == second and len(first) == 3
-    assert env.unwrapped.ctx.weighted_sparsity(first) == pytest.approx(0.5, abs=1e-3)
+    context = env.unwrapped.context
+    assert context.weighted_sparsity(first) == pytest.approx(0.5, abs=1e-3)
 
     out = tmp_path / "alloc.json"
     assert train.main(["--eval", str(smoke_run / "final_model.zip"), "--out", str(out)]) == 0
@@ -133,25 +135,32 @@ def test_saved_policy_gives_a_stable_allocation_and_eval_writes_it(smoke_run: Pa
     assert record["granularity"] == "block" and record["model"] == "tiny-llama"
     last_eval = json.loads((smoke_run / "eval.jsonl").read_text().splitlines()[-1])
     assert record["ppl"] == pytest.approx(last_eval["ppl"])
-    ratios = parse_allocation(record, env.unwrapped.ctx.refs)  # what python -m prune_env.prune --allocation reads
-    assert len(ratios) == len(env.unwrapped.ctx.refs)
+    ratios = parse_allocation(record, context.refs)  # what python -m prune_env.prune --allocation reads
+    assert len(ratios) == len(context.refs)
+
+    # the registry's RL agent plays the same episode on a lent context and gives the model back dense
+    context.restore()
+    dense = {name: tensor.clone() for name, tensor in context.model.state_dict().items()}
+    agent = RLAgent(str(smoke_run), env={"fidelity": "exact"})
+    assert agent.allocate(context, 0.5, seed=0) == first
+    assert all(tensor.equal(dense[name]) for name, tensor in context.model.state_dict().items())
+    assert agent.last_info["rl"]["algo"] == "ppo" and agent.deterministic
     env.close()
 
 
 @pytest.mark.parametrize("override, message", [
     ("algo.total_timestep=100", "unknown config key 'algo.total_timestep'"),
-    ("algo.total_timesteps=0", "algo.total_timesteps must be an integer >= 1"),
-    ("algo.name=a2c", "algo.name must be one of ppo, sac, dqn"),
-    ("env.target_sparsity=1.5", "env.target_sparsity must be in (0, 1)"),
+    ("algo.total_timesteps=0", "algo: total_timesteps=0 is outside the allowed range [1, inf)"),
+    ("algo.name=a2c", "algo: name='a2c' is not one of ['ppo', 'sac', 'dqn']"),
+    ("env.target_sparsity=1.5", "env: target_sparsity=1.5 is outside the allowed range (0, 1)"),
     ("env.data.text=/no/such/corpus.txt", "does not exist"),
-    ("algo.name=dqn", "needs env.action_type=discrete"),
-    ("algo.hyperparams.n_step=8", "unknown config key 'algo.hyperparams.n_step' for PPO"),
-    ("algo.n_envs=2", "needs algo.vec_env=subproc"),
-    ("env.pattern=2:4", "quote it"),
-    ("logging.wandb=cloud", "logging.wandb must be one of"),
+    ("algo.name=dqn algo.hyperparams={}", "needs env.action_type=discrete"),
+    ("algo.hyperparams.n_step=8", "unknown config key 'hyperparams.n_step' for PPO"),
+    ("env.pattern=2:4", "in quotes"),
+    ("logging.wandb=cloud", "logging: wandb='cloud' is not one of"),
 ])
 def test_bad_config_exits_2_with_a_clear_message(override: str, message: str, tmp_path: Path, capsys):
-    assert train.main(["--config", SMOKE, override, f"run_dir={tmp_path / 'x'}"]) == 2
+    assert train.main(["--config", SMOKE, *override.split(), f"run_dir={tmp_path / 'x'}"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.startswith("train.py: error:")
     assert not (tmp_path / "x").exists()
@@ -168,12 +177,13 @@ def test_cli_exit_status_for_a_bad_config_file(tmp_path: Path):
 
 @pytest.mark.parametrize("name, algo", [(None, "ppo"), ("ppo", "ppo"), ("sac", "sac"), ("smoke", "ppo")])
 def test_shipped_configs_resolve(name: str | None, algo: str):
-    config = train.resolve_config(None if name is None else ROOT / "configs" / f"{name}.yaml")
-    assert config["algo"]["name"] == algo
-    assert config["run_dir"] == f"runs/{name or 'ppo'}-0"
-    assert config["env"]["fidelity"] == "proxy" and config["eval"]["fidelity"] == "exact"
+    path = train.DEFAULT_CONFIG if name is None else ROOT / "configs" / f"{name}.yaml"
+    config = train.resolve_config(path)
+    assert config.algo.name == algo
+    assert config.run_dir == f"runs/{name or 'ppo'}-0"
+    assert config.env.fidelity == "proxy" and config.eval.fidelity == "exact"
     if name != "smoke":
-        assert config["env"]["model"] == "smollm2-135m" and config["env"]["target_sparsity"] == 0.5
+        assert config.env.model == "smollm2-135m" and config.env.target_sparsity == 0.5
         if algo == "ppo":  # whole 30-step episodes per rollout, whole rollouts up to total_timesteps
-            assert config["algo"]["hyperparams"]["n_steps"] % 30 == 0
-            assert config["algo"]["total_timesteps"] % config["algo"]["hyperparams"]["n_steps"] == 0
+            assert config.algo.hyperparams["n_steps"] % 30 == 0
+            assert config.algo.total_timesteps % config.algo.hyperparams["n_steps"] == 0

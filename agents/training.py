@@ -1,0 +1,311 @@
+"""The parts of a train.py run around `model.learn`: checkpoint files, logging and the callback.
+
+Run folder (run_dir):
+
+    config.yaml                 resolved config (every key)
+    final_model.zip             the trained policy (SB3 zip), vecnormalize.json beside it if used
+    eval.jsonl                  one line per exact evaluation
+    tensorboard/<ALGO>_1/       SB3 TensorBoard events (train/*, rollout/*, eval/*)
+    wandb/                      offline wandb run(s)
+    checkpoints/step_<N>/       model.zip (policy + optimizer), replay_buffer.safetensors (SAC/DQN),
+                                vecnormalize.json (if used), rng.safetensors (python/numpy/torch/action-space
+                                RNG), state.json (counters, eval history, wandb id; written last)
+
+Nothing in it is a pickle (agents/safe_load.py). A checkpoint is written into a hidden staging folder
+and renamed into place only when complete, single files through `atomic_path`; a kill -9 at any
+moment leaves the previous checkpoints intact, and `remove_partial_files` (called on --resume)
+deletes what a killed run left half-written. Checkpoints are taken at the first rollout boundary after
+every `checkpoint.every_steps` steps (the policy has been updated on everything counted in
+num_timesteps), evaluations at the first episode boundary after `eval.every_steps` (on the eval env's own model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import KVWriter
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+
+from agents.rl import CONFIG_NAME, FINAL_MODEL, play_episode
+from agents.safe_load import (LEGACY_NORMALIZER, LEGACY_REPLAY_BUFFER, LEGACY_RNG, NORMALIZER_FILE,
+                              REPLAY_BUFFER_FILE, RNG_FILE, NormalizerStats, load_parameters, load_replay_buffer,
+                              restore_legacy_rng, restore_rng, save_replay_buffer, save_rng, trusted_pickle)
+from agents.train_config import TrainConfig
+from prune_env.files import atomic_path, atomic_write_text, staged_directory, to_jsonable
+
+STEP_PREFIX = "step_"
+MODEL_FILE, STATE_FILE, EVAL_LOG = "model.zip", "state.json", "eval.jsonl"
+EVAL_METRICS = ("reward", "quality", "ppl", "fact_acc", "fact_nll", "fact_retention", "achieved_sparsity")
+_RUN_FILES = (CONFIG_NAME, FINAL_MODEL, EVAL_LOG, NORMALIZER_FILE)
+
+
+class SimulatedFailure(RuntimeError):
+    """Raised by tests to interrupt training at a chosen step."""
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+def _fsync_tree(path: Path) -> None:
+    for item in path.iterdir():
+        if item.is_file():
+            with item.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (a step_N folder only exists once it is complete)."""
+    found = []
+    for path in ckpt_dir.glob(f"{STEP_PREFIX}*") if ckpt_dir.is_dir() else []:
+        step = path.name[len(STEP_PREFIX):]
+        if step.isdigit() and (path / STATE_FILE).is_file() and (path / MODEL_FILE).is_file():
+            found.append((int(step), path))
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    checkpoints = list_checkpoints(ckpt_dir)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def remove_partial_files(run_dir: Path, ckpt_dir: Path) -> list[Path]:
+    """What a killed run left half-written: staging folders of checkpoints and temp files of atomic writes."""
+    partial = [path for path in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
+               if path.name.startswith((f".{STEP_PREFIX}", ".tmp-"))]
+    partial += [path for path in (run_dir.iterdir() if run_dir.is_dir() else [])
+                if path.name.endswith(".tmp") and path.name.startswith(tuple(f"{name}." for name in _RUN_FILES))]
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return partial
+
+
+def save_model(model, path: Path) -> None:
+    """The SB3 zip written atomically (safe_load reads only its tensors and counters back)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        model.save(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def save_checkpoint(ckpt_dir: Path, model, state: dict, vec_normalize=None, keep: int = 3) -> Path:
+    """Write checkpoints/step_<N>/ through a staging folder; keep the `keep` most recent."""
+    step = int(model.num_timesteps)
+    final = ckpt_dir / f"{STEP_PREFIX}{step:010d}"
+    with staged_directory(final) as staging:
+        model.save(staging / MODEL_FILE)
+        files = [MODEL_FILE, RNG_FILE, STATE_FILE]
+        if isinstance(model, OffPolicyAlgorithm):
+            save_replay_buffer(staging / REPLAY_BUFFER_FILE, model.replay_buffer)
+            files.append(REPLAY_BUFFER_FILE)
+        if vec_normalize is not None:
+            NormalizerStats.of(vec_normalize).save(staging / NORMALIZER_FILE)
+            files.append(NORMALIZER_FILE)
+        save_rng(staging / RNG_FILE, model)
+        record = {**state, "num_timesteps": step, "files": sorted(files), "saved_at": time.time(),
+                  "ep_info_buffer": list(model.ep_info_buffer or []),
+                  "ep_success_buffer": list(model.ep_success_buffer or [])}
+        (staging / STATE_FILE).write_text(json.dumps(to_jsonable(record), indent=1))
+        _fsync_tree(staging)
+    for _, path in list_checkpoints(ckpt_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def load_checkpoint(checkpoint: Path, model, state: dict, trust_pickle: bool = False) -> None:
+    """Parameters, counters, replay buffer and RNG states of `checkpoint` into `model` (built from the config)."""
+    load_parameters(model, checkpoint / MODEL_FILE)
+    if isinstance(model, OffPolicyAlgorithm):
+        if (checkpoint / REPLAY_BUFFER_FILE).is_file():
+            load_replay_buffer(checkpoint / REPLAY_BUFFER_FILE, model.replay_buffer)
+        elif (checkpoint / LEGACY_REPLAY_BUFFER).is_file():
+            model.load_replay_buffer(trusted_pickle(checkpoint / LEGACY_REPLAY_BUFFER, trust_pickle))
+    # SB3 keeps its episode statistics (rollout/ep_rew_mean) when both buffers exist at learn()
+    model.ep_info_buffer = deque(state.get("ep_info_buffer", []), maxlen=model._stats_window_size)
+    model.ep_success_buffer = deque(state.get("ep_success_buffer", []), maxlen=model._stats_window_size)
+    if (checkpoint / RNG_FILE).is_file():
+        restore_rng(checkpoint / RNG_FILE, model)
+    else:
+        restore_legacy_rng(checkpoint / LEGACY_RNG, model, trust_pickle)
+
+
+def save_final(model, run_dir: Path, vec_normalize=None) -> None:
+    """final_model.zip (+ vecnormalize.json) written atomically beside config.yaml."""
+    save_model(model, run_dir / FINAL_MODEL)
+    if vec_normalize is not None:
+        NormalizerStats.of(vec_normalize).save(run_dir / NORMALIZER_FILE)
+
+
+def truncate_eval_log(run_dir: Path, history: list[dict]) -> None:
+    """eval.jsonl as the checkpoint saw it (evaluations made after it are dropped: they will be redone)."""
+    atomic_write_text(run_dir / EVAL_LOG, "".join(json.dumps(record) + "\n" for record in history))
+
+
+# ----------------------------------------------------------------------------- logging / console
+class WandbWriter(KVWriter):
+    """An SB3 logger output format that forwards numeric values to a wandb run."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def write(self, key_values: dict, key_excluded: dict, step: int = 0) -> None:
+        data = {}
+        for key, value in key_values.items():
+            if "wandb" in (key_excluded.get(key) or ()):
+                continue
+            if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
+                value = value.item()
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                data[key] = value
+        if data:
+            self.run.log(data, step=int(step))
+
+    def close(self) -> None:
+        pass
+
+
+def start_wandb(config: TrainConfig, run_dir: Path, run_id: str | None, config_dict: dict):
+    """A wandb run logging into run_dir (offline by default: `wandb sync` later); None when disabled."""
+    mode = config.logging.wandb
+    if mode == "disabled":
+        return None
+    os.environ["WANDB_MODE"] = mode
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ["WANDB_DIR"] = str(run_dir)
+    import wandb
+
+    settings = wandb.Settings(console="off", x_disable_stats=True)
+    return wandb.init(project=config.logging.project, name=run_dir.name, dir=str(run_dir), config=config_dict,
+                      id=run_id, resume="allow", mode=mode, settings=settings)
+
+
+def format_metrics(record: dict) -> str:
+    return (f"exact reward {record['reward']:+.4f}  ppl {record['ppl']:.2f} (dense {record['dense_ppl']:.2f})  "
+            f"fact_acc {record['fact_acc']:.3f}  retention {record['fact_retention']:.3f}  "
+            f"sparsity {record['achieved_sparsity']:.3f}")
+
+
+class ProgressDisplay:
+    """A rich progress bar over timesteps with the latest exact metrics beside it."""
+
+    def __init__(self, enabled: bool):
+        from rich.console import Console
+
+        self.console = Console()
+        self.enabled = enabled and self.console.is_terminal  # in logs the eval lines say enough
+        self.progress = None
+        self.task = None
+
+    def start(self, total: int, completed: int) -> None:
+        if not self.enabled or self.progress is not None:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=self.console)
+        self.task = self.progress.add_task("train", total=total, completed=completed, metrics="")
+        self.progress.start()
+
+    def update(self, completed: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=completed)
+
+    def show(self, step: int, record: dict) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, metrics=f"exact@{step}: R {record['reward']:+.4f} ppl {record['ppl']:.2f} "
+                                                    f"fact {record['fact_acc']:.3f}")
+        self.print(f"eval @ {step}: {format_metrics(record)}")
+
+    def print(self, text: str) -> None:
+        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+# ----------------------------------------------------------------------------- callback
+class TrainingCallback(BaseCallback):
+    """Periodic exact evaluation, checkpoints, wandb/TensorBoard metrics and the progress bar.
+
+    Its state (counters, eval history, wandb id) is saved in each checkpoint's state.json.
+    """
+
+    def __init__(self, *, config: TrainConfig, run_dir: Path, eval_env, state: dict, progress: ProgressDisplay,
+                 wandb_run=None, vec_normalize=None, in_process_envs: bool = True):
+        super().__init__(verbose=0)
+        self.config, self.run_dir, self.eval_env, self.state = config, run_dir, eval_env, state
+        self.progress, self.wandb_run, self.vec_normalize = progress, wandb_run, vec_normalize
+        self.in_process_envs = in_process_envs
+        self.ckpt_dir = run_dir / config.checkpoint.dir
+
+    def _on_training_start(self) -> None:
+        if self.wandb_run is not None:
+            self.model.logger.output_formats.append(WandbWriter(self.wandb_run))
+        self.progress.start(self.config.algo.total_timesteps, self.num_timesteps)
+
+    def _on_rollout_start(self) -> None:
+        # Rollout boundary: the policy has been trained on every step counted so far.
+        every, last = self.config.checkpoint.every_steps, self.state["last_checkpoint_step"]
+        if every and self.num_timesteps // every > last // every:
+            self.checkpoint()
+
+    def _on_step(self) -> bool:
+        self.progress.update(self.num_timesteps)
+        every, last = self.config.eval.every_steps, self.state["last_eval_step"]
+        due = every and self.num_timesteps // every > last // every
+        if self.config.eval.final and self.num_timesteps >= self.config.algo.total_timesteps:
+            due = False  # the last update comes after this step: finish() evaluates the final policy
+        if due and self.eval_env is not None and self._at_episode_boundary():
+            self.evaluate()
+        return True
+
+    def _on_training_end(self) -> None:
+        self.finish()
+
+    def _at_episode_boundary(self) -> bool:
+        dones = self.locals.get("dones")
+        return not self.in_process_envs or dones is None or bool(np.all(dones))
+
+    def finish(self) -> None:
+        """Final evaluation and checkpoint (idempotent)."""
+        self.num_timesteps = int(self.model.num_timesteps)
+        if self.eval_env is not None and self.config.eval.final and self.state["last_eval_step"] != self.num_timesteps:
+            self.evaluate()
+        if self.state["last_checkpoint_step"] != self.num_timesteps or not list_checkpoints(self.ckpt_dir):
+            self.checkpoint()
+        self.progress.update(self.num_timesteps)
+        self.progress.stop()
+
+    def evaluate(self) -> dict:
+        step = int(self.num_timesteps)
+        normalize = self.vec_normalize.normalize_obs if self.vec_normalize is not None else None
+        result = play_episode(self.model, self.eval_env, train_fidelity=self.config.env.fidelity,
+                              normalize=normalize, seed=self.config.algo.seed)
+        record = {"step": step, **result, "time": time.time()}
+        self.state["eval_history"].append(record)
+        self.state["last_eval_step"] = step
+        with (self.run_dir / EVAL_LOG).open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        for key in EVAL_METRICS:
+            self.logger.record(f"eval/{key}", record[key])
+        self.logger.record("eval/seconds", record["seconds"])
+        self.logger.dump(step)
+        self.progress.show(step, record)
+        return record
+
+    def checkpoint(self) -> Path:
+        self.state["last_checkpoint_step"] = int(self.num_timesteps)
+        return save_checkpoint(self.ckpt_dir, self.model, self.state, self.vec_normalize, self.config.checkpoint.keep)

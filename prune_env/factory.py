@@ -1,0 +1,29 @@
+"""The one env factory for code that trains or plays policies: `make_env`.
+
+It is a module-level function, so SubprocVecEnv workers can pickle it by reference, and it wraps
+continuous envs the way every SB3 policy of this project was trained (actions in [-1, 1]).
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+
+
+ENV_ID = "prune_env/LayerPrune-v0"
+
+
+def make_env(env_id: str = ENV_ID, torch_threads: int | None = None, rescale: bool = True, **env_kwargs) -> gym.Env:
+    """`gym.make(env_id, **env_kwargs)`, continuous actions rescaled to [-1, 1] unless `rescale=False`.
+
+    SB3's Gaussian policies start at mean 0 and work best on a symmetric [-1, 1] space: unscaled, the
+    deterministic policy sits on the Box(0, 1) bound (ratio = min_sparsity) and never leaves it.
+    `torch_threads` sets torch's thread count in the process that builds the env (SubprocVecEnv workers).
+    """
+    if torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+    env = gym.make(env_id, **env_kwargs)
+    if rescale and isinstance(env.action_space, gym.spaces.Box):
+        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
+    return env
