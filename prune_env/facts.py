@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import SourceUnavailableError, load_hub_dataset
+from .corpus import SourceUnavailableError, load_hub_dataset
 
 __all__ = ["Fact", "RELATIONS", "build_offline_facts", "load_facts", "relation_counts", "stratified_subset"]
 
@@ -174,10 +174,15 @@ def _parse_jsonl_line(path: Path, lineno: int, line: str) -> Fact:
 
 
 def _load_jsonl(path: Path) -> list[Fact]:
-    """Parse a facts JSONL; blank lines are skipped, anything malformed names file:line."""
+    """Parse a facts JSONL; blank lines are skipped, anything malformed (bad bytes included) names file:line."""
     facts: list[Fact] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1}): a facts file is UTF-8 JSON lines") from None
             if line.strip():
                 facts.append(_parse_jsonl_line(path, lineno, line))
     if not facts:

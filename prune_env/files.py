@@ -8,12 +8,21 @@ import json
 import math
 import numbers
 import os
+import pickle
 import shutil
 import tempfile
-from collections.abc import Iterator
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+# What decoding a damaged cache file raises: bad bytes or JSON (ValueError covers UnicodeDecodeError and
+# JSONDecodeError), a torch/pickle archive that is truncated or garbage, fields that do not fit.
+_CACHE_DECODE_ERRORS = (ValueError, TypeError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError,
+                        zipfile.BadZipFile)
 
 
 def cache_root(cache_dir: Path | str | None = None) -> Path:
@@ -161,3 +170,28 @@ def check_writable_dir(directory: str | Path, what: str = "output folder") -> Pa
         raise PermissionError(f"{what} {str(directory)!r} is not writable ({error.strerror}): "
                               f"choose a folder you can write to") from None
     return directory
+
+
+def read_cache(path: str | Path, load: Callable[[Path], T]) -> T | None:
+    """`load(path)` for a cache file, or None when the file is missing or unreadable.
+
+    A cache can always be rebuilt, so a corrupt one (binary garbage, a truncated write from an old
+    version, a changed format) must not block every later run: it is deleted with a warning that names
+    it and the caller rebuilds it. `load` should build the final object, so a file that parses but has
+    the wrong fields counts as corrupt too. Never use this for a user's own files: those are errors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return load(path)
+    except _CACHE_DECODE_ERRORS as error:
+        warnings.warn(f"cache file {str(path)!r} is unreadable ({type(error).__name__}: {error}); "
+                      f"deleted, it will be rebuilt", RuntimeWarning, stacklevel=2)
+        path.unlink(missing_ok=True)
+        return None
+
+
+def read_cache_json(path: str | Path) -> Any | None:
+    """The JSON value of a cache file, or None when it is missing or corrupt (see `read_cache`)."""
+    return read_cache(path, lambda p: json.loads(p.read_text(encoding="utf-8")))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .files import cache_root
+from .validation import check_device, check_dtype
 
 ALIASES: dict[str, tuple[str, str]] = {
     # alias -> (python package holding the GGUF, file name inside it)
@@ -21,6 +22,18 @@ ALIASES: dict[str, tuple[str, str]] = {
 }
 GEMMA3_ALIAS = "gemma3-270m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The causal decoder families this project prunes (config.model_type values). Anything else is refused
+# before its weights load: an encoder such as BERT would load through AutoModelForCausalLM with a
+# randomly initialised LM head and produce meaningless metrics.
+SUPPORTED_FAMILIES: dict[str, tuple[str, ...]] = {
+    "Llama": ("llama",),
+    "Qwen2/3": ("qwen2", "qwen3"),
+    "Mistral": ("mistral",),
+    "Gemma/Gemma3": ("gemma", "gemma3", "gemma3_text"),
+    "GPT-2": ("gpt2",),
+    "OPT": ("opt",),
+}
+SUPPORTED_MODEL_TYPES = frozenset(t for types in SUPPORTED_FAMILIES.values() for t in types)
 _BLOCK_CONTAINERS = ("model.layers", "model.decoder.layers", "transformer.h", "model.language_model.layers",
                      "gpt_neox.layers", "transformer.blocks")
 
@@ -106,14 +119,44 @@ def resolve_model_spec(spec: str) -> tuple[str, str | None]:
         "or a Hugging Face hub id such as 'HuggingFaceTB/SmolLM2-135M'")
 
 
+def check_causal_decoder(config, spec: str) -> None:
+    """Refuse, by its config alone, a model that is not a supported causal decoder (see SUPPORTED_FAMILIES)."""
+    model_type = config.model_type or "unknown"
+    if model_type in SUPPORTED_MODEL_TYPES and not config.is_encoder_decoder:
+        return
+    families = ", ".join(SUPPORTED_FAMILIES)
+    raise UnsupportedArchitectureError(
+        f"model {spec!r} has model type {model_type!r}, which is not a supported causal decoder (encoders and "
+        f"encoder-decoders would get a random LM head): use a {families} model")
+
+
+def _load_config(location: str, spec: str, local: bool):
+    """The model's config, read before any weight so an unsupported model fails in a second."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(location, local_files_only=local)
+    except (OSError, ValueError) as error:
+        if not local:
+            raise ModelSpecError(
+                f"could not load {spec!r} from the Hugging Face hub ({error.__class__.__name__}: {error}). "
+                "Without network access use the offline alias 'smollm2-135m', a local directory or a .gguf file"
+            ) from error
+        where = Path(location) / "config.json"
+        detail = " ".join(str(error).split())[:300]
+        raise ModelSpecError(f"cannot read the model config {str(where)!r} ({error.__class__.__name__}: "
+                             f"{detail}): point --model at an intact model folder or .gguf file") from None
+
+
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32"):
-    """Load (model, tokenizer) in eval mode; aliases and files never contact the hub."""
+    """Load (model, tokenizer) in eval mode; aliases and files never contact the hub.
+
+    Only causal decoders of SUPPORTED_FAMILIES load: anything else is refused from its config.json,
+    before the weights are read (from a .gguf file, right after loading it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported: use one of {sorted(DTYPES)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for but CUDA is not available: use device='cpu'")
+    check_dtype(dtype)
+    device = check_device(device)
     if spec.startswith("tiny-"):  # random tiny models for tests and smoke runs
         from .tiny import tiny_model
 
@@ -122,6 +165,8 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32"):
     location, gguf_file = resolve_model_spec(spec)
     local = gguf_file is not None or Path(location).is_dir()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file is None:  # a GGUF header costs ~10 s to parse: its config is checked once the model is loaded
+        check_causal_decoder(_load_config(location, spec, local), spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], local_files_only=local, **kwargs)
@@ -131,6 +176,7 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32"):
         raise ModelSpecError(
             f"could not load {spec!r} from the Hugging Face hub ({error.__class__.__name__}: {error}). "
             "Without network access use the offline alias 'smollm2-135m', a local directory or a .gguf file") from error
+    check_causal_decoder(model.config, spec)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()

@@ -2,43 +2,52 @@
 
     python -m prune_env.prune --model smollm2-135m --method wanda --sparsity 0.5 --out runs/wanda50
 
-Everything is written to a temporary folder beside --out and renamed at the end, so an error never
-leaves a half-written result.
+Every input is checked before the model loads, and --out is proved writable and locked for the whole
+run (a second run on the same folder is refused at once). The results are written into a hidden
+staging folder inside --out and moved into place at the end, so an error never leaves a half-written
+result and never touches what another run wrote. Data defaults are `prune_env.context.DataConfig`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
-
-import torch
 
 from .allocation import load_allocation
 from .context import DataConfig, PruningContext
 from .export import save_pruned
-from .files import staged_directory
-from .masking import METHODS, check_ratio, parse_pattern
+from .files import LOCK_NAME, OutputLockedError, atomic_write_json, output_lock
+from .masking import METHODS, parse_pattern
+from .validation import check_device, check_number, check_ratio
+
+DEFAULT_SPARSITY = 0.5
+_STAGING_PREFIX = ".staging-"
+_DATA = DataConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m prune_env.prune", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="alias, local folder, .gguf file or hub id")
     parser.add_argument("--method", default="wanda", choices=METHODS)
-    parser.add_argument("--sparsity", type=float, default=0.5, help="uniform ratio in [0, 1)")
-    parser.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help=f"uniform ratio in [0, 1) (default {DEFAULT_SPARSITY}); not with --pattern")
+    parser.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8: it fixes "
+                        "the sparsity at N/M in every layer, so it takes no --sparsity or --allocation")
     parser.add_argument("--allocation", default=None, help="JSON: ratios per block, per linear, or {name: ratio}")
-    parser.add_argument("--eval-text", default="debian-handbook", help="text source: debian-handbook, FILE.txt, "
+    parser.add_argument("--eval-text", default=_DATA.text, help="text source: debian-handbook, FILE.txt, "
                         "wikitext2, c4")
-    parser.add_argument("--facts", default="offline", help="facts source: offline, FILE.jsonl, freebaseqa")
-    parser.add_argument("--eval-tokens", type=int, default=20480)
-    parser.add_argument("--n-facts", type=int, default=0, help="0 = all facts")
-    parser.add_argument("--calib-samples", type=int, default=16)
-    parser.add_argument("--calib-seq-len", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--facts", default=_DATA.facts, help="facts source: offline, FILE.jsonl, freebaseqa")
+    parser.add_argument("--eval-tokens", type=int, default=_DATA.eval_tokens)
+    parser.add_argument("--n-facts", type=int, default=_DATA.n_facts, help="how many facts (>= 0); 0 = all of them")
+    parser.add_argument("--calib-samples", type=int, default=_DATA.calib_samples)
+    parser.add_argument("--calib-seq-len", type=int, default=_DATA.calib_seq_len)
+    parser.add_argument("--seed", type=int, default=_DATA.seed)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (CUDA when present)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--no-save-model", action="store_true", help="write metrics and masks only")
     parser.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
@@ -47,8 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validate(args: argparse.Namespace) -> None:
     """Everything checkable without the model, before any work: bad input fails in a second."""
-    check_ratio(args.sparsity)
-    parse_pattern(args.pattern)
+    nm = parse_pattern(args.pattern)
+    if nm is not None and (args.sparsity is not None or args.allocation):
+        given = "--sparsity" if args.sparsity is not None else "--allocation"
+        raise ValueError(f"--pattern {args.pattern} fixes the sparsity at {nm[0]}/{nm[1]} in every layer, so "
+                         f"{given} cannot apply: drop {given}, or drop --pattern for unstructured pruning")
+    if args.sparsity is not None:
+        check_ratio("--sparsity", args.sparsity)
+    check_number("--eval-tokens", args.eval_tokens, low=1, integer=True)
+    check_number("--n-facts", args.n_facts, low=0, integer=True)
+    check_number("--calib-samples", args.calib_samples, low=1, integer=True)
+    check_number("--calib-seq-len", args.calib_seq_len, low=1, integer=True)
+    check_number("--seed", args.seed, low=0, integer=True)
+    args.device = check_device(args.device)
     if args.allocation and not Path(args.allocation).is_file():
         raise FileNotFoundError(f"--allocation file {args.allocation!r} does not exist")
     for flag, value in (("--eval-text", args.eval_text), ("--facts", args.facts)):
@@ -56,20 +76,40 @@ def _validate(args: argparse.Namespace) -> None:
         if looks_like_file and not Path(value).is_file():
             raise FileNotFoundError(f"{flag} file {value!r} does not exist")
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"--out {args.out!r} already exists and is not empty: choose a new folder")
+    if not (out / LOCK_NAME).exists():  # with a lock file, `run` tells a live run from a dead one's leftovers
+        _refuse_results_in(out)
 
 
-def run(args: argparse.Namespace) -> dict:
-    _validate(args)
+def _refuse_results_in(out: Path) -> None:
+    """--out must be new or empty; a run's lock file and the staging folder of a killed run count as empty."""
+    if out.exists() and (not out.is_dir() or any(not _is_run_leftover(p) for p in out.iterdir())):
+        raise FileExistsError(f"--out {str(out)!r} already exists and is not empty: choose a new folder")
+
+
+def _is_run_leftover(path: Path) -> bool:
+    return path.name == LOCK_NAME or (path.name.startswith(_STAGING_PREFIX) and path.is_dir())
+
+
+def _target(args: argparse.Namespace) -> float | None:
+    """The sparsity the run aims at, as metrics.json records it (None for a free-form allocation)."""
+    nm = parse_pattern(args.pattern)
+    if nm is not None:
+        return nm[0] / nm[1]
+    if args.allocation:
+        return None
+    return DEFAULT_SPARSITY if args.sparsity is None else args.sparsity
+
+
+def _prune_and_measure(args: argparse.Namespace) -> tuple[PruningContext, dict]:
     data = DataConfig(text=args.eval_text, facts=args.facts, eval_tokens=args.eval_tokens, n_facts=args.n_facts,
                       calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
                       grad_samples=0)
     started = time.time()
     ctx = PruningContext(args.model, device=args.device, dtype=args.dtype, method=args.method,
                          pattern=args.pattern, data=data, granularity="linear")
+    target = _target(args)
     ratios = (load_allocation(args.allocation, ctx.refs) if args.allocation
-              else {ref.name: args.sparsity for ref in ctx.refs})
+              else {ref.name: target for ref in ctx.refs})
     unit_ratios = [ratios.get(unit.name, 0.0) for unit in ctx.units]
     dense_seconds = time.time() - started
     t0 = time.time()
@@ -78,20 +118,44 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.time()
     pruned = ctx.evaluate()
     metrics = {
-        "model": args.model, "method": args.method, "pattern": args.pattern,
-        "target_sparsity": None if args.allocation else args.sparsity,
+        "model": args.model, "method": args.method, "pattern": args.pattern, "target_sparsity": target,
         "achieved_sparsity": result.achieved_sparsity,
         "dense": ctx.dense.as_dict(), "pruned": pruned.as_dict(),
         "per_layer_sparsity": result.per_layer(),
         "seconds": {"setup_and_dense": dense_seconds, "prune": prune_seconds, "eval_pruned": time.time() - t0},
         "data": ctx.describe(), "device": args.device, "dtype": args.dtype,
     }
+    return ctx, metrics
+
+
+def _write_results(ctx: PruningContext, metrics: dict, out: Path, save_model: bool) -> None:
+    """Write into a hidden folder inside `out`, then move each file into place, metrics.json last."""
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out))
     try:
-        with staged_directory(args.out) as staging:  # validated above: --out is new or empty
-            (staging / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            save_pruned(ctx, staging, save_model=not args.no_save_model)
+        save_pruned(ctx, staging, save_model=save_model)
+        atomic_write_json(staging / "metrics.json", metrics)
+        for name in sorted(p.name for p in staging.iterdir() if p.name != "metrics.json") + ["metrics.json"]:
+            (staging / name).rename(out / name)
     finally:
-        ctx.restore()
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> dict:
+    _validate(args)
+    out = Path(args.out)
+    existed = out.exists()
+    with output_lock(out, "--out"):  # proves --out writable; a second run on it fails here, at once
+        try:
+            _refuse_results_in(out)  # again under the lock: a run that finished meanwhile keeps its files
+            for leftover in out.glob(_STAGING_PREFIX + "*"):  # a killed run's partial files: nobody holds them
+                shutil.rmtree(leftover)
+            ctx, metrics = _prune_and_measure(args)
+            _write_results(ctx, metrics, out, save_model=not args.no_save_model)
+        finally:  # leave no lock file, and no folder this run created but wrote nothing to
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            if not existed:
+                with contextlib.suppress(OSError):  # not empty: results, or a newer run's lock
+                    out.rmdir()
     return metrics
 
 
@@ -99,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         metrics = run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, OSError, OutputLockedError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     d, p = metrics["dense"], metrics["pruned"]

@@ -2,8 +2,9 @@
 
     python scripts/foundation_table.py [--out docs/results/foundation]
 
-Each row is one `python -m prune_env.prune` run (20,480 handbook tokens, all 917 facts); the script
-collects their metrics.json into table.md and table.json.
+Each row is one `python -m prune_env.prune` run with the README's data, passed explicitly (SLICES: 20,480
+evaluation tokens, calibration 16 x 512, all 917 facts) since the CLI's own defaults are DataConfig's smaller
+episode slices; the script collects their metrics.json into table.md and table.json.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+SLICES = ["--eval-tokens", "20480", "--calib-samples", "16", "--calib-seq-len", "512", "--n-facts", "0"]
 RUNS = [
     ("magnitude 50%", ["--method", "magnitude", "--sparsity", "0.5"]),
     ("Wanda 50%", ["--method", "wanda", "--sparsity", "0.5"]),
@@ -36,8 +38,8 @@ def main() -> int:
     for label, extra in RUNS:
         run_dir = out / "runs" / label.replace(" ", "_").replace("%", "").replace(":", "-").lower()
         if not (run_dir / "metrics.json").exists():
-            cmd = [sys.executable, "-m", "prune_env.prune", "--model", args.model, *extra, "--no-save-model",
-                   "--out", str(run_dir)]
+            cmd = [sys.executable, "-m", "prune_env.prune", "--model", args.model, *extra, *SLICES,
+                   "--no-save-model", "--out", str(run_dir)]
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
         metrics = json.loads((run_dir / "metrics.json").read_text())

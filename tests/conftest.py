@@ -67,7 +67,7 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory):
     The one thing tests may read from the user's cache is the Debian handbook text, which other
     test files use; it is linked (read-only use) into the scratch cache so it is never re-fetched.
     """
-    from prune_env.data import cache_root
+    from prune_env.files import cache_root
 
     user_handbook = cache_root() / "text" / "debian-handbook.txt"
     scratch = tmp_path_factory.mktemp("prune-gym-cache")

@@ -1,4 +1,4 @@
-"""Tests for prune_env.data: text sources, tokenization and the calibration/evaluation split."""
+"""Tests for prune_env.corpus (text sources) and prune_env.data (tokenization, calibration/evaluation split)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from prune_env import data
-from prune_env.data import (
-    SourceUnavailableError,
-    TextSlices,
-    cache_root,
-    handbook_text_from_html,
-    load_text,
-    split_corpus,
-    tokenize_corpus,
-)
+from prune_env import corpus
+from prune_env.corpus import SourceUnavailableError, handbook_text_from_html, load_text
+from prune_env.data import TextSlices, split_corpus, tokenize_corpus
+from prune_env.files import cache_root
 
 
 def _smollm2_location() -> tuple[Path, str]:
@@ -111,9 +105,9 @@ def test_handbook_html_conversion() -> None:
 
 
 def test_handbook_without_apt_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    if (Path("/") / data._HANDBOOK_HTML_DIR).is_dir():
+    if (Path("/") / corpus._HANDBOOK_HTML_DIR).is_dir():
         pytest.skip("debian-handbook is installed system-wide; apt is not needed")
-    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
     with pytest.raises(SourceUnavailableError) as e:
         load_text("debian-handbook", cache_dir=tmp_path)
     msg = str(e.value)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prune_env.data import SourceUnavailableError
+from prune_env.corpus import SourceUnavailableError
 from prune_env.facts import RELATIONS, Fact, build_offline_facts, load_facts, relation_counts
 
 
