@@ -48,6 +48,7 @@ class PruneEnvBase(gym.Env):
     """Base of LayerPruneEnv and IterativePruneEnv (not an environment by itself)."""
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
+    reward_mode = "scalar"  # LayerPrune also offers "vector" (one reward per objective, see `reward_space`)
 
     def _setup(self, *, unknown: dict, target_sparsity, target_sparsity_range, target_bounds: tuple[float, float],
                render_mode: str | None, reward: dict | None, context: PruningContext | None,
