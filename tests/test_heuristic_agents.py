@@ -16,6 +16,7 @@ from agents.heuristics import (
     UniformAgent,
     ZScoreGreedyAgent,
 )
+from agents.llm import ChatBackend
 from prune_env.context import PruningContext
 
 @pytest.fixture(scope="module")
@@ -190,12 +191,13 @@ def test_play_through_layerprune(setup):
 # --------------------------------------------------------------------------- LLM / RL adapters
 
 
-class AllUnitsBackend:
-    """A chat backend that always names every unit (JSON mode of LLMPruningAgent)."""
+class AllUnitsBackend(ChatBackend):
+    """A chat backend that always names every unit (JSON mode of the LLM agent)."""
 
     name = "scripted-llm"
 
     def __init__(self, units):
+        super().__init__()
         self.units = units
         self.calls = 0
 
@@ -207,8 +209,7 @@ class AllUnitsBackend:
 
 
 def test_llm_adapter_plays_iterative_prune(setup, monkeypatch, tmp_path):
-    pytest.importorskip("agents.llm_agent")
-    from agents.base import LLMAgent
+    from agents.llm import LLMAgent
 
     ctx = setup["block"]
     backend = AllUnitsBackend([u.name for u in ctx.units])
@@ -228,10 +229,9 @@ def test_llm_adapter_plays_iterative_prune(setup, monkeypatch, tmp_path):
 
 
 def test_llm_adapter_oneshot(setup, monkeypatch):
-    pytest.importorskip("agents.llm_agent")
     ctx = setup["linear"]
 
-    class RatiosBackend:
+    class RatiosBackend(ChatBackend):
         name = "ratios-llm"
 
         def complete(self, messages, *, schema_hint=None):
