@@ -18,6 +18,8 @@ register(id="prune_env/LayerPrune-v1", entry_point="prune_env.env:LayerPruneEnv"
          reward_threshold=UNIFORM_WANDA_RETURN, kwargs={"kind_encoding": "role"})
 register(id="prune_env/IterativePrune-v0", entry_point="prune_env.iterative_env:IterativePruneEnv",
          max_episode_steps=100, reward_threshold=UNIFORM_WANDA_RETURN)
+register(id="prune_env/IterativePrune-v1", entry_point="prune_env.iterative_env:IterativePruneEnv",
+         max_episode_steps=100, reward_threshold=UNIFORM_WANDA_RETURN, kwargs={"bins": 8})
 
 __all__ = ["register"]
 __version__ = "0.2.0"

@@ -85,15 +85,24 @@ class LayerPruneEnv(PruneEnvBase):
     | 6 | budget_left | sparsity the remaining units (this one included) must average to reach the target |
     | 7 | prev_action | the ratio applied at the previous step (0 at the start) |
     | 8 | last_drop | exact: relative L2 error of the last pruned block's output vs the dense block's, on one calibration batch; proxy: 0 |
-    | 9.. | kind one-hot | linear type (q/k/v/o/gate/up/down...) with `granularity="linear"` |
+    | 9.. | kind one-hot | with `granularity="linear"`: v0 one-hot of the linear type (q/k/v/o/gate/up/down..., k depends on the family); v1 (`kind_encoding="role"`) one-hot of the fixed roles attention_in / attention_out / mlp_in / mlp_out / other (k = 5 for every family) |
+    | .. | extra features | one entry per name in `extra_features` (`prune_env.registry.register_observation_feature`) |
 
     z-scores are clipped to [-10, 10].
 
     ## Rewards
     Terminal: quality = -ppl_weight * log(ppl / ppl_dense) - fact_weight * (fact_acc_dense - fact_acc)
-    (defaults 1 and 1). Optional shaping each step: -shaping_weight * last_drop (default 0).
+    (defaults 1 and 1), plus sum_k w_k * term_k for `reward={"terms": {name: w_k}}` (terms registered with
+    `prune_env.registry.register_reward_term`). Optional shaping each step: -shaping_weight * last_drop
+    (default 0). With `reward_mode="vector"` the reward is a numpy vector in `reward_space`
+    (`Box(-inf, inf, (2 + n_terms,))`, MO-Gymnasium's convention): [-log(ppl / ppl_dense),
+    fact_acc - fact_acc_dense, term_1, ...] unweighted at the last step, the shaping term in entry 0
+    before; `prune_env.wrappers.LinearizeReward(env, weights)` scalarises it (weights [ppl_weight,
+    fact_weight, *term weights] give the scalar mode's reward). `info["quality"]` is always the scalar.
     `info` carries `ppl`, `fact_acc`, `fact_nll`, `fact_retention`, `achieved_sparsity`, `allocation`
-    (per-unit ratios) at the end, and `ratio`, `achieved_sparsity` every step.
+    (per-unit ratios), `quality` at the end, and `ratio`, `achieved_sparsity`, `target_sparsity` every step.
+    `env.unwrapped.reference` holds the dense metrics the reward compares with; `env.unwrapped.profile`
+    the dense sensitivity profile (z_wanda, z_grad, numel per unit).
 
     ## Fidelity
     `exact`: the real sequential prune and real metrics on the evaluation slices; hidden states of the
@@ -103,7 +112,18 @@ class LayerPruneEnv(PruneEnvBase):
 
     ## Starting State
     The dense model (weights restored bit-exactly on every `reset`), the first unit to decide.
-    `reset(options={"target_sparsity": x})` changes the target for that episode.
+    `reset(options={"target_sparsity": x})` changes the target for that episode. With
+    `target_sparsity_range=(lo, hi)` (constructor or reset option) each reset draws the episode's target
+    uniformly from it with `self.np_random`, so `reset(seed=s)` picks the same target for the same s and
+    one policy can serve a range of targets. The data (calibration and evaluation windows, facts) is
+    fixed by `data["seed"]` and is not affected by `reset(seed)`; exact episodes are deterministic.
+
+    ## Model ownership
+    The env builds and OWNS its `PruningContext` (a deep copy of the process's dense template of the
+    model), so envs in a vector env or beside an evaluation env never touch each other's weights.
+    `context=ctx` lends the caller's context instead: the env then prunes `ctx.model` itself (the
+    caller sees the episode's masks; `reset` and `close` restore it dense), and the model arguments
+    (model, device, dtype, granularity, method, pattern, data) are not used.
 
     ## Episode End
     Terminates after the last unit. There is no truncation. Stepping a finished episode raises.
@@ -113,7 +133,27 @@ class LayerPruneEnv(PruneEnvBase):
     "magnitude" | "sparsegpt"), pattern (None | "2:4" ...), min_sparsity (0.0), max_sparsity (0.9),
     action_type ("continuous" | "discrete"), n_actions (11), fidelity ("exact" | "proxy"), reward
     (dict of RewardConfig), data (dict of DataConfig), proxy_eval_tokens (1024), proxy_facts (64),
-    device ("cpu"), dtype ("float32"), render_mode (None | "ansi" | "rgb_array").
+    device ("cpu"), dtype ("float32"), render_mode (None | "ansi" | "rgb_array"), context (None |
+    PruningContext), target_sparsity_range (None | (lo, hi)), kind_encoding ("one_hot" (v0) | "role"
+    (v1)), extra_features (list of registered feature names), reward_mode ("scalar" | "vector").
+    `method` may be any name registered with `prune_env.methods.register_method`.
+
+    ## Example
+    ```python
+    import gymnasium as gym
+    env = gym.make("prune_env:prune_env/LayerPrune-v1", model="tiny-llama", granularity="linear",
+                   target_sparsity_range=(0.3, 0.6))
+    obs, info = env.reset(seed=0)
+    done = False
+    while not done:
+        obs, reward, done, truncated, info = env.step(env.action_space.sample())
+    ```
+
+    ## Version History
+    * v1: `granularity="linear"` observes a fixed role encoding (5 entries for every family) instead of
+      the family's linear-type one-hot, so one policy serves Llama, GPT-2, OPT ...; block granularity
+      is identical to v0.
+    * v0: initial version (the linear-type one-hot's size depends on the model family).
     """
 
     def __init__(self, model: str = "smollm2-135m", target_sparsity: float = 0.5, granularity: str = "block",

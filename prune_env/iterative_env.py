@@ -44,6 +44,18 @@ def _apportion(total: int, weights: list[float], caps: list[int]) -> list[int]:
     return out
 
 
+def depth_bins(n_units: int, bins: int) -> list[list[int]]:
+    """The units of each of `bins` equal depth bins (unit i -> bin floor(i * bins / n)); a bin that holds
+    no unit (more bins than units) takes the unit nearest its centre, so every bin acts on something."""
+    members: list[list[int]] = [[] for _ in range(bins)]
+    for i in range(n_units):
+        members[i * bins // n_units].append(i)
+    for k, group in enumerate(members):
+        if not group:
+            group.append(min(n_units - 1, int((k + 0.5) * n_units / bins)))
+    return members
+
+
 @dataclass
 class _Checkpoint:
     steps: int
@@ -119,9 +131,20 @@ class IterativePruneEnv(PruneEnvBase):
     the units whose masks the step changed; reverted again when `rolled_back`), `step`,
     `target_sparsity`. A non-finite perplexity always counts as above the threshold.
 
+    With `bins=K` (IterativePrune-v1, K = 8) the spaces no longer depend on the model: unit i belongs to
+    depth bin floor(i * K / n) (a bin without units takes the unit nearest its centre); the observation
+    holds the five entries per BIN (mean over its units; param_share summed) then the six globals,
+    `Box(-10, 10, (5 * K + 6,))`, and the action is `MultiBinary(K)`: a 1 selects every unit of that
+    bin. Bins keep the increment mechanics, rollback and budget scaling of v0 unchanged, and depth
+    bins carry the profile's main signal (sensitivity varies smoothly with depth); `env.bin_units`
+    lists each bin's units.
+
     ## Starting State
     The dense model (weights restored bit-exactly on every `reset`), all units at sparsity 0.
-    `reset(options={"target_sparsity": x})` changes the target for that episode.
+    `reset(options={"target_sparsity": x})` changes the target for that episode;
+    `target_sparsity_range=(lo, hi)` (constructor or reset option) draws it from `self.np_random`
+    instead, reproducibly for `reset(seed=s)`. The data is fixed by `data["seed"]`, not by `reset(seed)`.
+    Model ownership as in LayerPrune-v0: the env owns its context unless `context=` lends one.
 
     ## Episode End
     Terminates when the global sparsity reaches the target (>= target - 1e-9). Truncates after
@@ -132,8 +155,21 @@ class IterativePruneEnv(PruneEnvBase):
     model ("smollm2-135m"), target_sparsity (0.5), granularity ("block" | "linear"), method ("wanda" |
     "magnitude" | "sparsegpt"), increment (0.05), max_sparsity (0.9, per-unit cap), rollback_threshold
     (0.10; math.inf never reverts), max_steps (100), reward (dict of RewardConfig, incl.
-    rollback_penalty), data (dict of DataConfig), device ("cpu"), dtype ("float32"), render_mode
-    (None | "ansi" | "rgb_array").
+    rollback_penalty and user `terms`), data (dict of DataConfig), device ("cpu"), dtype ("float32"),
+    render_mode (None | "ansi" | "rgb_array"), context (None | PruningContext), target_sparsity_range
+    (None | (lo, hi)), bins (None (v0) | K (v1: 8)). Registered with `max_episode_steps=100`.
+
+    ## Example
+    ```python
+    import gymnasium as gym
+    env = gym.make("prune_env:prune_env/IterativePrune-v1", model="tiny-llama", target_sparsity=0.3)
+    obs, info = env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
+    ```
+
+    ## Version History
+    * v1: fixed-size spaces (K = 8 depth bins), independent of the model's depth and family.
+    * v0: initial version (observation 5n + 6, action MultiBinary(n)).
 
     For agents: `unit_names`, `profile_table()`, `global_sparsity`, `target_sparsity` (the episode's),
     `max_sparsity`, `increment`, `checkpoint()` / `rollback(cp)`.
@@ -144,7 +180,7 @@ class IterativePruneEnv(PruneEnvBase):
                  rollback_threshold: float = 0.10, max_steps: int = 100, reward: dict | None = None,
                  data: dict | None = None, device: str = "cpu", dtype: str = "float32",
                  render_mode: str | None = None, context: PruningContext | None = None,
-                 target_sparsity_range: tuple[float, float] | None = None, **kwargs):
+                 target_sparsity_range: tuple[float, float] | None = None, bins: int | None = None, **kwargs):
         max_sparsity = float(check_number("max_sparsity", max_sparsity, low=0.0, high=1.0, low_open=True,
                                           high_open=True))
         increment = float(check_number("increment", increment, low=0.0, high=1.0, low_open=True, high_open=True))
@@ -161,8 +197,11 @@ class IterativePruneEnv(PruneEnvBase):
         self._ranks = RankedMasks({name: w.cpu() for name, w in self.context.masked.dense.items()}, self.context.method,
                                   {name: a.cpu() for name, a in self.context.stats.act_norm.items()})
         n = len(self.units)
-        self.action_space = spaces.MultiBinary(n)
-        self.observation_space = spaces.Box(-Z_CLIP, Z_CLIP, (UNIT_FEATURES * n + GLOBAL_FEATURES,),
+        self.bins = None if bins is None else check_whole("bins", bins, 1)
+        self.bin_units = depth_bins(n, self.bins) if self.bins else [[i] for i in range(n)]
+        width = len(self.bin_units)
+        self.action_space = spaces.MultiBinary(width)
+        self.observation_space = spaces.Box(-Z_CLIP, Z_CLIP, (UNIT_FEATURES * width + GLOBAL_FEATURES,),
                                             dtype=np.float32)
         self._steps: int | None = None  # None: reset() not called yet
         self._zeros = [[0] * len(unit.linears) for unit in self.units]
@@ -274,7 +313,10 @@ class IterativePruneEnv(PruneEnvBase):
         if not np.isin(values, (0.0, 1.0)).all():
             bad = sorted({float(v) for v in values if v not in (0.0, 1.0)})
             raise ValueError(f"action {values.tolist()} is not in {expected}: {bad} are not 0 or 1")
-        return values == 1.0
+        selected = np.zeros(len(self.units), dtype=bool)
+        for chosen, members in zip(values == 1.0, self.bin_units):
+            selected[members] |= chosen
+        return selected
 
     def _needed(self) -> int:
         """The fewest pruned weights whose global sparsity is >= target - 1e-9."""
@@ -334,9 +376,12 @@ class IterativePruneEnv(PruneEnvBase):
     def _observation(self) -> np.ndarray:
         n, total = len(self.units), self.context.total_numel
         allocation = self._allocation()
+        rows = [[self._z_wanda[i], self.context.z_grad[i], allocation[i], i / max(n - 1, 1), unit.numel / total]
+                for i, unit in enumerate(self.units)]
         obs = []
-        for i, unit in enumerate(self.units):
-            obs += [self._z_wanda[i], self.context.z_grad[i], allocation[i], i / max(n - 1, 1), unit.numel / total]
+        for members in self.bin_units:  # v0: one unit per entry; v1: the mean over the bin (param_share: its sum)
+            mean = np.mean([rows[i] for i in members], axis=0).tolist()
+            obs += [*mean[:4], sum(rows[i][4] for i in members)]
         dense = self.context.dense
         log_ratio = math.log(self._metrics.ppl / dense.ppl) if self._metrics.ppl > 0 else Z_CLIP
         glob = self.global_sparsity
