@@ -1,0 +1,69 @@
+"""SAC checkpoints (replay buffer in safetensors) resume bit for bit, and VecNormalize statistics
+(vecnormalize.json) travel with checkpoints and the final policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from stable_baselines3.common.callbacks import BaseCallback
+
+import train
+from agents.rl import load_policy, read_run_config
+from prune_env.factory import make_env
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+
+def sac_overrides(tiny_data: dict, run_dir: Path, *extra: str) -> list[str]:
+    return ["--config", SMOKE, f"env.data.text={tiny_data['text']}", f"env.data.facts={tiny_data['facts']}",
+            f"run_dir={run_dir}", "algo.name=sac", "algo.total_timesteps=24", "checkpoint.every_steps=12",
+            "algo.hyperparams={learning_starts: 6, buffer_size: 64, batch_size: 8, gamma: 1.0}",
+            "eval.every_steps=0", "eval.final=false", "logging.wandb=disabled", "logging.tensorboard=false",
+            "logging.progress_bar=false", *extra]
+
+
+class Interrupt(BaseCallback):
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps >= self.at:
+            raise train.SimulatedFailure(f"killed at {self.num_timesteps}")
+        return True
+
+
+def test_sac_resume_is_bit_identical(tiny_data: dict, tmp_path: Path):
+    assert train.main(sac_overrides(tiny_data, tmp_path / "whole")) == 0
+    args = sac_overrides(tiny_data, tmp_path / "cut")
+    with pytest.raises(train.SimulatedFailure):
+        train.train(train.resolve_config(SMOKE, args[2:]), extra_callbacks=(Interrupt(15),))
+    (checkpoint,) = [path for _, path in train.list_checkpoints(tmp_path / "cut" / "checkpoints")]
+    assert {p.name for p in checkpoint.iterdir()} == {"model.zip", "replay_buffer.safetensors", "rng.safetensors",
+                                                      "state.json"}
+    assert train.main([*args, "--resume"]) == 0
+    env = make_env(**read_run_config(tmp_path / "whole").env_kwargs())
+    whole, resumed = load_policy(tmp_path / "whole", env).model, load_policy(tmp_path / "cut", env).model
+    env.close()
+    assert whole.num_timesteps == resumed.num_timesteps == 24
+    for name, tensor in whole.policy.state_dict().items():
+        assert tensor.equal(resumed.policy.state_dict()[name]), name
+    assert whole.log_ent_coef.equal(resumed.log_ent_coef)
+
+
+def test_observation_statistics_are_saved_as_json_and_used_by_the_policy(tiny_data: dict, tmp_path: Path):
+    run = tmp_path / "norm"
+    assert train.main([*sac_overrides(tiny_data, run, "algo.normalize_obs=true"), "eval.final=true"]) == 0
+    stats = json.loads((run / "vecnormalize.json").read_text())
+    assert stats["norm_obs"] and stats["obs_count"] > 24 and len(stats["obs_mean"]) == 9
+    (last,) = [path for step, path in train.list_checkpoints(run / "checkpoints") if step == 24]
+    assert json.loads((last / "vecnormalize.json").read_text()) == stats
+    env = make_env(**read_run_config(run).env_kwargs(evaluation=True))
+    policy = load_policy(run, env)
+    assert policy.normalizer is not None
+    final_eval = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
+    assert policy.play(env, seed=0)["allocation"] == final_eval["allocation"]  # as evaluated in training
+    env.close()
