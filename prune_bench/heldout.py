@@ -19,7 +19,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from prune_env.context import DataConfig
-from prune_env.data import load_text, split_corpus, tokenize_corpus
+from prune_env.corpus import load_text
+from prune_env.data import split_corpus, tokenize_corpus
 
 from .config import BenchmarkConfig
 

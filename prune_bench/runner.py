@@ -21,7 +21,8 @@ import torch
 
 from agents.base import Agent, build_agent, check_allocation
 from prune_env.context import PruningContext, load_template
-from prune_env.data import load_text, tokenize_corpus
+from prune_env.corpus import load_text
+from prune_env.data import tokenize_corpus
 from prune_env.evaluation import evaluate_facts, perplexity, window_nll
 from prune_env.files import atomic_write_json, staged_directory, to_jsonable
 from prune_env.validation import check_device

@@ -181,7 +181,8 @@ def _closed_port() -> int:
 def test_failing_cell_is_recorded_and_others_finish(workspace):
     llm = {"name": "llm", "mode": "oneshot",
            "backend": {"type": "openai", "base_url": f"http://127.0.0.1:{_closed_port()}/v1", "model": "m",
-                       "max_retries": 0, "timeout": 2}}
+                       "max_retries": 0, "timeout": 2},
+           "agent": {"on_backend_error": "raise"}}  # the default falls back to zscore-greedy and never fails
     broken = workspace["root"] / "broken.zip"  # exists (a missing path is refused up front) but is no policy
     broken.write_bytes(b"not a zip")
     cfg = make_config(workspace, "failing", targets=[0.5], seeds=[0, 1],
