@@ -22,7 +22,7 @@ from .rewards import objectives, scalar_quality
 from .snapshot import RankedMasks
 from .validation import check_number, check_ratio
 
-FIDELITIES = ("exact", "proxy")
+FIDELITIES = ("exact", "proxy", "surrogate")
 ACTION_TYPES = ("continuous", "discrete")
 KIND_ENCODINGS = ("one_hot", "role")
 ROLES = ("attention_in", "attention_out", "mlp_in", "mlp_out", "other")
@@ -108,7 +108,11 @@ class LayerPruneEnv(PruneEnvBase):
     `exact`: the real sequential prune and real metrics on the evaluation slices; hidden states of the
     decided prefix are cached, so each step runs only the block it just pruned. `proxy`: masks from
     precomputed dense-calibration score ranks (no sequential recalibration) and metrics on the first
-    `proxy_eval_tokens` tokens and `proxy_facts` facts of the same slices; much cheaper.
+    `proxy_eval_tokens` tokens and `proxy_facts` facts of the same slices; much cheaper. `surrogate`:
+    no weight is touched and no forward runs during the episode; observations come from the dense
+    profile (last_drop = 0) and the terminal metrics from `prune_env.surrogate` fitted on exactly
+    evaluated allocations (`surrogate=PATH` of a data set; None: the packaged SmolLM2-135M one, refused
+    for any other model or data), so an episode costs microseconds.
 
     ## Starting State
     The dense model (weights restored bit-exactly on every `reset`), the first unit to decide.
@@ -135,7 +139,8 @@ class LayerPruneEnv(PruneEnvBase):
     (dict of RewardConfig), data (dict of DataConfig), proxy_eval_tokens (1024), proxy_facts (64),
     device ("cpu"), dtype ("float32"), render_mode (None | "ansi" | "rgb_array"), context (None |
     PruningContext), target_sparsity_range (None | (lo, hi)), kind_encoding ("one_hot" (v0) | "role"
-    (v1)), extra_features (list of registered feature names), reward_mode ("scalar" | "vector").
+    (v1)), extra_features (list of registered feature names), reward_mode ("scalar" | "vector"),
+    surrogate (None | path of a surrogate data set, with `fidelity="surrogate"`).
     `method` may be any name registered with `prune_env.methods.register_method`.
 
     ## Example
@@ -163,7 +168,8 @@ class LayerPruneEnv(PruneEnvBase):
                  proxy_eval_tokens: int = 1024, proxy_facts: int = 64, device: str = "cpu", dtype: str = "float32",
                  render_mode: str | None = None, context: PruningContext | None = None,
                  target_sparsity_range: tuple[float, float] | None = None, kind_encoding: str = "one_hot",
-                 extra_features: list[str] | None = None, reward_mode: str = "scalar", **kwargs):
+                 extra_features: list[str] | None = None, reward_mode: str = "scalar", surrogate: str | None = None,
+                 **kwargs):
         for name, value in (("min_sparsity", min_sparsity), ("max_sparsity", max_sparsity)):
             check_ratio(name, value)
         if not min_sparsity <= max_sparsity:
@@ -196,16 +202,22 @@ class LayerPruneEnv(PruneEnvBase):
         n_objectives = len(self.reward_config.names())
         self.reward_space = spaces.Box(-np.inf, np.inf, (n_objectives,), dtype=np.float64)
         self._prepare(check_whole("proxy_eval_tokens", proxy_eval_tokens, 1),
-                      check_whole("proxy_facts", proxy_facts, 1))
+                      check_whole("proxy_facts", proxy_facts, 1), surrogate)
         self._step = None  # None: reset() not called yet
         self._ratios = [0.0] * len(self.units)
         self._zeros = [0] * len(self.units)
         self._prev_action, self._last_drop = 0.0, 0.0
 
     # -- set-up ------------------------------------------------------------------------------------
-    def _prepare(self, proxy_eval_tokens: int, proxy_facts: int) -> None:
+    def _prepare(self, proxy_eval_tokens: int, proxy_facts: int, surrogate: str | None) -> None:
         ctx = self.context
         device = next(ctx.model.parameters()).device
+        if self.fidelity == "surrogate":  # no forward and no weight access, ever: the dense profile and a fit
+            from .surrogate import load_surrogate
+
+            self._surrogate = load_surrogate(surrogate, ctx)
+            self._reference = ctx.dense
+            return
         ctx.restore()
         if self.fidelity == "exact":
             self._windows = window_batches(ctx.slices.evaluation.to(device), ctx.data.batch_size)
@@ -231,7 +243,8 @@ class LayerPruneEnv(PruneEnvBase):
     # -- Gymnasium API -----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         target = self._reset_target(seed, options)
-        self.context.restore()
+        if self.fidelity != "surrogate":
+            self.context.restore()
         self._step, self._prev_action, self._last_drop = 0, 0.0, 0.0
         self._ratios = [0.0] * len(self.units)
         self._zeros = [0] * len(self.units)
@@ -279,7 +292,8 @@ class LayerPruneEnv(PruneEnvBase):
     def rollback(self, checkpoint: _Checkpoint) -> None:
         """Undo every unit decided after `checkpoint` (their dense weights come back bit-exactly)."""
         for index in range(checkpoint.step, self._step or 0):
-            self.context.masked.restore([ref.name for ref in self.units[index].linears])
+            if self.fidelity != "surrogate":
+                self.context.masked.restore([ref.name for ref in self.units[index].linears])
         self._step, self._ratios, self._zeros = checkpoint.step, list(checkpoint.ratios), list(checkpoint.zeros)
         self._prev_action, self._last_drop = checkpoint.prev_action, checkpoint.last_drop
         if checkpoint.states is not None:
@@ -327,6 +341,8 @@ class LayerPruneEnv(PruneEnvBase):
         ctx = self.context
         if self.fidelity == "proxy":
             return sum(self._ranks.apply(ctx.masked, ref.name, ratio) for ref in unit.linears)
+        if self.fidelity == "surrogate":  # the weights each operator would remove, counted, not removed
+            return sum(round(ratio * ref.numel) for ref in unit.linears)
         zeros = sum(self._pruner.prune(unit.linears, ratio).values())
         block_index = unit.linears[0].block_index
         last_of_block = index == len(self.units) - 1 or self.units[index + 1].linears[0].block_index != block_index
@@ -339,6 +355,9 @@ class LayerPruneEnv(PruneEnvBase):
 
     def _finish(self) -> dict:
         ctx = self.context
+        if self.fidelity == "surrogate":
+            predicted = self._surrogate.predict(list(self._ratios))
+            return {**predicted, "achieved_sparsity": sum(self._zeros) / ctx.total_numel}
         if self.fidelity == "proxy":
             metrics = ctx.evaluate(self._reference.greedy_exact, windows=self._windows, facts=self._facts)
         else:
