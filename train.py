@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -29,11 +30,11 @@ import yaml
 
 from agents.rl import CONFIG_NAME, FINAL_MODEL, load_policy, read_run_config, resolve_policy_path
 from agents.safe_load import build_model, load_normalizer
-from agents.train_config import TrainConfig, config_from_dict, resolve_config
+from agents.train_config import TrainConfig, resolve_config
 from agents.training import (EVAL_LOG, EVAL_METRICS, ProgressDisplay, SimulatedFailure, TrainingCallback,
                              latest_checkpoint, list_checkpoints, load_checkpoint, read_state, remove_partial_files,
                              save_final, start_wandb, truncate_eval_log)
-from prune_env.config import ConfigError, load_config
+from prune_env.config import ConfigError
 from prune_env.factory import make_env
 from prune_env.files import OutputLockedError, atomic_write_json, atomic_write_text, check_writable_dir, output_lock
 
@@ -76,8 +77,6 @@ def train(config: TrainConfig, resume: bool = False, extra_callbacks: tuple = ()
             return _train_locked(config, run_dir, resume, extra_callbacks, trust_pickle)
         except ConfigError:
             if fresh_folder and not (run_dir / CONFIG_NAME).exists():
-                import shutil
-
                 shutil.rmtree(run_dir, ignore_errors=True)  # refused before any work: leave nothing behind
             raise
 
@@ -190,8 +189,7 @@ def _train_locked(config: TrainConfig, run_dir: Path, resume: bool, extra_callba
 def evaluate_policy_file(policy: str, out: str | None, overrides: list[str], trust_pickle: bool = False) -> dict:
     """Play one deterministic episode of a saved policy on its exact eval env; write the allocation JSON."""
     policy_path = resolve_policy_path(policy)
-    saved = asdict(read_run_config(policy_path))  # complete, so both the base and the schema of the overrides
-    config = config_from_dict(load_config(None, overrides, saved))
+    config = read_run_config(policy_path, overrides)
     out_path = Path(out) if out else policy_path.with_suffix(".allocation.json")
     check_writable_dir(out_path.parent, "output folder")
     if config.algo.torch_threads is not None:

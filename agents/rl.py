@@ -25,7 +25,8 @@ import yaml
 
 from agents.base import Agent
 from agents.safe_load import NormalizerStats, build_model, load_normalizer, load_parameters
-from agents.train_config import TrainConfig, config_from_dict
+from agents.train_config import DEFAULTS, TrainConfig, config_from_dict
+from prune_env.config import load_config, merge
 from prune_env.factory import make_env
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,9 +59,13 @@ def find_config(policy_path: str | Path) -> Path:
                             "the policy must come from train.py's run folder")
 
 
-def read_run_config(policy_path: str | Path) -> TrainConfig:
-    """The TrainConfig saved with a policy (YAML, read with the safe loader)."""
-    return config_from_dict(yaml.safe_load(find_config(resolve_policy_path(policy_path)).read_text()) or {})
+def read_run_config(policy_path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """The TrainConfig saved with a policy (YAML, safe loader), with key=value overrides applied before the
+    checks (e.g. the devices of the machine that plays it); keys an older run did not save take defaults."""
+    saved = yaml.safe_load(find_config(resolve_policy_path(policy_path)).read_text()) or {}
+    if not isinstance(saved, dict):
+        raise ValueError(f"{str(find_config(policy_path))!r} is not a train.py config: it holds no mapping")
+    return config_from_dict(load_config(None, overrides, merge(DEFAULTS, saved)))
 
 
 @dataclass
@@ -80,9 +85,10 @@ class SavedPolicy:
 
 
 def load_policy(path: str | Path, env, device: str = "cpu", trust_pickle: bool = False) -> SavedPolicy:
-    """The policy saved at `path` (a zip or run folder), rebuilt in `env`'s spaces; nothing is unpickled."""
+    """The policy saved at `path` (a zip or run folder), rebuilt in `env`'s spaces on `device` (whatever
+    device it trained on); nothing is unpickled."""
     policy_path = resolve_policy_path(path)
-    config = read_run_config(policy_path)
+    config = read_run_config(policy_path, [f"algo.device={device}", f"env.device={device}"])
     check_compatible(config, env)
     model = build_model(config, env, seed=None, device=device)
     load_parameters(model, policy_path)
@@ -168,7 +174,8 @@ class RLAgent(Agent):
         """One env per lent context, with the policy's training options (the model comes from ctx)."""
         if self._env is not None and self._env.unwrapped.context is ctx:
             return self._env
-        config = read_run_config(self.path)
+        device = self.policy_options.get("device", "cpu")
+        config = read_run_config(self.path, [f"algo.device={device}", f"env.device={device}"])
         kwargs = {key: value for key, value in config.env_kwargs().items() if key not in self.CONTEXT_KEYS}
         self._env = make_env(**{**kwargs, **self.env_options, "target_sparsity": float(target)}, context=ctx)
         return self._env

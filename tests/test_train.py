@@ -102,12 +102,16 @@ def test_resume_continues_from_the_last_checkpoint(tiny_data: dict, tmp_path: Pa
     partial = ckpts / ".tmp-step_0000000036-99999"
     partial.mkdir()
     (partial / "model.zip").write_bytes(b"truncated")
+    staging = ckpts / ".step_0000000036.x1y2z3"  # staged_directory's folder
+    staging.mkdir()
+    half_written = run_dir / "final_model.zip.a1b2c3.tmp"  # atomic_path's temp file
+    half_written.write_bytes(b"truncated")
 
     assert train.main(args) == 2  # the run exists: continuing it needs --resume
     capsys.readouterr()
     assert train.main([*args, "--resume"]) == 0
     assert "at num_timesteps=24" in capsys.readouterr().out
-    assert not partial.exists()
+    assert not partial.exists() and not staging.exists() and not half_written.exists()
     final = PPO.load(run_dir / "final_model.zip", device="cpu")
     assert final.num_timesteps == 60
     assert [step for step, _ in train.list_checkpoints(ckpts)] == [24, 48, 60]

@@ -244,3 +244,18 @@ def test_vecnormalize_statistics_round_trip(tmp_path: Path):
     obs = np.random.default_rng(1).normal(size=(5, 3)).astype(np.float32)
     assert np.allclose(rewrapped.normalize_obs(obs), venv.normalize_obs(obs))
     assert np.allclose(stats.normalize_obs(obs), venv.normalize_obs(obs))
+
+
+def test_a_policy_trained_on_another_device_plays_on_this_one(quick_run: Path, tmp_path: Path):
+    import torch
+    import yaml
+
+    run = copy_run(quick_run, tmp_path)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["algo"]["device"] = saved["env"]["device"] = "cuda:7"  # a device this machine does not have
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    env = make_env(**read_run_config(run, ["env.device=cpu", "algo.device=cpu"]).env_kwargs())
+    policy = load_policy(run, env, device="cpu")
+    assert next(policy.model.policy.parameters()).device == torch.device("cpu")
+    assert len(policy.play(env, seed=0)["allocation"]) == 3
+    env.close()
