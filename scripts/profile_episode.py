@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import prune_env.env as env_module  # noqa: E402
+import prune_env.pruner as pruner_module  # noqa: E402  (the sequential pass the env drives)
 
 
 def main() -> int:
@@ -45,9 +45,9 @@ def main() -> int:
         name = next((k for k, v in (env._states or {}).items() if v is state), "other")
         return f"block forwards: {name}"
 
-    env_module.advance = timed(advance_label, env_module.advance)
-    env_module.block_stats = timed("Wanda statistics pass", env_module.block_stats)
-    env_module.prune_linear = timed("mask selection + apply", env_module.prune_linear)
+    pruner_module.advance = timed(advance_label, pruner_module.advance)
+    pruner_module.block_stats = timed("Wanda statistics pass", pruner_module.block_stats)
+    pruner_module.prune_linear = timed("mask selection + apply", pruner_module.prune_linear)
     env._finish = timed("final LM head + scores", env._finish)
 
     def episode():
@@ -61,7 +61,7 @@ def main() -> int:
     episode()
     episode_s = time.perf_counter() - start
     start = time.perf_counter()
-    env.ctx.evaluate()
+    env.context.evaluate()
     eval_s = time.perf_counter() - start
     seconds["other (observations, bookkeeping)"] = episode_s - sum(seconds.values())
     print(f"exact episode {episode_s:.2f} s, full evaluation {eval_s:.2f} s, ratio {episode_s / eval_s:.3f}")
