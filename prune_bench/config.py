@@ -45,9 +45,9 @@ class HeldoutConfig:
         if self.eval_tokens < self.eval_seq_len:
             raise ValueError(f"eval_tokens={self.eval_tokens} is less than one window of "
                              f"eval_seq_len={self.eval_seq_len}: raise eval_tokens or lower eval_seq_len")
-        for name in ("eval_offset", "facts_offset"):
-            if getattr(self, name) != "auto":
-                check_number(name, getattr(self, name), low=0, integer=True)
+        for name, value in (("eval_offset", self.eval_offset), ("facts_offset", self.facts_offset)):
+            if value != "auto":
+                check_number(name, value, low=0, integer=True)
         check_number("n_facts", self.n_facts, low=0, integer=True)
 
 
