@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shutil
 import sys
 import tempfile
@@ -21,6 +22,7 @@ from pathlib import Path
 from .allocation import load_allocation
 from .context import DataConfig, PruningContext
 from .export import save_pruned
+from .facts import load_facts
 from .files import LOCK_NAME, OutputLockedError, atomic_write_json, output_lock
 from .masking import METHODS, parse_pattern
 from .validation import check_device, check_number, check_ratio
@@ -69,15 +71,27 @@ def _validate(args: argparse.Namespace) -> None:
     check_number("--calib-seq-len", args.calib_seq_len, low=1, integer=True)
     check_number("--seed", args.seed, low=0, integer=True)
     args.device = check_device(args.device)
-    if args.allocation and not Path(args.allocation).is_file():
-        raise FileNotFoundError(f"--allocation file {args.allocation!r} does not exist")
+    if args.allocation:
+        _check_json_file("--allocation", Path(args.allocation))
     for flag, value in (("--eval-text", args.eval_text), ("--facts", args.facts)):
         looks_like_file = value.endswith((".txt", ".jsonl", ".json")) or "/" in value
         if looks_like_file and not Path(value).is_file():
             raise FileNotFoundError(f"{flag} file {value!r} does not exist")
+    if Path(args.facts).is_file():
+        load_facts(args.facts)  # a malformed facts file fails here, not after the model has loaded
     out = Path(args.out)
     if not (out / LOCK_NAME).exists():  # with a lock file, `run` tells a live run from a dead one's leftovers
         _refuse_results_in(out)
+
+
+def _check_json_file(flag: str, path: Path) -> None:
+    """The file exists and is UTF-8 JSON: its contents are checked against the model once that has loaded."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} file {str(path)!r} does not exist")
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError
+        raise ValueError(f"{flag} file {str(path)!r} is not UTF-8 JSON ({error})") from None
 
 
 def _refuse_results_in(out: Path) -> None:

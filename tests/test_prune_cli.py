@@ -122,6 +122,8 @@ BAD = {
     "malformed jsonl": (lambda d: ["--facts", _write(d / "bad.jsonl", '{"prompt": "The capital of France is", '
                                                                     '"answer": "Paris"}\n{"prompt": oops}\n')],
                         r"bad.jsonl:2: bad JSON"),
+    "binary allocation": (lambda d: ["--allocation", _write_bytes(d / "bin.json", b"\x89PNG\x00\xff")],
+                          r"--allocation file .*bin.json.* is not UTF-8 JSON"),
     "binary jsonl": (lambda d: ["--facts", _write_bytes(d / "bin.jsonl", b"\x89PNG\x00\xff\xfe")],
                      r"bin.jsonl:1: not UTF-8 text"),
     "pattern and sparsity": (lambda d: ["--pattern", "2:4", "--sparsity", "0.6"],
