@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .allocation import load_allocation
 from .context import DataConfig, PruningContext
+from .corpus import load_text
 from .export import save_pruned
 from .facts import load_facts
 from .files import LOCK_NAME, OutputLockedError, atomic_write_json, output_lock
@@ -77,8 +78,10 @@ def _validate(args: argparse.Namespace) -> None:
         looks_like_file = value.endswith((".txt", ".jsonl", ".json")) or "/" in value
         if looks_like_file and not Path(value).is_file():
             raise FileNotFoundError(f"{flag} file {value!r} does not exist")
+    if Path(args.eval_text).is_file():  # a damaged file of the user's fails here, not after the model has loaded
+        load_text(args.eval_text)
     if Path(args.facts).is_file():
-        load_facts(args.facts)  # a malformed facts file fails here, not after the model has loaded
+        load_facts(args.facts)
     out = Path(args.out)
     if not (out / LOCK_NAME).exists():  # with a lock file, `run` tells a live run from a dead one's leftovers
         _refuse_results_in(out)

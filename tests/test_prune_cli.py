@@ -124,6 +124,8 @@ BAD = {
                         r"bad.jsonl:2: bad JSON"),
     "binary allocation": (lambda d: ["--allocation", _write_bytes(d / "bin.json", b"\x89PNG\x00\xff")],
                           r"--allocation file .*bin.json.* is not UTF-8 JSON"),
+    "binary text": (lambda d: ["--eval-text", _write_bytes(d / "bin.txt", b"\x89PNG\x00\xff")],
+                    r"text file .*bin.txt.* is not valid UTF-8"),
     "binary jsonl": (lambda d: ["--facts", _write_bytes(d / "bin.jsonl", b"\x89PNG\x00\xff\xfe")],
                      r"bin.jsonl:1: not UTF-8 text"),
     "pattern and sparsity": (lambda d: ["--pattern", "2:4", "--sparsity", "0.6"],
@@ -151,11 +153,20 @@ def _bert_folder(path: Path) -> str:
     return str(path)
 
 
+# the cases that can only be judged once the model is known; every other one fails before it loads
+NEEDS_MODEL = {"unknown model", "allocation length", "unknown layer", "allocation NaN", "allocation 1.0", "bert model"}
+
+
 @pytest.mark.parametrize("case", list(BAD))
-def test_cli_bad_input(tmp_path, text_file, facts_file, capsys, case):
+def test_cli_bad_input(tmp_path, text_file, facts_file, capsys, monkeypatch, case):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     extra, message = BAD[case]
+    if case not in NEEDS_MODEL:
+        def no_model(*args, **kwargs):
+            raise AssertionError(f"{case}: the model was loaded before the input was refused")
+
+        monkeypatch.setattr(prune, "PruningContext", no_model)
     out = tmp_path / "runs" / "result"
     args = cli_args(text_file, facts_file, out) + extra(inputs)  # later flags override the defaults
     capsys.readouterr()  # drop what building the inputs printed
