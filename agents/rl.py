@@ -136,7 +136,7 @@ def play_episode(model, env, *, train_fidelity: str = "proxy", normalize: Callab
             "fact_acc": float(info["fact_acc"]), "fact_nll": float(info["fact_nll"]),
             "fact_retention": float(info["fact_retention"]), "achieved_sparsity": float(info["achieved_sparsity"]),
             "dense_ppl": float(unwrapped.reference.ppl), "dense_fact_acc": float(unwrapped.reference.fact_acc),
-            "target_sparsity": float(unwrapped.episode_target), "allocation": [float(r) for r in info["allocation"]],
+            "target_sparsity": float(info["target_sparsity"]), "allocation": [float(r) for r in info["allocation"]],
             "steps": steps, "seconds": time.time() - started}
 
 
