@@ -132,6 +132,20 @@ def dataclass_from_dict(cls: type[T], values: dict | None, what: str) -> T:
         raise ConfigError(f"{what}: {error}") from None
 
 
+def _describe(hint: Any) -> str:
+    """A type annotation in words, for error messages."""
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
+    if hint in names:
+        return names[hint]
+    if typing.get_origin(hint) in (list, tuple):
+        return "a list"
+    return getattr(hint, "__name__", str(hint))
+
+
 def _typed(hint: Any, value: Any, key: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
@@ -145,7 +159,10 @@ def _typed(hint: Any, value: Any, key: str) -> Any:
                 return _typed(arg, value, key)
             except ConfigError as error:
                 errors.append(str(error))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}={value!r} matches none of {args}")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        allowed = ", ".join(_describe(a) for a in args)
+        raise ConfigError(f"{key}={value!r} is not allowed: give {allowed}")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not one of {list(args)}")
