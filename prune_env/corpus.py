@@ -234,7 +234,7 @@ def _handbook_pages() -> tuple[dict[str, str], str]:
     installed = Path("/") / _HANDBOOK_HTML_DIR
     if installed.is_dir() and any(installed.glob("*.html")):
         # Already installed system-wide: no download needed.
-        pages = {p.name: p.read_text(encoding="utf-8") for p in installed.glob("*.html")}
+        pages = {p.name: _read_installed_page(p) for p in installed.glob("*.html")}
         return pages, f"installed {HANDBOOK}"
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
@@ -242,6 +242,14 @@ def _handbook_pages() -> tuple[dict[str, str], str]:
     with tempfile.TemporaryDirectory(prefix="prune-gym-handbook-") as tmp:
         deb = _apt_download(Path(tmp))
         return _html_from_deb(deb), deb.name
+
+
+def _read_installed_page(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise SourceUnavailableError(f"installed handbook page {str(path)!r} is not UTF-8 HTML ({error}): "
+                                     f"reinstall the {HANDBOOK} package or use a local .txt file") from None
 
 
 def _apt_download(dest: Path) -> Path:

@@ -170,8 +170,13 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], local_files_only=local, **kwargs)
-    except OSError as error:
+    except Exception as error:  # transformers, gguf and safetensors raise many types for a damaged file
         if local:
+            where = Path(location) / gguf_file if gguf_file else Path(location)
+            detail = " ".join(str(error).split())[:300]
+            raise ModelSpecError(f"cannot load the model from {str(where)!r} ({error.__class__.__name__}: {detail}): "
+                                 "the files are damaged or incomplete: re-download or re-save the model") from error
+        if not isinstance(error, OSError):
             raise
         raise ModelSpecError(
             f"could not load {spec!r} from the Hugging Face hub ({error.__class__.__name__}: {error}). "

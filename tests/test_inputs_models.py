@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
 from prune_env.models import (
@@ -61,3 +62,31 @@ def test_every_tiny_family_is_a_supported_decoder(family: str) -> None:
 def test_unknown_device_is_refused() -> None:
     with pytest.raises(ValueError, match="device='tpu'"):
         load_model("tiny-llama", device="tpu")
+
+
+def test_damaged_gguf_names_the_file(tmp_path: Path) -> None:
+    damaged = tmp_path / "model.gguf"
+    damaged.write_bytes(b"GGUF\x03\x00\x00\x00garbage")  # a truncated header
+    with pytest.raises(ModelSpecError) as error:
+        load_model(str(damaged))
+    message = str(error.value)
+    assert str(damaged) in message and "damaged" in message and "\n" not in message
+
+
+def test_damaged_weights_name_the_folder(tmp_path: Path) -> None:
+    model, tokenizer = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x89PNG\x00\xff\xfe garbage")
+    with pytest.raises(ModelSpecError, match=f"cannot load the model from '{tmp_path}'.*damaged"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_saved_decoder_folder_still_loads(tmp_path: Path, family: str) -> None:
+    model, tokenizer = tiny_model(family)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, _ = load_model(str(tmp_path))
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
