@@ -193,6 +193,10 @@ class LayerPruneEnv(PruneEnvBase):
         self.kinds = (sorted({u.kind for u in self.units}) if kind_encoding == "one_hot" else list(ROLES)) \
             if linear else []
         self._kind_of = [(u.kind if kind_encoding == "one_hot" else linear_role(u.kind)) for u in self.units]
+        # weight counts read every step, computed once (a surrogate step is pure bookkeeping)
+        self._linear_numel = [[ref.numel for ref in u.linears] for u in self.units]
+        self._unit_numel = [sum(counts) for counts in self._linear_numel]
+        self._tail = [sum(self._unit_numel[i:]) for i in range(len(self.units) + 1)]  # weights of units i..
         n_actions = check_whole("n_actions", n_actions, 2)
         self.grid = np.linspace(min_sparsity, max_sparsity, n_actions) if action_type == "discrete" else None
         self.action_space = (spaces.Discrete(n_actions) if action_type == "discrete"
@@ -260,9 +264,8 @@ class LayerPruneEnv(PruneEnvBase):
         if self._step >= len(self.units):
             raise RuntimeError("the episode has ended: call reset() before stepping again")
         ratio = self._ratio_from_action(action)
-        unit = self.units[self._step]
         zeros = self._prune_unit(self._step, ratio)
-        self._ratios[self._step] = zeros / unit.numel
+        self._ratios[self._step] = zeros / self._unit_numel[self._step]
         self._zeros[self._step] = zeros
         self._prev_action = ratio
         self._step += 1
@@ -330,10 +333,9 @@ class LayerPruneEnv(PruneEnvBase):
             if not -1e-6 <= value[0] <= 1 + 1e-6:
                 raise ValueError(f"action {float(value[0])} is outside the action space [0, 1]")
             raw = self.min_sparsity + float(np.clip(value[0], 0, 1)) * (self.max_sparsity - self.min_sparsity)
-        unit = self.units[self._step]
-        remaining = sum(u.numel for u in self.units[self._step + 1:])
-        bounds = wall_bounds(self.target_sparsity * self.context.total_numel, sum(self._zeros), unit.numel,
-                             remaining, self.min_sparsity, self.max_sparsity)
+        bounds = wall_bounds(self.target_sparsity * self.context.total_numel, sum(self._zeros),
+                             self._unit_numel[self._step], self._tail[self._step + 1], self.min_sparsity,
+                             self.max_sparsity)
         return check_ratio("ratio", min(max(project(raw, bounds), 0.0), 0.999))
 
     def _prune_unit(self, index: int, ratio: float) -> int:
@@ -342,7 +344,7 @@ class LayerPruneEnv(PruneEnvBase):
         if self.fidelity == "proxy":
             return sum(self._ranks.apply(ctx.masked, ref.name, ratio) for ref in unit.linears)
         if self.fidelity == "surrogate":  # the weights each operator would remove, counted, not removed
-            return sum(round(ratio * ref.numel) for ref in unit.linears)
+            return sum(round(ratio * numel) for numel in self._linear_numel[index])
         zeros = sum(self._pruner.prune(unit.linears, ratio).values())
         block_index = unit.linears[0].block_index
         last_of_block = index == len(self.units) - 1 or self.units[index + 1].linears[0].block_index != block_index
@@ -378,12 +380,11 @@ class LayerPruneEnv(PruneEnvBase):
         n = len(self.units)
         started = self._step is not None
         index = min(self._step or 0, n - 1)
-        unit = self.units[index]
         total = self.context.total_numel
-        remaining = sum(u.numel for u in self.units[index:])
+        remaining = self._tail[index]
         budget_left = (self.target_sparsity * total - sum(self._zeros)) / remaining if started and remaining else 0.0
         obs = [self.context.z_wanda[index], self.context.z_grad[index], self._ratios[index] if started else 0.0,
-               index / max(n - 1, 1), unit.numel / total, sum(self._zeros) / total if started else 0.0,
+               index / max(n - 1, 1), self._unit_numel[index] / total, sum(self._zeros) / total if started else 0.0,
                budget_left, self._prev_action if started else 0.0, self._last_drop if started else 0.0]
         obs += [float(self._kind_of[index] == kind) for kind in self.kinds]
         obs += [float(check_number(f"observation feature {name!r}", feature(self, index)))

@@ -385,6 +385,7 @@ class IterativePruneEnv(PruneEnvBase):
         dense = self.context.dense
         log_ratio = math.log(self._metrics.ppl / dense.ppl) if self._metrics.ppl > 0 else Z_CLIP
         glob = self.global_sparsity
-        obs += [glob, self.target_sparsity, self.target_sparsity - glob, log_ratio, dense.fact_acc - self._metrics.fact_acc,
+        target = self.target_sparsity
+        obs += [glob, target, target - glob, log_ratio, dense.fact_acc - self._metrics.fact_acc,
                 self._rollbacks / self.max_steps]
         return clip_observation(obs)

@@ -45,7 +45,7 @@ def assert_same(info: dict, expected: dict) -> None:
 
 def test_two_envs_in_an_sb3_dummy_vec_env_match_each_env_alone(tiny_data):
     expected = [alone(tiny_data, actions) for actions in ACTIONS]
-    assert abs(expected[0][1]["achieved_sparsity"] - 0.5) < 1e-3 and abs(expected[1][1]["achieved_sparsity"] - 0.5) < 1e-3
+    assert all(abs(info["achieved_sparsity"] - 0.5) < 1e-3 for _, info in expected)
     venv = make_vec_env(ENV_ID, n_envs=2, vec_env_cls=DummyVecEnv, env_kwargs=env_kwargs(tiny_data))
     venv.reset()
     for step in range(3):

@@ -22,7 +22,7 @@ KINDS = sorted({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 
 @pytest.fixture(scope="module")
 def make_env(tiny_data):
-    """gym.make with the tiny data; one env per set of arguments per module (they share the model)."""
+    """gym.make with the tiny data; one env per set of arguments per module (each owns its model)."""
     made: dict = {}
 
     def make(**kwargs):
