@@ -157,7 +157,9 @@ class IterativePruneEnv(PruneEnvBase):
     (0.10; math.inf never reverts), max_steps (100), reward (dict of RewardConfig, incl.
     rollback_penalty and user `terms`), data (dict of DataConfig), device ("cpu"), dtype ("float32"),
     render_mode (None | "ansi" | "rgb_array"), context (None | PruningContext), target_sparsity_range
-    (None | (lo, hi)), bins (None (v0) | K (v1: 8)). Registered with `max_episode_steps=100`.
+    (None | (lo, hi)), bins (None (v0) | K (v1: 8)). Registered with `max_episode_steps=100` (the default
+    max_steps): with `gym.make(..., max_steps=N)` for N > 100 pass `max_episode_steps=N` too, or the
+    TimeLimit wrapper truncates at 100.
 
     ## Example
     ```python
