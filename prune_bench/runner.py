@@ -1,8 +1,9 @@
 """One worker of the benchmark: one model, one PruningContext and the agents, built once per process.
 
 Used in-process by the serial backend and as a Ray actor (each actor is one process with one model).
-A cell = `agent.allocate(ctx, target, seed)`, the exact sequential prune `ctx.prune`, and the held-out
-evaluation, which also keeps per window the summed NLL and token count and per fact whether it was
+A cell = `agent.allocate(agent_ctx, target, seed)` on a context built on the env's reward slices (so
+agents that play envs never see held-out data), the exact sequential prune `ctx.prune` on the held-out
+context, and the held-out evaluation, which also keeps per window the summed NLL and token count and per fact whether it was
 answered (multiple choice) and greedy-exact: what the paired bootstrap intervals resample.
 """
 
@@ -68,8 +69,13 @@ class Runner:
         _, tokenizer = load_template(config.model, device, config.dtype)
         held = heldout_data(config, tokenizer, tokenize_corpus(load_text(config.data.text), tokenizer))
         self.reward_slices = held.reward_slices
-        self.ctx = PruningContext(config.model, device=device, dtype=config.dtype, granularity=config.granularity,
-                                  method=config.method, pattern=config.pattern, data=held.data)
+        operator = {"granularity": config.granularity, "method": config.method, "pattern": config.pattern}
+        self.ctx = PruningContext(config.model, device=device, dtype=config.dtype, data=held.data, **operator)
+        # Agents decide on a context of their own built on the env's reward slices: an agent that plays an
+        # env (the iterative LLM agent's rollbacks, RL policies) must never see the held-out text and facts.
+        # Calibration is the same in both, so profiles and heuristic allocations are unchanged.
+        self.agent_ctx = PruningContext(config.model, device=device, dtype=config.dtype, data=config.data,
+                                        **operator)
         env_data = config.to_dict()["data"]
         for agent in self.agents.values():
             agent.configure(env_data=env_data, workdir=workdir)
@@ -110,7 +116,7 @@ class Runner:
             random.seed(seed)
             torch.manual_seed(seed)
             t0 = time.perf_counter()
-            allocation = impl.allocate(ctx, float(target), int(seed))
+            allocation = impl.allocate(self.agent_ctx, float(target), int(seed))
             record["timings"]["allocate"] = time.perf_counter() - t0
             _agent_info(record, impl)
             allocation = check_allocation(ctx, allocation, float(target), who=f"agent {agent!r}")
@@ -134,6 +140,7 @@ class Runner:
                 _agent_info(record, impl)
         finally:
             ctx.restore()
+            self.agent_ctx.restore()
             record["seconds"] = time.perf_counter() - start
         return to_jsonable(record)
 

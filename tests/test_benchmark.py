@@ -19,6 +19,7 @@ from prune_bench.heldout import heldout_data
 from prune_bench.runner import Runner, check_export
 from prune_bench.store import ResultsError, validate_results
 from prune_env.config import merge
+from agents.base import Agent
 from prune_env.context import PruningContext
 
 @pytest.fixture(scope="module")
@@ -191,8 +192,7 @@ def test_failing_cell_is_recorded_and_others_finish(workspace):
     by = {(r["agent"], r["seed"]): r for r in data["records"]}
     for key in (("llm", 0), ("llm", 1), ("rl:broken", 0)):
         assert by[key]["status"] == "failed" and by[key]["error"] and by[key]["ppl"] is None
-    if importlib.util.find_spec("agents.llm_agent") is not None:
-        assert by[("llm", 0)]["error"].startswith("LLMBackendError") and by[("llm", 0)]["llm_model"] == "m"
+    assert by[("llm", 0)]["error"].startswith("LLMBackendError") and by[("llm", 0)]["llm_model"] == "m"
     assert by[("rl:broken", 0)]["traceback"]
     assert by[("zscore-greedy", 0)]["status"] == by[("zscore-greedy", 1)]["status"] == "ok"
     assert "## Failed cells" in (Path(cfg.out) / "report.md").read_text()
@@ -221,3 +221,33 @@ def test_ray_backend_matches_serial(grid, workspace):
     strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "timings")}  # noqa: E731
     assert [strip(r) for r in data["records"]] == [strip(r) for r in serial["records"]]
     assert data["machine"]["backend"] == "ray" and data["dense"] == serial["dense"]
+
+
+class _ContextSpy(Agent):
+    """Uniform, remembering the evaluation windows and facts of the context it was handed."""
+
+    name = "spy"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[torch.Tensor, list]] = []
+
+    def allocate(self, ctx, target: float, seed: int) -> list[float]:
+        self.seen.append((ctx.slices.evaluation.clone(), list(ctx.facts)))
+        return [target] * len(ctx.units)
+
+
+def test_agents_never_see_the_heldout_data(workspace):
+    """Agents that play envs (iterative LLM rollbacks) decide on the env's reward slices, not the held-out ones."""
+    cfg = make_config(workspace, "spy", targets=[0.5])
+    spy = _ContextSpy()
+    runner = Runner(cfg, agents={"spy": spy})
+    record = runner.run_cell("spy", 0.5, 0)
+    assert record["status"] == "ok"
+    windows, facts = spy.seen[0]
+    reward_ctx = PruningContext("tiny-llama", data=cfg.data)
+    assert torch.equal(windows, reward_ctx.slices.evaluation)
+    assert [f.prompt for f in facts] == [f.prompt for f in reward_ctx.facts]
+    heldout_prompts = {f.prompt for f in runner.ctx.facts}
+    assert heldout_prompts and not heldout_prompts & {f.prompt for f in facts}
+    assert not torch.equal(runner.ctx.slices.evaluation[: len(windows)], windows)

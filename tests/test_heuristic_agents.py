@@ -179,7 +179,7 @@ def test_play_through_layerprune(setup):
 
     env = gym.make("prune_env/LayerPrune-v0", model="tiny-llama", data=setup["data"], fidelity="proxy",
                    proxy_eval_tokens=64, proxy_facts=4)
-    ctx = env.unwrapped.ctx
+    ctx = env.unwrapped.context
     allocation = OWLAgent().allocate(ctx, 0.5, 0)
     info = play(env, allocation, target=0.5, seed=0)
     assert info["achieved_sparsity"] == pytest.approx(0.5, abs=len(ctx.units) / ctx.total_numel)

@@ -69,8 +69,8 @@ def test_layer_env_on_real_model_passes_checkers_and_meets_budget(handbook):
     done = False
     while not done:
         obs, reward, done, _, info = env.step(rng.random(1).astype(np.float32))
-    total = env.ctx.total_numel
-    assert abs(info["achieved_sparsity"] - 0.5) * total <= len(env.ctx.refs)
-    assert info["ppl"] > env.ctx.dense.ppl and reward < 0
+    total = env.context.total_numel
+    assert abs(info["achieved_sparsity"] - 0.5) * total <= len(env.context.refs)
+    assert info["ppl"] > env.context.dense.ppl and reward < 0
     assert len(info["allocation"]) == 30
     env.close()
