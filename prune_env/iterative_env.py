@@ -10,6 +10,7 @@ import torch
 from gymnasium import spaces
 
 from .base_env import Z_CLIP, PruneEnvBase, check_whole, clip_observation
+from .registry import observation_feature
 from .context import Metrics, PruningContext
 from .rewards import scalar_quality
 from .scoring import unit_wanda_percentile, zscore
@@ -113,6 +114,9 @@ class IterativePruneEnv(PruneEnvBase):
     | G + 4 | fact_drop | fact_acc_dense - fact_acc of the current accepted state |
     | G + 5 | rollback_rate | rollbacks so far / max_steps |
 
+    With `extra_features=[names]` (`prune_env.registry.register_observation_feature`) each unit's entries
+    are followed by fn(env, unit) for each name: 5 + k entries per unit (per bin in v1), globals last.
+
     Entries are clipped to [-10, 10]. s_u rises as pruning removes a unit's weakest weights, so z_wanda
     tracks how much low-importance mass a unit has left.
 
@@ -157,9 +161,9 @@ class IterativePruneEnv(PruneEnvBase):
     (0.10; math.inf never reverts), max_steps (100), reward (dict of RewardConfig, incl.
     rollback_penalty and user `terms`), data (dict of DataConfig), device ("cpu"), dtype ("float32"),
     render_mode (None | "ansi" | "rgb_array"), context (None | PruningContext), target_sparsity_range
-    (None | (lo, hi)), bins (None (v0) | K (v1: 8)). Registered with `max_episode_steps=100` (the default
-    max_steps): with `gym.make(..., max_steps=N)` for N > 100 pass `max_episode_steps=N` too, or the
-    TimeLimit wrapper truncates at 100.
+    (None | (lo, hi)), bins (None (v0) | K (v1: 8)), extra_features (list of registered feature names).
+    Registered with `max_episode_steps=100` (the default max_steps): with `gym.make(..., max_steps=N)`
+    for N > 100 pass `max_episode_steps=N` too, or the TimeLimit wrapper truncates at 100.
 
     ## Example
     ```python
@@ -182,7 +186,8 @@ class IterativePruneEnv(PruneEnvBase):
                  rollback_threshold: float = 0.10, max_steps: int = 100, reward: dict | None = None,
                  data: dict | None = None, device: str = "cpu", dtype: str = "float32",
                  render_mode: str | None = None, context: PruningContext | None = None,
-                 target_sparsity_range: tuple[float, float] | None = None, bins: int | None = None, **kwargs):
+                 target_sparsity_range: tuple[float, float] | None = None, bins: int | None = None,
+                 extra_features: list[str] | None = None, **kwargs):
         max_sparsity = float(check_number("max_sparsity", max_sparsity, low=0.0, high=1.0, low_open=True,
                                           high_open=True))
         increment = float(check_number("increment", increment, low=0.0, high=1.0, low_open=True, high_open=True))
@@ -199,11 +204,14 @@ class IterativePruneEnv(PruneEnvBase):
         self._ranks = RankedMasks({name: w.cpu() for name, w in self.context.masked.dense.items()}, self.context.method,
                                   {name: a.cpu() for name, a in self.context.stats.act_norm.items()})
         n = len(self.units)
+        self.extra_features = list(extra_features or [])
+        self._features = [observation_feature(name) for name in self.extra_features]
         self.bins = None if bins is None else check_whole("bins", bins, 1)
         self.bin_units = depth_bins(n, self.bins) if self.bins else [[i] for i in range(n)]
         width = len(self.bin_units)
         self.action_space = spaces.MultiBinary(width)
-        self.observation_space = spaces.Box(-Z_CLIP, Z_CLIP, (UNIT_FEATURES * width + GLOBAL_FEATURES,),
+        per_unit = UNIT_FEATURES + len(self._features)
+        self.observation_space = spaces.Box(-Z_CLIP, Z_CLIP, (per_unit * width + GLOBAL_FEATURES,),
                                             dtype=np.float32)
         self._steps: int | None = None  # None: reset() not called yet
         self._zeros = [[0] * len(unit.linears) for unit in self.units]
@@ -378,12 +386,14 @@ class IterativePruneEnv(PruneEnvBase):
     def _observation(self) -> np.ndarray:
         n, total = len(self.units), self.context.total_numel
         allocation = self._allocation()
-        rows = [[self._z_wanda[i], self.context.z_grad[i], allocation[i], i / max(n - 1, 1), unit.numel / total]
+        rows = [[self._z_wanda[i], self.context.z_grad[i], allocation[i], i / max(n - 1, 1), unit.numel / total,
+                 *(float(check_number(f"observation feature {name!r}", feature(self, i)))
+                   for name, feature in zip(self.extra_features, self._features))]
                 for i, unit in enumerate(self.units)]
         obs = []
         for members in self.bin_units:  # v0: one unit per entry; v1: the mean over the bin (param_share: its sum)
             mean = np.mean([rows[i] for i in members], axis=0).tolist()
-            obs += [*mean[:4], sum(rows[i][4] for i in members)]
+            obs += [*mean[:4], sum(rows[i][4] for i in members), *mean[5:]]
         dense = self.context.dense
         log_ratio = math.log(self._metrics.ppl / dense.ppl) if self._metrics.ppl > 0 else Z_CLIP
         glob = self.global_sparsity

@@ -82,6 +82,10 @@ def test_user_observation_feature_extends_the_box(tiny_data):
     assert [float(obs[-1]) for obs in observations] == [1.0, 0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="unknown observation feature 'nope'"):
         gym.make(ENV_ID, model="tiny-llama", data=tiny_data, extra_features=["nope"])
+    iterative = gym.make("prune_env/IterativePrune-v0", model="tiny-llama", data=tiny_data, extra_features=[name])
+    assert iterative.observation_space.shape == (6 * 3 + 6,)
+    obs, _ = iterative.reset(seed=0)
+    assert [float(obs[6 * i + 5]) for i in range(3)] == [1.0, 0.0, 0.0]
 
 
 def test_user_pruning_method_runs_through_gym_make(tiny_data):
