@@ -259,3 +259,31 @@ def test_a_policy_trained_on_another_device_plays_on_this_one(quick_run: Path, t
     assert next(policy.model.policy.parameters()).device == torch.device("cpu")
     assert len(policy.play(env, seed=0)["allocation"]) == 3
     env.close()
+
+
+def test_pickled_files_of_older_runs_load_only_with_trust_pickle(tmp_path: Path):
+    import random
+
+    import torch
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
+
+    from agents.safe_load import load_normalizer, restore_legacy_rng
+
+    venv = VecNormalize(DummyVecEnv([lambda: gym.make("Pendulum-v1")]), norm_obs=True, norm_reward=False)
+    venv.reset()
+    venv.save(str(tmp_path / "vecnormalize.pkl"))  # what older train.py runs hold
+    with pytest.raises(UnsafeFileError, match="--trust-pickle"):
+        load_normalizer(tmp_path)
+    with pytest.warns(UserWarning, match="trust_pickle"):
+        stats = load_normalizer(tmp_path, trust_pickle=True)
+    assert stats.obs_mean == venv.obs_rms.mean.tolist()
+
+    model = SimpleNamespace(action_space=gym.spaces.Box(-1, 1, (1,)))
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "action_space": model.action_space.np_random.bit_generator.state}, tmp_path / "rng.pt")
+    draw = random.random(), np.random.rand(), torch.rand(1).item()
+    with pytest.raises(UnsafeFileError):
+        restore_legacy_rng(tmp_path / "rng.pt", model, trust_pickle=False)
+    with pytest.warns(UserWarning, match="trust_pickle"):
+        restore_legacy_rng(tmp_path / "rng.pt", model, trust_pickle=True)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draw
