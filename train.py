@@ -26,7 +26,12 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 import yaml
+from stable_baselines3.common.callbacks import CallbackList
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.utils import configure_logger, set_random_seed
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
 from agents.rl import CONFIG_NAME, FINAL_MODEL, load_policy, read_run_config, resolve_policy_path
 from agents.safe_load import build_model, load_normalizer
@@ -82,12 +87,6 @@ def train(config: TrainConfig, resume: bool = False, extra_callbacks: tuple = ()
 
 
 def _train_locked(config: TrainConfig, run_dir: Path, resume: bool, extra_callbacks: tuple, trust_pickle: bool) -> dict:
-    import torch
-    from stable_baselines3.common.callbacks import CallbackList
-    from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.utils import set_random_seed
-    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
-
     algo, ckpt_dir, config_dict = config.algo, run_dir / config.checkpoint.dir, asdict(config)
     latest = latest_checkpoint(ckpt_dir)
     if not resume and (latest is not None or (run_dir / FINAL_MODEL).exists()):
@@ -153,8 +152,6 @@ def _train_locked(config: TrainConfig, run_dir: Path, resume: bool, extra_callba
             model.learn(total_timesteps=algo.total_timesteps - model.num_timesteps, reset_num_timesteps=latest is None,
                         callback=CallbackList([callback, *extra_callbacks]), tb_log_name=algo.name.upper())
         else:
-            from stable_baselines3.common.utils import configure_logger
-
             display.print(f"already at num_timesteps={model.num_timesteps} >= algo.total_timesteps="
                           f"{algo.total_timesteps}: nothing to train")
             model.set_logger(configure_logger(config.logging.verbose, tensorboard, algo.name.upper(), False))
@@ -193,8 +190,6 @@ def evaluate_policy_file(policy: str, out: str | None, overrides: list[str], tru
     out_path = Path(out) if out else policy_path.with_suffix(".allocation.json")
     check_writable_dir(out_path.parent, "output folder")
     if config.algo.torch_threads is not None:
-        import torch
-
         torch.set_num_threads(config.algo.torch_threads)
     env_kwargs = config.env_kwargs(evaluation=True)
     try:

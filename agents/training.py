@@ -34,7 +34,7 @@ from stable_baselines3.common.logger import KVWriter
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
 from agents.rl import CONFIG_NAME, FINAL_MODEL, play_episode
-from agents.safe_load import (LEGACY_NORMALIZER, LEGACY_REPLAY_BUFFER, LEGACY_RNG, NORMALIZER_FILE,
+from agents.safe_load import (LEGACY_REPLAY_BUFFER, LEGACY_RNG, NORMALIZER_FILE,
                               REPLAY_BUFFER_FILE, RNG_FILE, NormalizerStats, load_parameters, load_replay_buffer,
                               restore_legacy_rng, restore_rng, save_replay_buffer, save_rng, trusted_pickle)
 from agents.train_config import TrainConfig
