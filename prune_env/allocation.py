@@ -57,7 +57,9 @@ def load_allocation(path: str | Path, refs: list[LinearRef]) -> dict[str, float]
     if not path.is_file():
         raise FileNotFoundError(f"allocation file {str(path)!r} does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"allocation file {str(path)!r} is not UTF-8 JSON text") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"allocation file {str(path)!r} is not valid JSON: {error}") from None
     return parse_allocation(data, refs, where=f"allocation file {str(path)!r}")

@@ -28,7 +28,7 @@ from .corpus import load_text
 from .data import split_corpus, tokenize_corpus
 from .evaluation import FactScores, evaluate_facts, perplexity, retention
 from .facts import Fact, load_facts
-from .files import atomic_write_text
+from .files import atomic_write_text, read_cache
 from .masking import parse_pattern
 from .models import LinearRef, linear_layers, load_model
 from .pruner import PruneResult, calibration_batches, check_method, prune_model
@@ -164,8 +164,9 @@ class PruningContext:
         key = cache_key(model=self.spec, dtype=self.dtype, device=self.device, data=asdict(self.data),
                         n_facts=len(self.facts), tokens=self.slices.describe())
         path = cache_dir() / f"dense-{key}.json"
-        if use_cache and path.exists():
-            return Metrics(**json.loads(path.read_text()))
+        cached = read_cache(path, lambda p: Metrics(**json.loads(p.read_text(encoding="utf-8")))) if use_cache else None
+        if cached is not None:
+            return cached
         self.masked.restore()
         metrics = self.evaluate(dense_exact=None)
         if use_cache:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .calibration import TokenBatch, advance, collect_stats, record_inputs
-from .files import atomic_path, cache_root
+from .files import atomic_path, cache_root, read_cache
 from .masking import wanda_scores
 from .models import LinearRef, weight_matrix
 
@@ -96,13 +96,18 @@ def _gradient_means(model: nn.Module, refs: list[LinearRef], batches: list[Token
     return {name: total / max(samples, 1) for name, total in sums.items()}
 
 
+def _load_stats(path: Path) -> LinearStats:
+    data = torch.load(path, weights_only=True)
+    return LinearStats(act_norm=data["act_norm"], grad_mean=data["grad_mean"])
+
+
 def compute_linear_stats(model: nn.Module, refs: list[LinearRef], calibration: list[TokenBatch],
                          gradient: list[TokenBatch], cache_key_: str | None = None) -> LinearStats:
     """Activation norms and gradient means, from the disk cache when the same key was computed before."""
     path = cache_dir() / f"{cache_key_}.pt" if cache_key_ else None
-    if path is not None and path.exists():
-        data = torch.load(path, weights_only=True)
-        return LinearStats(act_norm=data["act_norm"], grad_mean=data["grad_mean"])
+    cached = read_cache(path, _load_stats) if path is not None else None
+    if cached is not None:
+        return cached
     stats = LinearStats(act_norm=_activation_norms(model, refs, calibration),
                         grad_mean=_gradient_means(model, refs, gradient))
     if path is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from prune_env.calibration import TokenBatch
@@ -44,3 +45,25 @@ def test_gradient_means_leave_the_callers_gradients_in_place():
     _gradient_means(model, refs, [TokenBatch(ids)])
 
     assert all(torch.equal(p.grad, before[name]) for name, p in model.named_parameters())
+
+
+def test_corrupt_caches_are_rebuilt_with_a_warning(tmp_path, monkeypatch, text_file):
+    """A damaged profile or dense-metric cache file is named, deleted and rebuilt, never a blocker."""
+    from prune_env.context import PruningContext
+    from prune_env.scoring import cache_dir
+
+    monkeypatch.setenv("PRUNE_GYM_CACHE", str(tmp_path))
+    data = {"text": str(text_file), "calib_samples": 2, "calib_seq_len": 32, "eval_tokens": 128,
+            "eval_seq_len": 64, "n_facts": 8, "grad_samples": 1}
+    first = PruningContext("tiny-llama", data=data)
+    caches = sorted(cache_dir().glob("*.pt")) + sorted(cache_dir().glob("dense-*.json"))
+    assert len(caches) == 2
+    for path in caches:
+        path.write_bytes(b"\x00\xff garbage \x80")
+    with pytest.warns(RuntimeWarning) as caught:
+        second = PruningContext("tiny-llama", data=data)
+    named = " ".join(str(w.message) for w in caught)
+    assert all(str(path) in named for path in caches)
+    assert second.dense.ppl == first.dense.ppl
+    assert torch.equal(second.stats.act_norm[first.refs[0].name], first.stats.act_norm[first.refs[0].name])
+    assert all(path.exists() for path in caches)  # rebuilt
