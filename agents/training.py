@@ -133,8 +133,11 @@ def load_checkpoint(checkpoint: Path, model, state: dict, trust_pickle: bool = F
     model.ep_success_buffer = deque(state.get("ep_success_buffer", []), maxlen=model._stats_window_size)
     if (checkpoint / RNG_FILE).is_file():
         restore_rng(checkpoint / RNG_FILE, model)
-    else:
+    elif (checkpoint / LEGACY_RNG).is_file():
         restore_legacy_rng(checkpoint / LEGACY_RNG, model, trust_pickle)
+    else:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} has no {RNG_FILE}: it cannot resume bit for bit; "
+                         "remove it to resume from the one before")
 
 
 def save_final(model, run_dir: Path, vec_normalize=None) -> None:
