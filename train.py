@@ -144,7 +144,8 @@ def _train_locked(config: TrainConfig, run_dir: Path, resume: bool, extra_callba
 
         # --- the loop
         wandb_run = start_wandb(config, run_dir, state.get("wandb_id"), config_dict)
-        state["wandb_id"] = wandb_run.id if wandb_run is not None else None
+        if wandb_run is not None:
+            state["wandb_id"] = wandb_run.id
         callback = TrainingCallback(config=config, run_dir=run_dir, eval_env=eval_env, state=state, progress=display,
                                     wandb_run=wandb_run, vec_normalize=vec_normalize, in_process_envs=not subproc)
         started, start_step = time.time(), model.num_timesteps
