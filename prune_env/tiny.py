@@ -1,6 +1,8 @@
 """Tiny randomly initialised models of each supported family: for unit tests and smoke runs only.
 
 Never report a number measured on these; they exist so that tests run in seconds on 2 CPU cores.
+A name is a family (`llama` -> 3 decoder blocks) or a family and a depth (`llama-5` -> 5 blocks), so
+tests can check that a policy moves between models of different depths (model spec `tiny-llama-5`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import functools
 import torch
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma3", "gpt2", "opt")
+DEFAULT_BLOCKS = 3
+MAX_BLOCKS = 64
 _TOKENIZER_TEXT = (
     "The capital of France is Paris. The capital of Spain is Madrid. The chemical symbol for gold is Au. "
     "Debian is a free operating system; the package manager installs software from repositories. "
@@ -35,10 +39,25 @@ def tiny_tokenizer():
     return wrapped
 
 
-def _config(family: str, vocab_size: int):
+def parse_tiny_name(name: str) -> tuple[str, int]:
+    """(family, number of decoder blocks) of a tiny model name: `llama` -> (llama, 3), `llama-5` -> (llama, 5)."""
+    family, dash, depth = name.rpartition("-")
+    if not dash or not depth.isdigit():
+        family, depth = name, str(DEFAULT_BLOCKS)
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny family in {name!r}: use a family ({', '.join(FAMILIES)}), optionally with "
+                         f"a depth, e.g. 'llama' (3 blocks) or 'llama-5' (5 blocks)")
+    blocks = int(depth)
+    if not 1 <= blocks <= MAX_BLOCKS:
+        raise ValueError(f"tiny model {name!r} asks for {blocks} decoder blocks: use 1 to {MAX_BLOCKS}, "
+                         f"e.g. '{family}-5'")
+    return family, blocks
+
+
+def _config(family: str, blocks: int, vocab_size: int):
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=blocks,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     if family == "llama":
         return tf.LlamaConfig(**common)
@@ -53,19 +72,20 @@ def _config(family: str, vocab_size: int):
     if family == "gemma3":
         return tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=16)
     if family == "gpt2":
-        return tf.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=3, n_head=4, n_positions=256)
+        return tf.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=blocks, n_head=4, n_positions=256)
     if family == "opt":
-        return tf.OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=3,
+        return tf.OPTConfig(vocab_size=vocab_size, hidden_size=32, ffn_dim=64, num_hidden_layers=blocks,
                             num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=32)
-    raise ValueError(f"unknown tiny family {family!r}: use one of {', '.join(FAMILIES)}")
+    raise AssertionError(f"parse_tiny_name accepted an unknown family {family!r}")  # FAMILIES lists every branch
 
 
 def tiny_model(family: str = "llama", seed: int = 0):
-    """(model, tokenizer) with random weights of the given family; float32, eval mode."""
+    """(model, tokenizer) with random weights of the given family (`llama`, or `llama-5` for 5 blocks); float32,
+    eval mode. The same name and seed give the same weights."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = tiny_tokenizer()
-    config = _config(family, len(tokenizer))
+    config = _config(*parse_tiny_name(family), len(tokenizer))
     config.use_cache = False
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
