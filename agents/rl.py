@@ -152,7 +152,8 @@ class RLAgent(Agent):
     name = "rl"
     deterministic = True  # a fixed policy acting deterministically in a seed-independent env
     POLICY_OPTIONS = ("device", "trust_pickle")
-    CONTEXT_KEYS = ("model", "device", "dtype", "granularity", "method", "pattern", "data")
+    # what the lent context decides, and the training-time target draw (the benchmark names the target)
+    CONTEXT_KEYS = ("model", "device", "dtype", "granularity", "method", "pattern", "data", "target_sparsity_range")
 
     def __init__(self, path: str, env: dict | None = None, policy: dict | None = None):
         super().__init__()

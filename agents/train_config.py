@@ -18,11 +18,13 @@ from typing import Any, Callable
 from prune_env.config import ConfigError, dataclass_from_dict, load_config
 from prune_env.context import GRANULARITIES, DataConfig
 from prune_env.env import ACTION_TYPES, FIDELITIES
-from prune_env.masking import METHODS, parse_pattern
+from prune_env.masking import parse_pattern
+from prune_env.methods import check_method
 from prune_env.rewards import RewardConfig
 from prune_env.validation import DTYPE_NAMES, check_choice, check_device, check_number, check_ratio, check_target
 
 ALGO_NAMES = ("ppo", "sac", "dqn")
+LAYER_ENV_IDS = ("prune_env/LayerPrune-v0", "prune_env/LayerPrune-v1")
 WANDB_MODES = ("offline", "online", "disabled")
 VEC_ENVS = ("dummy", "subproc")
 ACTIVATIONS = {"tanh": "Tanh", "relu": "ReLU", "elu": "ELU", "leaky_relu": "LeakyReLU", "gelu": "GELU",
@@ -183,10 +185,13 @@ def _check_data(values: dict, where: str) -> None:
 # ----------------------------------------------------------------------------- sections
 @dataclass
 class EnvConfig:
-    """LayerPrune-v0's keyword arguments for the training envs."""
+    """The env id and its keyword arguments for the training envs (LayerPrune-v0 by default)."""
 
+    env_id: str = "prune_env/LayerPrune-v0"  # or prune_env/LayerPrune-v1 (fixed linear-role encoding)
     model: str = "smollm2-135m"
     target_sparsity: float = 0.5
+    # (lo, hi): each training episode draws its target uniformly from it (one policy for every target)
+    target_sparsity_range: list[float] | None = None
     granularity: str = "block"
     method: str = "wanda"
     pattern: str | None = None
@@ -199,10 +204,19 @@ class EnvConfig:
     data: dict = field(default_factory=lambda: asdict(DataConfig()))
     proxy_eval_tokens: int = 1024
     proxy_facts: int = 64
+    surrogate: str | None = None  # fidelity=surrogate: the data set file (None: the packaged one)
     device: str = "cpu"
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        check_choice("env_id", self.env_id, LAYER_ENV_IDS)
+        if self.target_sparsity_range is not None:
+            if len(self.target_sparsity_range) != 2:
+                raise ValueError(f"target_sparsity_range={self.target_sparsity_range!r} is not [lo, hi]")
+            low, high = (check_target(value, "target_sparsity_range") for value in self.target_sparsity_range)
+            if not self.min_sparsity <= low <= high <= self.max_sparsity:
+                raise ValueError(f"target_sparsity_range={self.target_sparsity_range!r} must satisfy min_sparsity "
+                                 f"<= lo <= hi <= max_sparsity = [{self.min_sparsity}, {self.max_sparsity}]")
         if not self.model:
             raise ValueError("model is empty: give a model alias, folder, .gguf file or hub id")
         check_target(self.target_sparsity, "target_sparsity")
@@ -212,7 +226,7 @@ class EnvConfig:
             raise ValueError(f"target_sparsity={self.target_sparsity} is outside [min_sparsity, "
                              f"max_sparsity] = [{self.min_sparsity}, {self.max_sparsity}]")
         check_choice("granularity", self.granularity, GRANULARITIES)
-        check_choice("method", self.method, METHODS)
+        check_method(self.method)
         check_choice("fidelity", self.fidelity, FIDELITIES)
         check_choice("action_type", self.action_type, ACTION_TYPES)
         check_choice("dtype", self.dtype, DTYPE_NAMES)
@@ -333,11 +347,15 @@ class TrainConfig:
             raise ValueError("algo.name=sac needs env.action_type=continuous (SAC acts in a Box space)")
 
     def env_kwargs(self, evaluation: bool = False) -> dict:
-        """LayerPrune-v0 kwargs of the training env, or of the evaluation env (eval.fidelity, eval.data)."""
+        """make_env kwargs (env_id + env kwargs) of the training env, or of the evaluation env (eval.fidelity,
+        eval.data, the fixed target)."""
         kwargs = asdict(self.env)
-        if evaluation:
+        if evaluation:  # the evaluation episode is at env.target_sparsity, never a drawn target
             kwargs["fidelity"] = self.eval.fidelity
             kwargs["data"] = {**kwargs["data"], **self.eval.data}
+            kwargs["target_sparsity_range"] = None
+        if kwargs["target_sparsity_range"] is not None:
+            kwargs["target_sparsity_range"] = tuple(kwargs["target_sparsity_range"])
         return kwargs
 
 

@@ -17,6 +17,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 import train
 from agents.rl import RLAgent, load_policy, read_run_config
 from prune_env.allocation import parse_allocation
+from prune_env.config import ConfigError
 from prune_env.factory import make_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,3 +192,23 @@ def test_shipped_configs_resolve(name: str | None, algo: str):
         if algo == "ppo":  # whole 30-step episodes per rollout, whole rollouts up to total_timesteps
             assert config.algo.hyperparams["n_steps"] % 30 == 0
             assert config.algo.total_timesteps % config.algo.hyperparams["n_steps"] == 0
+
+
+def test_one_policy_for_every_target_draws_training_targets(tiny_data, tmp_path):
+    """env.target_sparsity_range: training episodes draw their target; the evaluation episode keeps env.target."""
+    from agents.train_config import resolve_config
+    from prune_env.factory import make_env
+
+    config = resolve_config(SMOKE, [*smoke_overrides(tiny_data, tmp_path / "run"), "env.target_sparsity_range=[0.3, 0.6]",
+                                    "env.env_id=prune_env/LayerPrune-v1"])
+    env = make_env(**config.env_kwargs())
+    targets = set()
+    for seed in range(6):
+        _, info = env.reset(seed=seed)
+        targets.add(round(float(env.unwrapped.target_sparsity), 6))
+    assert len(targets) > 1 and all(0.3 <= t <= 0.6 for t in targets)
+    assert config.env_kwargs(evaluation=True)["target_sparsity_range"] is None
+    with pytest.raises(ConfigError, match="target_sparsity_range"):
+        resolve_config(SMOKE, ["env.target_sparsity_range=[0.3, 0.95]"])
+    with pytest.raises(ConfigError, match="env_id"):
+        resolve_config(SMOKE, ["env.env_id=prune_env/IterativePrune-v0"])
