@@ -85,6 +85,7 @@ AGENTS: dict[str, str] = {
     "zscore-greedy": "agents.heuristics:ZScoreGreedyAgent",
     "llm": "agents.llm:LLMAgent",
     "rl": "agents.rl:RLAgent",
+    "search": "agents.search:SearchAgent",
 }
 """Registry name -> "module:Class". Classes are imported on first use (no torch import at load)."""
 
