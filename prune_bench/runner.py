@@ -165,7 +165,7 @@ class Runner:
         return check_export(directory, device=ctx.device)
 
 
-_AGENT_FIELDS = ("llm_model", "iterations", "rollbacks", "llm", "rl")
+_AGENT_FIELDS = ("llm_model", "iterations", "rollbacks", "llm", "rl", "search")
 
 
 def _agent_info(record: dict, agent: Agent) -> None:

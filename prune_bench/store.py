@@ -32,7 +32,8 @@ Top level:
         status            "ok" | "failed"
         error             null when ok, else "ExceptionType: message"; `traceback` holds the stack
         llm_model, iterations, rollbacks   LLM agent only (else null); `llm` holds more LLM details,
-                          `rl` the policy, algo, training model and env fidelity of RL agents
+                          `rl` the policy, algo, training model and env fidelity of RL agents,
+                          `search` the optimiser, episodes used and best/uniform quality of search agents
         reused_from_seed  int or null
 results.json is rewritten atomically after every cell. `--resume` keeps the ok records of an existing
 results.json made with the same model, operator and data (else it refuses) and runs the missing and the

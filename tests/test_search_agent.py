@@ -232,4 +232,5 @@ def test_a_benchmark_cell(tmp_path, text_file):
     assert (record["agent"], record["status"], record["error"]) == ("search", "ok", None)
     assert record["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3) and record["ppl"] > 1
     assert record["agent_config"]["episodes"] == 3
+    assert record["search"]["episodes"] == 3 and record["search"]["best_quality"] >= record["search"]["uniform_quality"]
     check_allocation(PruningContext("tiny-llama", data=base["data"]), record["allocation"], 0.5)
