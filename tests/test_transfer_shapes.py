@@ -25,8 +25,8 @@ from prune_env.tiny import DEFAULT_BLOCKS, parse_tiny_name, tiny_model
 
 TARGET = 0.5
 TRAIN_STEPS = 256
-# IterativePrune pays the change in quality, so a short run learns to select nothing and never reaches the target;
-# this term pays for sparsity so the few hundred training steps learn to prune (the spaces are what is tested).
+# IterativePrune pays nothing for reaching the target, so nothing asks a briefly trained policy to get there; this
+# term pays for sparsity, so the episodes on the other models can be asserted to end at the target.
 SPARSITY_TERM = "transfer_test_sparsity"
 register_reward_term(SPARSITY_TERM, lambda metrics, dense, context: metrics["achieved_sparsity"])
 ITERATIVE = {"granularity": "block", "increment": 0.25, "max_steps": 8, "rollback_threshold": math.inf,
