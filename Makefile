@@ -18,9 +18,8 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-demo: setup
-	$(PY) -m prune_env.prune --model smollm2-135m --method wanda --sparsity 0.5 --no-save-model \
-	    --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+demo: setup   # LayerPrune-v0 on SmolLM2-135M played by uniform Wanda, zscore-greedy and the committed PPO policy
+	$(PY) scripts/demo.py --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: setup
 	$(PY) -m pytest -q
