@@ -13,6 +13,7 @@ import re
 import types
 import typing
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import yaml
@@ -178,20 +179,18 @@ def _typed(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}={value!r} must be a mapping")
         return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} must be true or false")
-        return value
-    if hint is int:
-        if not is_int(value):
-            raise ConfigError(f"{key}={value!r} must be an integer")
-        return int(value)
-    if hint is float:
-        if not is_finite_number(value):
-            raise ConfigError(f"{key}={value!r} must be a finite number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}={value!r} must be a string")
-        return value
+    if hint in _SCALARS:
+        accepts, convert, wanted = _SCALARS[hint]
+        if not accepts(value):
+            raise ConfigError(f"{key}={value!r} must be {wanted}")
+        return convert(value)
     return value
+
+
+# annotation -> (accepts the YAML value?, conversion, what to say when it does not)
+_SCALARS: dict[type, tuple[Callable[[Any], bool], Callable[[Any], Any], str]] = {
+    bool: (lambda v: isinstance(v, bool), bool, "true or false"),
+    int: (is_int, int, "an integer"),
+    float: (is_finite_number, float, "a finite number"),
+    str: (lambda v: isinstance(v, str), str, "a string"),
+}

@@ -122,7 +122,10 @@ def _shutdown(sock: socket.socket) -> None:
         pass
 
 
-class _WatchedHTTPConnection(http.client.HTTPConnection):
+class _WatchedConnection:
+    """Mixin for http.client connections: the connect timeout is what is left of the request's deadline,
+    and the socket is watched so a slow drip cannot outlast it."""
+
     def __init__(self, *args, deadline: _Deadline, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.deadline = deadline
@@ -133,15 +136,12 @@ class _WatchedHTTPConnection(http.client.HTTPConnection):
         self.deadline.watch(self.sock)
 
 
-class _WatchedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args, deadline: _Deadline, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.deadline = deadline
+class _WatchedHTTPConnection(_WatchedConnection, http.client.HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        self.timeout = max(min(self.timeout, self.deadline.remaining()), 0.001)
-        super().connect()
-        self.deadline.watch(self.sock)
+
+class _WatchedHTTPSConnection(_WatchedConnection, http.client.HTTPSConnection):
+    pass
 
 
 class _WatchedHTTPHandler(urllib.request.HTTPHandler):
