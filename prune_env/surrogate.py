@@ -19,8 +19,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import PruningContext
 
 FORMAT = "prune-gym-surrogate"
 VERSION = 1
@@ -118,6 +122,8 @@ class FitConfig:
     leave-one-out error over `penalties` (closed form for ridge, so the fit stays deterministic and fast)."""
 
     knots: tuple[float, ...] = (0.2, 0.35, 0.5, 0.65, 0.8)
+    compress_ppl: bool = True  # regress log1p(log(ppl / ppl_dense)): a collapsed model (ppl x 300) must not
+    #                             dominate the squared loss over the many allocations a policy actually visits
     penalties: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
@@ -133,17 +139,27 @@ def features(allocations: np.ndarray, knots: tuple[float, ...]) -> np.ndarray:
     return np.concatenate([per_unit, shared], axis=1)
 
 
-def _ridge_loo(x: np.ndarray, y: np.ndarray, penalty: float) -> tuple[np.ndarray, float]:
-    """Coefficients of ridge on standardised x (intercept unpenalised) and the exact leave-one-out MSE."""
+def _ridge(x: np.ndarray, y: np.ndarray, penalties: tuple[float, ...]) -> tuple[np.ndarray, list[float]]:
+    """Ridge on centred, standardised x with an unpenalised intercept, one penalty per column of y chosen by
+    exact leave-one-out error. One SVD serves every penalty and column: coef = V diag(d/(d^2+p)) U'y,
+    hat_ii = 1/m + sum_k U_ik^2 d_k^2/(d_k^2+p). Returns (1 + n_features, columns) coefficients, intercept first."""
     m = x.shape[0]
-    design = np.concatenate([np.ones((m, 1)), x], axis=1)
-    reg = np.eye(design.shape[1]) * penalty
-    reg[0, 0] = 0.0
-    inverse = np.linalg.pinv(design.T @ design + reg)
-    coef = inverse @ design.T @ y
-    hat = np.einsum("ij,jk,ik->i", design, inverse, design)
-    residual = (y - design @ coef) / np.clip(1.0 - hat, 1e-9, None)
-    return coef, float(np.mean(residual ** 2))
+    u, d, vt = np.linalg.svd(x, full_matrices=False)
+    intercept = y.mean(axis=0)
+    uty = u.T @ (y - intercept)
+    coefs, chosen = [], []
+    for j in range(y.shape[1]):
+        best = None
+        for penalty in penalties:
+            shrink = d ** 2 / (d ** 2 + penalty)
+            fitted = intercept[j] + u @ (shrink * uty[:, j])
+            hat = 1.0 / m + (u ** 2) @ shrink
+            loo = float(np.mean(((y[:, j] - fitted) / np.clip(1.0 - hat, 1e-9, None)) ** 2))
+            if best is None or loo < best[0]:
+                best = (loo, penalty, vt.T @ (d / (d ** 2 + penalty) * uty[:, j]))
+        coefs.append(np.concatenate([[intercept[j]], best[2]]))
+        chosen.append(best[1])
+    return np.stack(coefs, axis=1), chosen
 
 
 @dataclass
@@ -168,7 +184,8 @@ class Surrogate:
         x = (features(s, self.config.knots) - self.mean) / self.scale
         out = self.coef[0] + x @ self.coef[1:]
         dense = self.header["dense"]
-        return {"ppl": dense["ppl"] * np.exp(out[:, 0]),
+        log_ratio = np.expm1(out[:, 0]) if self.config.compress_ppl else out[:, 0]
+        return {"ppl": dense["ppl"] * np.exp(log_ratio),
                 "fact_acc": np.clip(out[:, 1], 0.0, 1.0), "fact_nll": np.maximum(out[:, 2], 0.0),
                 "fact_retention": np.clip(out[:, 3], 0.0, 1.0)}
 
@@ -193,19 +210,17 @@ def fit(dataset: Dataset, config: FitConfig = FitConfig(), records: list[dict] |
                          f"rebuild it with {REBUILD}")
     s = np.asarray([r["allocation"] for r in records], dtype=np.float64)
     dense = dataset.header["dense"]
-    y = np.stack([np.log([r["ppl"] / dense["ppl"] for r in records])] +
+    log_ratio = np.log([r["ppl"] / dense["ppl"] for r in records])
+    if config.compress_ppl:
+        log_ratio = np.log1p(np.maximum(log_ratio, -0.99))
+    y = np.stack([log_ratio] +
                  [np.asarray([r[key] for r in records], dtype=np.float64) for key in TARGETS[1:]], axis=1)
     raw = features(s, config.knots)
     mean, scale = raw.mean(axis=0), raw.std(axis=0)
     scale[scale < 1e-12] = 1.0
     x = (raw - mean) / scale
-    coefs, chosen = [], []
-    for j in range(y.shape[1]):
-        fits = [(_ridge_loo(x, y[:, j], p), p) for p in config.penalties]
-        (coef, _), penalty = min(fits, key=lambda item: item[0][1])
-        coefs.append(coef)
-        chosen.append(penalty)
-    return Surrogate(dataset.header, config, mean, scale, np.stack(coefs, axis=1), chosen)
+    coef, chosen = _ridge(x, y, config.penalties)
+    return Surrogate(dataset.header, config, mean, scale, coef, chosen)
 
 
 def quality_of(metrics: dict, dense: dict, reward: dict) -> np.ndarray | float:
@@ -264,10 +279,12 @@ def check_match(header: dict, description: dict, path: Path) -> None:
             f"--out PATH` and pass it as surrogate=PATH")
 
 
-def load_surrogate(path: str | Path | None, description: dict, config: FitConfig = FitConfig()) -> Surrogate:
+def load_surrogate(path: str | Path | None, context: "PruningContext | dict",
+                   config: FitConfig = FitConfig()) -> Surrogate:
     """The surrogate fitted on the data set at `path` (None: the packaged SmolLM2-135M one), refused with
-    a clear error when `description` (`PruningContext.describe()`) is not what the data set was built
-    from. The fit is recomputed from the data (milliseconds) and kept per process."""
+    a clear error when the env's context (a PruningContext, or its `describe()` dict) is not what the
+    data set was built from. The fit is recomputed from the data (milliseconds) and kept per process."""
+    description = context if isinstance(context, dict) else context.describe()
     path = Path(path) if path is not None else PACKAGED
     stat = path.stat() if path.is_file() else None
     key = (str(path.resolve()), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0, config)

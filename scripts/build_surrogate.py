@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.allocators import match_budget, zscore_greedy_ratios  # noqa: E402
-from prune_env.surrogate import PACKAGED, append_record, start_dataset  # noqa: E402
+from prune_env.surrogate import PACKAGED, append_record, heldout, read_dataset, start_dataset  # noqa: E402
 
 TARGETS = (0.3, 0.4, 0.5, 0.6)
 KINDS = ("near", "random", "structured")
@@ -175,8 +175,7 @@ def build(model: str, out: Path, rounds: int, seed: int, data: dict | None, log=
     log(f"{out}: {len(done)} draws already there, {len(todo)} to play")
     if not todo:
         return 0
-    env = gym.make("prune_env/LayerPrune-v0", model=model, fidelity="exact", data=asdict(ctx.data),
-                   min_sparsity=LOW, max_sparsity=HIGH)
+    env = gym.make("prune_env/LayerPrune-v0", fidelity="exact", context=ctx, min_sparsity=LOW, max_sparsity=HIGH)
     commit = header["git_commit"]
     for count, draw in enumerate(todo, 1):
         ratios, params = allocation(draw, seed, profile)
@@ -197,6 +196,24 @@ def build(model: str, out: Path, rounds: int, seed: int, data: dict | None, log=
     return len(todo)
 
 
+def summary(out: Path) -> str:
+    """Counts per target and kind, seconds per record and the fit's held-out figures (5-fold by draw)."""
+    data = read_dataset(out)
+    counts: dict = {}
+    for record in data.records:
+        counts.setdefault(record["target"], {}).setdefault(record["kind"], 0)
+        counts[record["target"]][record["kind"]] += 1
+    lines = [f"{out}: {len(data.records)} records, "
+             f"{np.mean([r['seconds'] for r in data.records]):.1f} s per exact episode"]
+    lines += [f"  target {t}: {dict(sorted(c.items()))}" for t, c in sorted(counts.items())]
+    if len(data.records) >= 10:
+        figures = heldout(data)
+        per_target = ", ".join(f"{t}: {v:.3f}" for t, v in figures["spearman_per_target"].items() if v is not None)
+        lines.append(f"held-out (5-fold by draw) Spearman of predicted vs exact reward {figures['spearman']:.3f} "
+                     f"(per target {per_target}), bias {figures['bias']:+.4f}, MAE {figures['mae']:.4f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -215,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.fit:
+        print(summary(args.out), flush=True)
     return 0
 
 
