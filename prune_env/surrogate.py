@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -118,25 +118,44 @@ TARGETS = ("log_ppl_ratio", "fact_acc", "fact_nll", "fact_retention")
 
 @dataclass(frozen=True)
 class FitConfig:
-    """Ridge regression on a per-unit piecewise-linear basis; the penalty is chosen per metric by exact
-    leave-one-out error over `penalties` (closed form for ridge, so the fit stays deterministic and fast)."""
+    """Ridge regression on a low-dimensional description of an allocation; the penalty is chosen per metric
+    by exact leave-one-out error over `penalties` (closed form for ridge: deterministic and fast)."""
 
     knots: tuple[float, ...] = (0.2, 0.35, 0.5, 0.65, 0.8)
+    unit_terms: Literal["none", "linear", "hinge"] = "linear"  # per-unit s (and its hinges): each unit's own cost
+    profile_terms: bool = True  # the allocation's tilt along the dense profile's z-scores (needs header "profile")
     compress_ppl: bool = True  # regress log1p(log(ppl / ppl_dense)): a collapsed model (ppl x 300) must not
     #                             dominate the squared loss over the many allocations a policy actually visits
     penalties: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 
 
-def features(allocations: np.ndarray, knots: tuple[float, ...]) -> np.ndarray:
-    """(m, n_units) allocations -> (m, n_features): per unit s and max(0, s - k) for every knot (each unit's
-    own cost curve), then the same basis summed over units and powers of the mean sparsity (the shared,
-    compounding part of the damage)."""
+def features(allocations, config: FitConfig, numel: np.ndarray, profile: np.ndarray | None) -> np.ndarray:
+    """(m, n_units) allocations -> (m, n_features).
+
+    Level: powers of the budget t (parameter-weighted mean) and the mean of max(0, s - k) over units per
+    knot (the shared, convex part of the damage). Shape: the deviation d = s - t projected on depth and
+    depth^2, its mean square, the first and last units and the first and last three, and (profile_terms)
+    on the dense z-scores of Wanda scores and gradients. Then per-unit terms when asked for."""
     s = np.atleast_2d(np.asarray(allocations, dtype=np.float64))
-    hinges = [np.maximum(s - k, 0.0) for k in knots]
-    per_unit = np.concatenate([s, *hinges], axis=1)
-    mean = s.mean(axis=1, keepdims=True)
-    shared = np.concatenate([h.mean(axis=1, keepdims=True) for h in hinges] + [mean ** 2, mean ** 3], axis=1)
-    return np.concatenate([per_unit, shared], axis=1)
+    n = s.shape[1]
+    weights = numel / numel.sum()
+    t = (s @ weights)[:, None]
+    dev = s - t
+    depth = np.linspace(0.0, 1.0, n)
+    hinges = [np.maximum(s - k, 0.0) for k in config.knots]
+    columns = [t ** 2, t ** 3, *(h @ weights[:, None] for h in hinges), dev @ depth[:, None] / n,
+               dev @ depth[:, None] ** 2 / n, (dev ** 2) @ weights[:, None], dev[:, :1], dev[:, -1:],
+               dev[:, :3].mean(axis=1, keepdims=True), dev[:, -3:].mean(axis=1, keepdims=True)]
+    if config.profile_terms:
+        if profile is None:
+            raise ValueError("profile_terms needs the data set header's 'profile' (z_wanda, z_grad): "
+                             f"rebuild it with {REBUILD} or fit with profile_terms=False")
+        columns.append(dev @ profile.T / n)
+    if config.unit_terms != "none":
+        columns.append(s)
+    if config.unit_terms == "hinge":
+        columns.extend(hinges)
+    return np.concatenate(columns, axis=1)
 
 
 def _ridge(x: np.ndarray, y: np.ndarray, penalties: tuple[float, ...]) -> tuple[np.ndarray, list[float]]:
@@ -172,6 +191,10 @@ class Surrogate:
     scale: np.ndarray
     coef: np.ndarray      # (1 + n_features, len(TARGETS)), intercept first
     penalties: list[float]
+    bounds: np.ndarray    # (2, len(TARGETS)): the fitted range of each regressed metric; predictions stay in it
+
+    def _features(self, s: np.ndarray) -> np.ndarray:
+        return features(s, self.config, *_profile(self.header))
 
     @property
     def n_units(self) -> int:
@@ -181,8 +204,8 @@ class Surrogate:
         s = np.atleast_2d(np.asarray(allocations, dtype=np.float64))
         if s.shape[1] != self.n_units or not np.isfinite(s).all():
             raise ValueError(f"allocation of shape {s.shape[1:]} must hold {self.n_units} finite ratios, one per unit")
-        x = (features(s, self.config.knots) - self.mean) / self.scale
-        out = self.coef[0] + x @ self.coef[1:]
+        x = (self._features(s) - self.mean) / self.scale
+        out = np.clip(self.coef[0] + x @ self.coef[1:], self.bounds[0], self.bounds[1])
         dense = self.header["dense"]
         log_ratio = np.expm1(out[:, 0]) if self.config.compress_ppl else out[:, 0]
         return {"ppl": dense["ppl"] * np.exp(log_ratio),
@@ -202,6 +225,13 @@ class Surrogate:
         return {key: float(value[0]) for key, value in self.predict_many(s).items()}
 
 
+def _profile(header: dict) -> tuple[np.ndarray, np.ndarray | None]:
+    """Unit sizes and the dense profile (2, n_units) the data set was drawn on."""
+    profile = header.get("profile")
+    z = None if profile is None else np.asarray([profile["z_wanda"], profile["z_grad"]], dtype=np.float64)
+    return np.asarray(header["unit_numel"], dtype=np.float64), z
+
+
 def fit(dataset: Dataset, config: FitConfig = FitConfig(), records: list[dict] | None = None) -> Surrogate:
     """Fit on `records` (default: all of the data set's)."""
     records = dataset.records if records is None else records
@@ -215,12 +245,13 @@ def fit(dataset: Dataset, config: FitConfig = FitConfig(), records: list[dict] |
         log_ratio = np.log1p(np.maximum(log_ratio, -0.99))
     y = np.stack([log_ratio] +
                  [np.asarray([r[key] for r in records], dtype=np.float64) for key in TARGETS[1:]], axis=1)
-    raw = features(s, config.knots)
+    raw = features(s, config, *_profile(dataset.header))
     mean, scale = raw.mean(axis=0), raw.std(axis=0)
     scale[scale < 1e-12] = 1.0
     x = (raw - mean) / scale
     coef, chosen = _ridge(x, y, config.penalties)
-    return Surrogate(dataset.header, config, mean, scale, coef, chosen)
+    bounds = np.stack([y.min(axis=0), y.max(axis=0)])
+    return Surrogate(dataset.header, config, mean, scale, coef, chosen, bounds)
 
 
 def quality_of(metrics: dict, dense: dict, reward: dict) -> np.ndarray | float:

@@ -47,8 +47,9 @@ def synthetic(n_records: int = 160, n_units: int = 8, seed: int = 0) -> Dataset:
         records.append({"draw": draw, "target": target, "allocation": s.tolist(), "ppl": DENSE["ppl"] * np.exp(log_ratio),
                         "fact_acc": acc, "fact_nll": 1.0 + log_ratio, "fact_retention": acc / DENSE["fact_acc"],
                         "quality": -log_ratio - (DENSE["fact_acc"] - acc)})
+    profile = {"z_wanda": rng.normal(0.0, 1.0, n_units).tolist(), "z_grad": rng.normal(0.0, 1.0, n_units).tolist()}
     header = {"format": "prune-gym-surrogate", "version": 1, "context": CONTEXT, "dense": DENSE, "reward": REWARD,
-              "unit_numel": [100] * n_units}
+              "unit_numel": [100] * n_units, "profile": profile}
     return Dataset(header, records)
 
 
