@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -122,51 +122,66 @@ class FitConfig:
     by exact leave-one-out error over `penalties` (closed form for ridge: deterministic and fast)."""
 
     knots: tuple[float, ...] = (0.2, 0.35, 0.5, 0.65, 0.8)
-    unit_terms: Literal["none", "linear", "hinge"] = "linear"  # per-unit s (and its hinges): each unit's own cost
+    unit_linear: bool = True  # per-unit s: each unit's own first-order cost
+    unit_knots: tuple[float, ...] = (0.7,)  # per-unit max(0, s - k): one unit pruned past k can break the model
     profile_terms: bool = True  # the allocation's tilt along the dense profile's z-scores (needs header "profile")
     compress_ppl: bool = True  # regress log1p(log(ppl / ppl_dense)): a collapsed model (ppl x 300) must not
     #                             dominate the squared loss over the many allocations a policy actually visits
     penalties: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+    unit_scales: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0)
+    """Candidate weights of the per-unit columns against the shared ones (a stronger prior towards "every unit
+    alike" when small); chosen per metric by leave-one-out error with the penalty, so the fit itself decides
+    how much per-unit detail the data support (0: none)."""
 
 
-def features(allocations, config: FitConfig, numel: np.ndarray, profile: np.ndarray | None) -> np.ndarray:
-    """(m, n_units) allocations -> (m, n_features).
-
-    Level: powers of the budget t (parameter-weighted mean) and the mean of max(0, s - k) over units per
-    knot (the shared, convex part of the damage). Shape: the deviation d = s - t projected on depth and
-    depth^2, its mean square, the first and last units and the first and last three, and (profile_terms)
-    on the dense z-scores of Wanda scores and gradients. Then per-unit terms when asked for."""
-    s = np.atleast_2d(np.asarray(allocations, dtype=np.float64))
-    n = s.shape[1]
+def linear_map(config: FitConfig, numel: np.ndarray, profile: np.ndarray | None) -> np.ndarray:
+    """(n_units, k): the features that are linear in the allocation, as one matrix (so a prediction is a
+    handful of numpy calls). With d = s - t the deviation from the budget t (parameter-weighted mean):
+    d projected on depth and depth^2, d of the first and last unit and mean d of the first and last three,
+    d projected on the dense z-scores of Wanda scores and gradients (profile_terms), then s itself
+    (unit_linear: each unit's own cost)."""
+    n = numel.size
     weights = numel / numel.sum()
-    t = (s @ weights)[:, None]
-    dev = s - t
+    deviation = np.eye(n) - weights[None, :]  # d = deviation @ s
     depth = np.linspace(0.0, 1.0, n)
-    hinges = [np.maximum(s - k, 0.0) for k in config.knots]
-    columns = [t ** 2, t ** 3, *(h @ weights[:, None] for h in hinges), dev @ depth[:, None] / n,
-               dev @ depth[:, None] ** 2 / n, (dev ** 2) @ weights[:, None], dev[:, :1], dev[:, -1:],
-               dev[:, :3].mean(axis=1, keepdims=True), dev[:, -3:].mean(axis=1, keepdims=True)]
+    ends = np.zeros((4, n))
+    ends[0, 0], ends[1, -1], ends[2, :3], ends[3, -3:] = 1.0, 1.0, 1.0 / min(3, n), 1.0 / min(3, n)
+    rows = [depth / n, depth ** 2 / n, *ends]
     if config.profile_terms:
         if profile is None:
             raise ValueError("profile_terms needs the data set header's 'profile' (z_wanda, z_grad): "
                              f"rebuild it with {REBUILD} or fit with profile_terms=False")
-        columns.append(dev @ profile.T / n)
-    if config.unit_terms != "none":
-        columns.append(s)
-    if config.unit_terms == "hinge":
-        columns.extend(hinges)
+        rows.extend(profile / n)
+    columns = [deviation.T @ np.asarray(rows).T]
+    if config.unit_linear:
+        columns.append(np.eye(n))
     return np.concatenate(columns, axis=1)
 
 
-def _ridge(x: np.ndarray, y: np.ndarray, penalties: tuple[float, ...]) -> tuple[np.ndarray, list[float]]:
+def features(allocations, config: FitConfig, numel: np.ndarray, linear: np.ndarray) -> np.ndarray:
+    """(m, n_units) allocations -> (m, n_features): the level of the damage (t^2, t^3, the weighted mean
+    of max(0, s - k) per knot: the shared convex cost, the mean squared deviation from t), then the
+    shape terms of `linear_map`, then per-unit hinges max(0, s - k) for k in unit_knots."""
+    s = np.atleast_2d(np.asarray(allocations, dtype=np.float64))
+    weights = numel / numel.sum()
+    t = s @ weights
+    hinges = np.maximum(s[:, :, None] - np.asarray(config.knots), 0.0)  # (m, n, knots)
+    level = np.column_stack([t ** 2, t ** 3, np.einsum("mnk,n->mk", hinges, weights), (s - t[:, None]) ** 2 @ weights])
+    columns = [level, s @ linear]
+    columns.extend(np.maximum(s - k, 0.0) for k in config.unit_knots)
+    return np.concatenate(columns, axis=1)
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, penalties: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, list]:
     """Ridge on centred, standardised x with an unpenalised intercept, one penalty per column of y chosen by
     exact leave-one-out error. One SVD serves every penalty and column: coef = V diag(d/(d^2+p)) U'y,
-    hat_ii = 1/m + sum_k U_ik^2 d_k^2/(d_k^2+p). Returns (1 + n_features, columns) coefficients, intercept first."""
+    hat_ii = 1/m + sum_k U_ik^2 d_k^2/(d_k^2+p). Returns ((1 + n_features, columns) coefficients, intercept
+    first; the leave-one-out mean squared error of each column; the chosen penalties)."""
     m = x.shape[0]
     u, d, vt = np.linalg.svd(x, full_matrices=False)
     intercept = y.mean(axis=0)
     uty = u.T @ (y - intercept)
-    coefs, chosen = [], []
+    coefs, errors, chosen = [], [], []
     for j in range(y.shape[1]):
         best = None
         for penalty in penalties:
@@ -177,8 +192,9 @@ def _ridge(x: np.ndarray, y: np.ndarray, penalties: tuple[float, ...]) -> tuple[
             if best is None or loo < best[0]:
                 best = (loo, penalty, vt.T @ (d / (d ** 2 + penalty) * uty[:, j]))
         coefs.append(np.concatenate([[intercept[j]], best[2]]))
+        errors.append(best[0])
         chosen.append(best[1])
-    return np.stack(coefs, axis=1), chosen
+    return np.stack(coefs, axis=1), np.asarray(errors), chosen
 
 
 @dataclass
@@ -190,11 +206,13 @@ class Surrogate:
     mean: np.ndarray      # feature standardisation
     scale: np.ndarray
     coef: np.ndarray      # (1 + n_features, len(TARGETS)), intercept first
-    penalties: list[float]
+    penalties: list[tuple[float, float]]  # (ridge penalty, per-unit column scale) chosen for each metric
     bounds: np.ndarray    # (2, len(TARGETS)): the fitted range of each regressed metric; predictions stay in it
 
-    def _features(self, s: np.ndarray) -> np.ndarray:
-        return features(s, self.config, *_profile(self.header))
+    def __post_init__(self) -> None:
+        self._numel, profile = _profile(self.header)
+        self._linear = linear_map(self.config, self._numel, profile)
+        self._dense = dict(self.header["dense"])
 
     @property
     def n_units(self) -> int:
@@ -204,9 +222,9 @@ class Surrogate:
         s = np.atleast_2d(np.asarray(allocations, dtype=np.float64))
         if s.shape[1] != self.n_units or not np.isfinite(s).all():
             raise ValueError(f"allocation of shape {s.shape[1:]} must hold {self.n_units} finite ratios, one per unit")
-        x = (self._features(s) - self.mean) / self.scale
+        x = (features(s, self.config, self._numel, self._linear) - self.mean) / self.scale
         out = np.clip(self.coef[0] + x @ self.coef[1:], self.bounds[0], self.bounds[1])
-        dense = self.header["dense"]
+        dense = self._dense
         log_ratio = np.expm1(out[:, 0]) if self.config.compress_ppl else out[:, 0]
         return {"ppl": dense["ppl"] * np.exp(log_ratio),
                 "fact_acc": np.clip(out[:, 1], 0.0, 1.0), "fact_nll": np.maximum(out[:, 2], 0.0),
@@ -217,8 +235,7 @@ class Surrogate:
         implied by the allocation (its parameter-weighted mean); when given it must agree to 1e-3."""
         s = np.asarray(allocation, dtype=np.float64).reshape(1, -1)
         if target_sparsity is not None and s.shape[1] == self.n_units:
-            numel = np.asarray(self.header["unit_numel"], dtype=np.float64)
-            achieved = float(s[0] @ numel / numel.sum())
+            achieved = float(s[0] @ self._numel / self._numel.sum())
             if abs(achieved - target_sparsity) > 1e-3:
                 raise ValueError(f"allocation averages {achieved:.4f}, not target_sparsity {target_sparsity}: "
                                  "pass the ratios the env applied")
@@ -245,11 +262,25 @@ def fit(dataset: Dataset, config: FitConfig = FitConfig(), records: list[dict] |
         log_ratio = np.log1p(np.maximum(log_ratio, -0.99))
     y = np.stack([log_ratio] +
                  [np.asarray([r[key] for r in records], dtype=np.float64) for key in TARGETS[1:]], axis=1)
-    raw = features(s, config, *_profile(dataset.header))
+    numel, profile = _profile(dataset.header)
+    raw = features(s, config, numel, linear_map(config, numel, profile))
     mean, scale = raw.mean(axis=0), raw.std(axis=0)
     scale[scale < 1e-12] = 1.0
     x = (raw - mean) / scale
-    coef, chosen = _ridge(x, y, config.penalties)
+    n_shared = x.shape[1] - s.shape[1] * (int(config.unit_linear) + len(config.unit_knots))
+    best = None
+    for unit_scale in config.unit_scales:
+        column_scale = np.where(np.arange(x.shape[1]) < n_shared, 1.0, unit_scale)
+        coef, errors, penalties = _ridge(x * column_scale, y, config.penalties)
+        coef[1:] *= column_scale[:, None]  # back to coefficients of the unscaled standardised features
+        if best is None:
+            best = [coef, errors, [(p, unit_scale) for p in penalties]]
+            continue
+        better = errors < best[1]
+        best[0][:, better] = coef[:, better]
+        best[1] = np.where(better, errors, best[1])
+        best[2] = [(p, unit_scale) if b else old for p, b, old in zip(penalties, better, best[2])]
+    coef, _, chosen = best
     bounds = np.stack([y.min(axis=0), y.max(axis=0)])
     return Surrogate(dataset.header, config, mean, scale, coef, chosen, bounds)
 
