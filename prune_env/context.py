@@ -30,7 +30,7 @@ from .evaluation import FactScores, evaluate_facts, perplexity, retention
 from .facts import Fact, load_facts
 from .files import atomic_write_text, read_cache
 from .masking import parse_pattern
-from .models import LinearRef, linear_layers, load_model
+from .models import LinearRef, check_sequence_length, linear_layers, load_model
 from .pruner import PruneResult, calibration_batches, check_method, prune_model
 from .snapshot import MaskedModel
 from .scoring import LinearStats, cache_dir, cache_key, compute_linear_stats, unit_gradient, unit_wanda_percentile, zscore
@@ -142,6 +142,7 @@ class PruningContext:
         self.granularity = granularity
         self.total_numel = sum(unit.numel for unit in self.units)
         d = self.data
+        check_sequence_length(self.model, model, calib_seq_len=d.calib_seq_len, eval_seq_len=d.eval_seq_len)
         ids = tokenize_corpus(load_text(d.text), self.tokenizer)
         self.slices = split_corpus(ids, calib_samples=d.calib_samples, calib_seq_len=d.calib_seq_len,
                                    eval_tokens=d.eval_tokens, eval_seq_len=d.eval_seq_len, seed=d.seed,

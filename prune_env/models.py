@@ -248,3 +248,22 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
 
 def input_features(module: nn.Module) -> int:
     return weight_matrix(module).shape[1]
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings allow (GPT-2 calls it n_positions), or None."""
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = config.to_dict().get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_sequence_length(model: nn.Module, spec: str, **lengths: int) -> None:
+    """Refuse windows longer than the model's positions (its embedding lookup would fail without a name)."""
+    limit = max_positions(model)
+    too_long = {name: value for name, value in lengths.items() if limit is not None and value > limit}
+    if too_long:
+        names = ", ".join(f"{name}={value}" for name, value in too_long.items())
+        raise ValueError(f"{names} is longer than model {spec!r} allows ({limit} positions): use at most {limit}")

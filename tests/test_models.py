@@ -249,3 +249,15 @@ def test_smollm2_alias_does_not_import_its_package(monkeypatch):
     assert package not in sys.modules  # its __init__ imports llama.cpp bindings: never run it
     assert name == filename
     assert (Path(location) / name).resolve() == expected
+
+
+def test_windows_longer_than_the_model_allows_are_refused_by_name(text_file):
+    """tiny-gpt2 has 256 positions: a 512-token window would fail deep inside the embedding lookup."""
+    from prune_env.context import PruningContext
+
+    data = {"text": str(text_file), "calib_samples": 2, "calib_seq_len": 32, "eval_tokens": 512, "eval_seq_len": 512,
+            "n_facts": 4, "grad_samples": 1}
+    with pytest.raises(ValueError, match=r"eval_seq_len=512 is longer than model 'tiny-gpt2' allows \(256 positions\)"):
+        PruningContext("tiny-gpt2", data=data)
+    ctx = PruningContext("tiny-gpt2", data={**data, "eval_seq_len": 256})
+    assert ctx.slices.evaluation.shape[1] == 256
