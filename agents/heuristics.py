@@ -18,14 +18,13 @@ import numpy as np
 import torch
 
 from agents.allocators import (
-    alphapruning_ratios,
-    hill_alpha,
     owl_outlier_ratio,
     owl_ratios_from_lod,
     random_ratios,
     uniform_ratios,
     zscore_greedy_ratios,
 )
+from agents.alphapruning import alphapruning_ratios, hill_alpha
 from agents.base import Agent
 
 __all__ = ["AlphaPruningAgent", "OWLAgent", "RandomAgent", "UniformAgent", "ZScoreGreedyAgent",

@@ -70,7 +70,8 @@ class Profile:
 
 def allocation(draw: dict, seed: int, profile: Profile) -> tuple[list[float], dict]:
     """The draw's requested per-unit ratios (budget-matched) and the parameters that produced them."""
-    from agents.allocators import alphapruning_ratios, owl_ratios_from_lod
+    from agents.allocators import owl_ratios_from_lod
+    from agents.alphapruning import alphapruning_ratios
 
     rng = np.random.default_rng([seed, draw["draw"]])
     t, n = draw["target"], len(profile.numel)

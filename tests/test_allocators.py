@@ -10,8 +10,6 @@ import torch
 
 from agents.allocators import (
     MAX_RATIO,
-    alphapruning_ratios,
-    hill_alpha,
     match_budget,
     owl_outlier_ratio,
     owl_ratios,
@@ -21,6 +19,7 @@ from agents.allocators import (
     zscore_greedy_pick,
     zscore_greedy_ratios,
 )
+from agents.alphapruning import alphapruning_ratios, hill_alpha
 
 
 def weighted(ratios, numel) -> float:
@@ -82,7 +81,7 @@ def test_uniform():
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5, float("nan")])
 def test_target_outside_open_interval_rejected(bad):
-    msg = r"target sparsity must be in the open interval \(0, 1\)"
+    msg = r"target sparsity=.* (is outside the allowed range|is not a number: give a number in) \(0, 1\)"
     with pytest.raises(ValueError, match=msg):
         uniform_ratios(4, bad)
     with pytest.raises(ValueError, match=msg):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from agents import heuristics
-from agents.allocators import hill_alpha, match_budget
+from agents.allocators import match_budget
+from agents.alphapruning import hill_alpha
 from agents.base import AGENTS, Agent, build_agent, check_allocation, play
 from agents.heuristics import (
     AlphaPruningAgent,

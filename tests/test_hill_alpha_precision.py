@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agents.allocators import hill_alpha
+from agents.alphapruning import hill_alpha
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
