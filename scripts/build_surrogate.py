@@ -98,7 +98,8 @@ def allocation(draw: dict, seed: int, profile: Profile) -> tuple[list[float], di
         raw = t + slope * (2 * depth - 1)
         params = {"slope": slope}
     elif variant.startswith("protect"):
-        k, keep = int(rng.integers(1, 5)), float(rng.uniform(0.0, 0.7))
+        most = max(1, min(4, (n - 1) // 2))  # 1-4 blocks, never so many that nothing is left unprotected
+        k, keep = int(rng.integers(1, most + 1)), float(rng.uniform(0.0, 0.7))
         raw = np.full(n, t)
         if variant in ("protect_first", "protect_ends"):
             raw[:k] = t * keep

@@ -143,3 +143,21 @@ def test_builder_writes_resumes_and_never_duplicates(tmp_path, tiny_data):
     assert [r["ppl"] for r in read_dataset(again).records] == [r["ppl"] for r in data.records[:4]]
     with pytest.raises(ValueError, match="different plan"):
         builder.build("tiny-llama", path, 1, 7, tiny_data, log=lambda m: None)
+
+
+def test_every_draw_kind_is_budget_matched_and_reproducible(tiny_data):
+    from prune_env.context import DataConfig, PruningContext
+
+    builder = _builder()
+    profile = builder.Profile(PruningContext("tiny-llama", data=DataConfig.from_dict(tiny_data)))
+    draws = builder.plan(len(builder.STRUCTURED))
+    assert {d["variant"] for d in draws if d["kind"] == "structured"} == set(builder.STRUCTURED)
+    numel = np.asarray(profile.numel, dtype=float)
+    for draw in draws:
+        ratios, params = builder.allocation(draw, 0, profile)
+        assert np.dot(ratios, numel) / numel.sum() == pytest.approx(draw["target"], abs=1e-9)
+        assert min(ratios) >= builder.LOW and max(ratios) <= builder.HIGH
+        assert (ratios, params) == builder.allocation(draw, 0, profile)
+    flat = [(d["kind"], d["variant"]) for d in draws
+            if d["kind"] != "uniform" and np.std(builder.allocation(d, 0, profile)[0]) == 0]
+    assert not flat, f"draws equal to the uniform allocation: {flat}"
