@@ -127,7 +127,7 @@ class FitConfig:
     knots: tuple[float, ...] = (0.2, 0.35, 0.5, 0.65, 0.8)
     unit_linear: bool = True  # per-unit s: each unit's own first-order cost
     unit_knots: tuple[float, ...] = (0.7,)  # per-unit max(0, s - k): one unit pruned past k can break the model
-    profile_terms: bool = True  # the allocation's tilt along the dense profile's z-scores (needs header "profile")
+    profile_terms: bool = True  # the allocation's tilt along the dense profile's z-scores, when the header has them
     compress_ppl: bool = True  # regress log1p(log(ppl / ppl_dense)): a collapsed model (ppl x 300) must not
     #                             dominate the squared loss over the many allocations a policy actually visits
     penalties: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -141,7 +141,8 @@ def linear_map(config: FitConfig, numel: np.ndarray, profile: np.ndarray | None)
     """(n_units, k): the features that are linear in the allocation, as one matrix (so a prediction is a
     handful of numpy calls). With d = s - t the deviation from the budget t (parameter-weighted mean):
     d projected on depth and depth^2, d of the first and last unit and mean d of the first and last three,
-    d projected on the dense z-scores of Wanda scores and gradients (profile_terms), then s itself
+    d projected on the dense z-scores of Wanda scores and gradients (profile_terms, when the data set's header
+    records the profile: `build_surrogate.py` always does), then s itself
     (unit_linear: each unit's own cost)."""
     n = numel.size
     weights = numel / numel.sum()
@@ -150,10 +151,7 @@ def linear_map(config: FitConfig, numel: np.ndarray, profile: np.ndarray | None)
     ends = np.zeros((4, n))
     ends[0, 0], ends[1, -1], ends[2, :3], ends[3, -3:] = 1.0, 1.0, 1.0 / min(3, n), 1.0 / min(3, n)
     rows = [depth / n, depth ** 2 / n, *ends]
-    if config.profile_terms:
-        if profile is None:
-            raise ValueError("profile_terms needs the data set header's 'profile' (z_wanda, z_grad): "
-                             f"rebuild it with {REBUILD} or fit with profile_terms=False")
+    if config.profile_terms and profile is not None:
         rows.extend(profile / n)
     columns = [deviation.T @ np.asarray(rows).T]
     if config.unit_linear:
