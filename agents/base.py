@@ -1,16 +1,22 @@
-"""The agent interface, the agent registry and the adapters for the LLM and RL agents.
+"""The one agent interface, the agent registry, and the helpers every agent shares.
 
 An agent turns a pruning context (one loaded model with its units, calibration statistics and
 sensitivity profile) and a global target sparsity into an *allocation*: one sparsity ratio per unit
-whose parameter-weighted mean equals the target::
+whose parameter-weighted mean equals the target. Every agent subclasses `Agent`::
 
-    class Agent(Protocol):
-        name: str
-        def allocate(self, ctx: PruningContext, target: float, seed: int) -> list[float]
+    class MyAgent(Agent):
+        name = "mine"
+        def allocate(self, ctx: PruningContext, target: float, seed: int) -> list[float]: ...
+
+`Agent` also gives every agent `deterministic` (the allocation does not depend on `seed`, so the
+benchmark computes one seed and copies it), `last_info` (extra record fields of the last `allocate`)
+and `configure(env_data=..., workdir=...)` (called once before any `allocate`: the env's reward data
+for agents that play an env, a folder for their own files), so callers never probe for attributes.
 
 The allocation is applied by whoever asked for it: `ctx.prune(allocation)` (the exact sequential
-prune, what `benchmark.py` does) or `play(env, allocation)` through LayerPrune-v0 (the env's action
-wall keeps the budget exact to one weight per unit).
+prune, what the benchmark does) or `play(env, allocation)` through LayerPrune-v0 (the env's action
+wall keeps the budget exact to one weight per unit). Agents that play envs themselves (rl, the
+iterative llm, search) lend the `ctx` they are given to the env (`context=ctx`) and hand it back dense.
 
 Agents are built from YAML-style dicts by `build_agent`::
 
@@ -19,13 +25,6 @@ Agents are built from YAML-style dicts by `build_agent`::
 
 Every agent accepts `label` (the name it is reported under; defaults to the registry name, for RL
 policies to `rl:<file stem>`). Unknown names or parameters raise ValueError listing the valid ones.
-
-Optional attributes the benchmark uses when present:
-    deterministic: bool   the allocation does not depend on `seed` (results are reused across seeds)
-    last_info: dict       extra record fields of the last `allocate` (llm_model, iterations, rollbacks)
-    configure(env_data=..., workdir=...)   called once by the benchmark before any `allocate`:
-                          the env data (reward slices) for agents that play an env, and a folder
-                          for their own files (LLM transcripts)
 """
 
 from __future__ import annotations
@@ -180,20 +179,3 @@ def play(env, allocation, *, target: float | None = None, seed: int | None = Non
     if not terminated:
         raise RuntimeError("the env did not terminate after one step per unit")
     return dict(info)
-
-
-def _env_kwargs(entry_point: str, ctx: "PruningContext", base: dict, user: dict) -> dict:
-    """Env constructor kwargs: `base`, overridden by the caller's model and operator (model, device, dtype,
-    granularity, method, pattern), keeping only what the env's constructor takes; then the agent
-    config's `env` mapping (always passed, so a wrong key fails loudly)."""
-    import gymnasium as gym
-
-    spec = gym.spec(entry_point)
-    ep = spec.entry_point
-    cls = ep if callable(ep) else getattr(importlib.import_module(ep.split(":")[0]), ep.split(":")[1])
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    defaults = {**base, "model": ctx.spec, "device": ctx.device, "dtype": ctx.dtype,
-                "granularity": ctx.granularity, "method": ctx.method, "pattern": ctx.pattern}
-    kwargs = {k: v for k, v in defaults.items() if k in accepted}
-    kwargs.update(user)
-    return kwargs

@@ -135,7 +135,7 @@ class LayerPruneEnv(PruneEnvBase):
     ## Arguments
     model ("smollm2-135m"), target_sparsity (0.5), granularity ("block" | "linear"), method ("wanda" |
     "magnitude" | "sparsegpt"), pattern (None | "2:4" ...), min_sparsity (0.0), max_sparsity (0.9),
-    action_type ("continuous" | "discrete"), n_actions (11), fidelity ("exact" | "proxy"), reward
+    action_type ("continuous" | "discrete"), n_actions (11), fidelity ("exact" | "proxy" | "surrogate"), reward
     (dict of RewardConfig), data (dict of DataConfig), proxy_eval_tokens (1024), proxy_facts (64),
     device ("cpu"), dtype ("float32"), render_mode (None | "ansi" | "rgb_array"), context (None |
     PruningContext), target_sparsity_range (None | (lo, hi)), kind_encoding ("one_hot" (v0) | "role"

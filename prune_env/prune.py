@@ -25,7 +25,8 @@ from .corpus import load_text
 from .export import save_pruned
 from .facts import load_facts
 from .files import LOCK_NAME, OutputLockedError, atomic_write_json, output_lock
-from .masking import METHODS, parse_pattern
+from .masking import parse_pattern
+from .methods import method_names
 from .validation import check_device, check_number, check_ratio
 
 DEFAULT_SPARSITY = 0.5
@@ -36,7 +37,7 @@ _DATA = DataConfig()
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m prune_env.prune", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="alias, local folder, .gguf file or hub id")
-    parser.add_argument("--method", default="wanda", choices=METHODS)
+    parser.add_argument("--method", default="wanda", choices=method_names())
     parser.add_argument("--sparsity", type=float, default=None,
                         help=f"uniform ratio in [0, 1) (default {DEFAULT_SPARSITY}); not with --pattern")
     parser.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 or 4:8: it fixes "
