@@ -251,8 +251,11 @@ def input_features(module: nn.Module) -> int:
 
 
 def max_positions(model: nn.Module) -> int | None:
-    """The longest sequence the model's position embeddings allow (GPT-2 calls it n_positions), or None."""
+    """The longest sequence a model with LEARNED position embeddings can read (GPT-2's n_positions, OPT's
+    max_position_embeddings), or None: rotary models (any rope_* config key) have no table to overflow."""
     config = model.config
+    if any(key.startswith("rope") for key in config.to_dict()):
+        return None
     for key in ("max_position_embeddings", "n_positions"):
         value = config.to_dict().get(key)
         if isinstance(value, int) and value > 0:

@@ -261,3 +261,11 @@ def test_windows_longer_than_the_model_allows_are_refused_by_name(text_file):
         PruningContext("tiny-gpt2", data=data)
     ctx = PruningContext("tiny-gpt2", data={**data, "eval_seq_len": 256})
     assert ctx.slices.evaluation.shape[1] == 256
+
+
+def test_rotary_models_have_no_position_table_to_overflow():
+    from prune_env.models import max_positions
+    from prune_env.tiny import tiny_model
+
+    assert max_positions(tiny_model("llama")[0]) is None  # RoPE: 512-token windows run on tiny-llama
+    assert max_positions(tiny_model("gpt2")[0]) == 256 and max_positions(tiny_model("opt")[0]) is not None
