@@ -50,6 +50,9 @@ class Agent:
 
     deterministic   True when the allocation does not depend on `seed` (the benchmark then computes
                     one seed and copies it to the others)
+    plays_env       True when `allocate` plays an env on the context it is given (rl, llm, search):
+                    the benchmark then lends a context built on the env's reward data, never the
+                    held-out one
     last_info       extra fields of the last `allocate` for the result record (iterations, rollbacks)
     configure()     called once before any `allocate` with the env data (the reward slices) for
                     agents that play an env, and a folder for their own files (LLM transcripts)
@@ -57,6 +60,7 @@ class Agent:
 
     name: str = "agent"
     deterministic: bool = True
+    plays_env: bool = False  # True: allocate() plays an env on ctx, so ctx must carry the env's reward data
 
     def __init__(self) -> None:
         self.last_info: dict = {}

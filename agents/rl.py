@@ -151,6 +151,7 @@ class RLAgent(Agent):
 
     name = "rl"
     deterministic = True  # a fixed policy acting deterministically in a seed-independent env
+    plays_env = True  # plays LayerPrune on the context it is lent
     POLICY_OPTIONS = ("device", "trust_pickle")
     # what the lent context decides, and the training-time target draw (the benchmark names the target)
     CONTEXT_KEYS = ("model", "device", "dtype", "granularity", "method", "pattern", "data", "target_sparsity_range")

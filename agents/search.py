@@ -136,6 +136,7 @@ class SearchAgent(Agent):
 
     name = "search"
     deterministic = False  # the seed drives the search; the same seed gives the same allocation
+    plays_env = True  # plays LayerPrune episodes on the context it is lent
 
     def __init__(self, optimizer: str = "cmaes", episodes: int = 32, fidelity: str = "exact", sigma0: float = 0.1,
                  env: dict | None = None):

@@ -1,9 +1,9 @@
 """One worker of the benchmark: one model, one PruningContext and the agents, built once per process.
 
 Used in-process by the serial backend and as a Ray actor (each actor is one process with one model).
-A cell = `agent.allocate(agent_ctx, target, seed)` on a context built on the env's reward slices (so
-agents that play envs never see held-out data), the exact sequential prune `ctx.prune` on the held-out
-context, and the held-out evaluation, which also keeps per window the summed NLL and token count and per fact whether it was
+A cell = `agent.allocate(ctx, target, seed)` (agents that play an env get a context built on the env's
+own data instead, so they never see held-out data), the exact sequential prune `ctx.prune`, and the
+held-out evaluation, which also keeps per window the summed NLL and token count and per fact whether it was
 answered (multiple choice) and greedy-exact: what the paired bootstrap intervals resample.
 """
 
@@ -71,11 +71,12 @@ class Runner:
         self.reward_slices = held.reward_slices
         operator = {"granularity": config.granularity, "method": config.method, "pattern": config.pattern}
         self.ctx = PruningContext(config.model, device=device, dtype=config.dtype, data=held.data, **operator)
-        # Agents decide on a context of their own built on the env's reward slices: an agent that plays an
-        # env (the iterative LLM agent's rollbacks, RL policies) must never see the held-out text and facts.
-        # Calibration is the same in both, so profiles and heuristic allocations are unchanged.
-        self.agent_ctx = PruningContext(config.model, device=device, dtype=config.dtype, data=config.data,
-                                        **operator)
+        # Agents that play an env (RL policies, the iterative LLM agent's rollbacks, search) decide on a
+        # context built on the env's own data, so they never see the held-out text and facts; it is built
+        # on first use. Allocation rules read only the dense weights, calibration statistics and profile
+        # of the context the benchmark prunes, `self.ctx`.
+        self.operator = operator
+        self._env_ctx: PruningContext | None = None
         env_data = config.to_dict()["data"]
         for agent in self.agents.values():
             agent.configure(env_data=env_data, workdir=workdir)
@@ -90,6 +91,13 @@ class Runner:
             "units": [{"name": u.name, "numel": u.numel} for u in ctx.units],
             "machine": {**machine_info(ctx.device), "backend": self.config.backend},
         })
+
+    def env_context(self) -> PruningContext:
+        """The context lent to agents that play an env: the env's own data (its reward slices)."""
+        if self._env_ctx is None:
+            self._env_ctx = PruningContext(self.config.model, device=self.ctx.device, dtype=self.config.dtype,
+                                           data=self.config.data, **self.operator)
+        return self._env_ctx
 
     def deterministic(self) -> dict[str, bool]:
         return {label: agent.deterministic for label, agent in self.agents.items()}
@@ -116,7 +124,7 @@ class Runner:
             random.seed(seed)
             torch.manual_seed(seed)
             t0 = time.perf_counter()
-            allocation = impl.allocate(self.agent_ctx, float(target), int(seed))
+            allocation = impl.allocate(self.env_context() if impl.plays_env else ctx, float(target), int(seed))
             record["timings"]["allocate"] = time.perf_counter() - t0
             _agent_info(record, impl)
             allocation = check_allocation(ctx, allocation, float(target), who=f"agent {agent!r}")
@@ -140,7 +148,8 @@ class Runner:
                 _agent_info(record, impl)
         finally:
             ctx.restore()
-            self.agent_ctx.restore()
+            if self._env_ctx is not None:
+                self._env_ctx.restore()
             record["seconds"] = time.perf_counter() - start
         return to_jsonable(record)
 

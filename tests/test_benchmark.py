@@ -224,30 +224,32 @@ def test_ray_backend_matches_serial(grid, workspace):
 
 
 class _ContextSpy(Agent):
-    """Uniform, remembering the evaluation windows and facts of the context it was handed."""
+    """Uniform, remembering the context it was handed."""
 
     name = "spy"
 
-    def __init__(self) -> None:
+    def __init__(self, plays_env: bool) -> None:
         super().__init__()
-        self.seen: list[tuple[torch.Tensor, list]] = []
+        self.plays_env = plays_env
+        self.seen: list = []
 
     def allocate(self, ctx, target: float, seed: int) -> list[float]:
-        self.seen.append((ctx.slices.evaluation.clone(), list(ctx.facts)))
+        self.seen.append(ctx)
         return [target] * len(ctx.units)
 
 
-def test_agents_never_see_the_heldout_data(workspace):
-    """Agents that play envs (iterative LLM rollbacks) decide on the env's reward slices, not the held-out ones."""
+def test_agents_that_play_envs_never_see_the_heldout_data(workspace):
+    """Agents that play envs (iterative LLM rollbacks, RL, search) decide on the env's reward slices; allocation
+    rules get the context the benchmark prunes (its calibration statistics and profile)."""
     cfg = make_config(workspace, "spy", targets=[0.5])
-    spy = _ContextSpy()
-    runner = Runner(cfg, agents={"spy": spy})
-    record = runner.run_cell("spy", 0.5, 0)
-    assert record["status"] == "ok"
-    windows, facts = spy.seen[0]
-    reward_ctx = PruningContext("tiny-llama", data=cfg.data)
-    assert torch.equal(windows, reward_ctx.slices.evaluation)
-    assert [f.prompt for f in facts] == [f.prompt for f in reward_ctx.facts]
+    player, rule = _ContextSpy(plays_env=True), _ContextSpy(plays_env=False)
+    runner = Runner(cfg, agents={"player": player, "rule": rule})
+    assert runner.run_cell("player", 0.5, 0)["status"] == runner.run_cell("rule", 0.5, 0)["status"] == "ok"
+    (lent,), (pruned,) = player.seen, rule.seen
+    assert pruned is runner.ctx and lent is not runner.ctx
+    env_ctx = PruningContext("tiny-llama", data=cfg.data)  # what the env itself is built on
+    assert torch.equal(lent.slices.evaluation, env_ctx.slices.evaluation)
+    assert [f.prompt for f in lent.facts] == [f.prompt for f in env_ctx.facts]
     heldout_prompts = {f.prompt for f in runner.ctx.facts}
-    assert heldout_prompts and not heldout_prompts & {f.prompt for f in facts}
-    assert not torch.equal(runner.ctx.slices.evaluation[: len(windows)], windows)
+    assert heldout_prompts and not heldout_prompts & {f.prompt for f in lent.facts}
+    assert not torch.equal(runner.ctx.slices.evaluation[: len(lent.slices.evaluation)], lent.slices.evaluation)

@@ -66,6 +66,7 @@ class LLMAgent(Agent):
     """
 
     name = "llm"
+    plays_env = True  # plays IterativePrune on the context it is lent
 
     def __init__(self, backend: dict | ChatBackend | None = None, mode: str = "iterative",
                  agent: dict | None = None, env: dict | None = None):
