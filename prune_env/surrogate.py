@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .files import atomic_write_text
+from .rewards import RewardConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import PruningContext
@@ -96,6 +97,14 @@ def append_record(path: str | Path, record: dict) -> None:
         os.close(fd)
 
 
+def _same(key: str, old, new) -> bool:
+    """Header entries agree; rewards are compared as RewardConfigs, so a key added to RewardConfig later
+    (with its default) does not make an old data set unresumable."""
+    if key == "reward" and isinstance(old, dict) and isinstance(new, dict):
+        return RewardConfig.from_dict(old) == RewardConfig.from_dict(new)
+    return old == new
+
+
 def start_dataset(path: str | Path, header: dict) -> Dataset:
     """Open `path` for a (resumed) build: create it with `header`, or check that the header it already
     has describes the same model, data, method and draw plan (then its records are kept)."""
@@ -107,7 +116,7 @@ def start_dataset(path: str | Path, header: dict) -> Dataset:
         return Dataset(wanted, [])
     existing = read_dataset(path)
     for key in ("context", "model_file", "dense", "plan", "reward", "env"):
-        if existing.header.get(key) != wanted.get(key):
+        if not _same(key, existing.header.get(key), wanted.get(key)):
             raise ValueError(f"{str(path)!r} was built with a different {key} ({existing.header.get(key)!r}, "
                              f"now {wanted.get(key)!r}): pass another --out or delete the file to start over")
     return existing

@@ -161,3 +161,17 @@ def test_every_draw_kind_is_budget_matched_and_reproducible(tiny_data):
     flat = [(d["kind"], d["variant"]) for d in draws
             if d["kind"] != "uniform" and np.std(builder.allocation(d, 0, profile)[0]) == 0]
     assert not flat, f"draws equal to the uniform allocation: {flat}"
+
+
+def test_a_data_set_from_before_a_reward_option_existed_resumes(tmp_path):
+    """A header written before RewardConfig had `terms` describes the same reward: the build resumes."""
+    from prune_env.surrogate import read_dataset, start_dataset
+
+    header = {"context": {"model": "m"}, "model_file": {}, "dense": {"ppl": 1.0}, "plan": {}, "env": {},
+              "reward": {"ppl_weight": 1.0, "fact_weight": 1.0, "shaping_weight": 0.0, "rollback_penalty": 0.1}}
+    path = tmp_path / "data.jsonl"
+    start_dataset(path, header)
+    now = {**header, "reward": {**header["reward"], "terms": {}}}
+    assert start_dataset(path, now).records == read_dataset(path).records == []
+    with pytest.raises(ValueError, match="different reward"):
+        start_dataset(path, {**header, "reward": {**header["reward"], "fact_weight": 2.0}})
