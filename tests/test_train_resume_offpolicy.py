@@ -7,14 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-from stable_baselines3.common.callbacks import BaseCallback
 
 import train
 from agents.rl import load_policy, read_run_config
 from prune_env.factory import make_env
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.yaml")
+from test_train import SMOKE, Interrupt
 
 
 def sac_overrides(tiny_data: dict, run_dir: Path, *extra: str) -> list[str]:
@@ -23,17 +20,6 @@ def sac_overrides(tiny_data: dict, run_dir: Path, *extra: str) -> list[str]:
             "algo.hyperparams={learning_starts: 6, buffer_size: 64, batch_size: 8, gamma: 1.0}",
             "eval.every_steps=0", "eval.final=false", "logging.wandb=disabled", "logging.tensorboard=false",
             "logging.progress_bar=false", *extra]
-
-
-class Interrupt(BaseCallback):
-    def __init__(self, at: int):
-        super().__init__()
-        self.at = at
-
-    def _on_step(self) -> bool:
-        if self.num_timesteps >= self.at:
-            raise train.SimulatedFailure(f"killed at {self.num_timesteps}")
-        return True
 
 
 def test_sac_resume_is_bit_identical(tiny_data: dict, tmp_path: Path):
