@@ -1,18 +1,24 @@
 """`make surrogate`: (re)build the surrogate's data set of exactly evaluated allocations, then its fit.
 
     python scripts/build_surrogate.py [--model smollm2-135m] [--rounds 30] [--out PATH] [--threads 1]
+    python scripts/build_surrogate.py --device cuda --shard 3/12 --deadline 300 --out shard3.jsonl  # one of 12
+    python scripts/build_surrogate.py --merge shard*.jsonl --out merged.jsonl                      # then join
 
 Each draw is one allocation at one target in {0.3, 0.4, 0.5, 0.6}, played through LayerPrune-v0 with
 fidelity="exact" (one step per unit, as `agents.base.play` does) and appended as one JSON line with the
 env's final metrics. Draws are numbered and seeded (numpy generator [seed, draw]), so a rerun skips the
 draws already in the file and continues where the last run stopped. They are ordered in rounds: round 0
 is uniform at every target, each later round is one near-uniform, one random and one structured draw at
-every target, so a run stopped at any point leaves a set balanced over targets and kinds.
+every target, so a run stopped at any point leaves a set balanced over targets and kinds. `--shard I/N`
+plays only the draws whose number is I modulo N (N processes share one GPU), `--deadline` stops starting new
+draws after that many seconds, and `--merge` joins shards that share one header into one data set.
 
 Kinds: near (uniform plus Gaussian noise, i.i.d. or smooth over depth, sd 0.01-0.08: where a learning
 policy spends its time), random (Dirichlet weights, concentration 0.3-10), structured (depth ramps up or
 down, protected first / last / both ends, the z-score rule at several spreads, OWL and AlphaPruning at
-several strengths). Every allocation is budget-matched with `agents.allocators.match_budget` into the
+several strengths), smooth (a random low-frequency shape over depth: a cosine series of 1-4 terms with
+decaying amplitude, with the first or last blocks protected half of the time; the broad family of smooth
+non-uniform allocations a learning policy is drawn to, not any one rule). Every allocation is budget-matched with `agents.allocators.match_budget` into the
 env's [min_sparsity, max_sparsity]. Only this script imports agents: prune_env never does.
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -36,7 +43,7 @@ from agents.allocators import match_budget, zscore_greedy_ratios  # noqa: E402
 from prune_env.surrogate import PACKAGED, append_record, heldout, read_dataset, start_dataset  # noqa: E402
 
 TARGETS = (0.3, 0.4, 0.5, 0.6)
-KINDS = ("near", "random", "structured")
+KINDS = ("near", "random", "structured", "smooth")
 STRUCTURED = ("ramp_up", "ramp_down", "protect_first", "protect_last", "protect_ends", "zscore", "owl",
               "alphapruning")
 LOW, HIGH = 0.0, 0.9  # LayerPrune-v0's default min_sparsity / max_sparsity
@@ -93,6 +100,20 @@ def allocation(draw: dict, seed: int, profile: Profile) -> tuple[list[float], di
         concentration = float(np.exp(rng.uniform(np.log(0.3), np.log(10.0))))
         raw = rng.dirichlet(np.full(n, concentration)) * n * t
         params = {"concentration": concentration}
+    elif kind == "smooth":
+        terms = int(rng.integers(1, 5))
+        amplitude = float(rng.uniform(0.02, 0.25))
+        coef = rng.normal(0.0, 1.0, terms) / np.arange(1, terms + 1)
+        shape = sum(c * np.cos(np.pi * (k + 1) * depth) for k, c in enumerate(coef))
+        raw = t + amplitude * shape / max(float(np.abs(shape).max()), 1e-12)
+        ends = {"first": int(rng.random() < 0.35), "last": int(rng.random() < 0.15)}
+        k, keep = int(rng.integers(1, 3)), float(rng.uniform(0.0, 0.8))
+        if ends["first"]:
+            raw[:k] = raw[:k] * keep
+        if ends["last"]:
+            raw[n - k:] = raw[n - k:] * keep
+        params = {"terms": terms, "amplitude": amplitude, "coef": coef.tolist(), **ends, "blocks": k,
+                  "relative_sparsity": keep}
     elif variant in ("ramp_up", "ramp_down"):
         slope = float(rng.uniform(0.05, 0.35)) * (1 if variant == "ramp_up" else -1)
         raw = t + slope * (2 * depth - 1)
@@ -141,7 +162,40 @@ def model_file(spec: str) -> dict:
     return {"spec": spec, "name": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
+def machine(device: str) -> str:
+    """Where the records were measured (float32 results agree across machines to about 0.3 %, not bit for bit)."""
+    import torch
+
+    where = f"{platform.machine()} {platform.node()} {torch.get_num_threads()} thread(s)"
+    if device.startswith("cuda"):
+        where += f", {torch.cuda.get_device_name(device)}"
+    return where
+
+
+def merge(shards: list[Path], out: Path) -> int:
+    """Join shard files built with one header (model, data, plan) into one data set ordered by draw."""
+    first = read_dataset(shards[0])
+    records = {r["draw"]: r for r in first.records}
+    for path in shards[1:]:
+        other = read_dataset(path)
+        for key in ("context", "model_file", "dense", "plan", "reward", "env"):
+            if other.header.get(key) != first.header.get(key):
+                raise ValueError(f"{str(path)!r} was built with a different {key} than {str(shards[0])!r}: "
+                                 f"only shards of one build can be merged")
+        records.update({r["draw"]: r for r in other.records})
+    header = {k: v for k, v in first.header.items() if k not in ("format", "version")}
+    if out.exists():
+        raise FileExistsError(f"{str(out)!r} exists: merge into a new file")
+    start_dataset(out, header)
+    for draw in sorted(records):
+        append_record(out, records[draw])
+    return len(records)
+
+
 def git_commit() -> str:
+    """HEAD of this checkout; $PRUNE_GYM_GIT_COMMIT names it for a copy without .git (a remote GPU machine)."""
+    if os.environ.get("PRUNE_GYM_GIT_COMMIT"):
+        return os.environ["PRUNE_GYM_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
                               capture_output=True, text=True, check=True).stdout.strip()
@@ -149,8 +203,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def build(model: str, out: Path, rounds: int, seed: int, data: dict | None, log=print) -> int:
-    """Play every draw of the plan not yet in `out`; returns how many were added."""
+def build(model: str, out: Path, rounds: int, seed: int, data: dict | None, log=print, device: str = "cpu",
+          shard: tuple[int, int] = (0, 1), deadline: float | None = None) -> int:
+    """Play every draw of the plan (of this shard) not yet in `out`, until the deadline (seconds from the
+    start); returns how many were added."""
     import gymnasium as gym
     import torch
     import transformers
@@ -159,7 +215,8 @@ def build(model: str, out: Path, rounds: int, seed: int, data: dict | None, log=
     from prune_env.context import DataConfig, PruningContext
     from prune_env.rewards import RewardConfig
 
-    ctx = PruningContext(model, data=DataConfig.from_dict(data))
+    began = time.perf_counter()
+    ctx = PruningContext(model, device=device, data=DataConfig.from_dict(data))
     profile = Profile(ctx)  # before any episode: the rules read dense weights
     header = {
         "env": {"id": "prune_env/LayerPrune-v0", "fidelity": "exact", "min_sparsity": LOW, "max_sparsity": HIGH},
@@ -171,17 +228,21 @@ def build(model: str, out: Path, rounds: int, seed: int, data: dict | None, log=
                                                "structured": list(STRUCTURED), "seed": seed},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},
-        "git_commit": git_commit(), "machine": f"{platform.machine()} {platform.node()} {torch.get_num_threads()} thread(s)",
+        "git_commit": git_commit(), "machine": machine(device),
     }
     existing = start_dataset(out, header)
     done = {record["draw"] for record in existing.records}
-    todo = [d for d in plan(rounds) if d["draw"] not in done]
+    index, shards = shard
+    todo = [d for d in plan(rounds) if d["draw"] not in done and d["draw"] % shards == index]
     log(f"{out}: {len(done)} draws already there, {len(todo)} to play")
     if not todo:
         return 0
     env = gym.make("prune_env/LayerPrune-v0", fidelity="exact", context=ctx, min_sparsity=LOW, max_sparsity=HIGH)
     commit = header["git_commit"]
     for count, draw in enumerate(todo, 1):
+        if deadline is not None and time.perf_counter() - began > deadline:
+            log(f"deadline of {deadline:.0f} s reached after {count - 1} draws; rerun to continue")
+            return count - 1
         ratios, params = allocation(draw, seed, profile)
         start = time.perf_counter()
         env.reset(seed=seed, options={"target_sparsity": draw["target"]})
@@ -227,13 +288,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--data", type=json.loads, default=None, help="DataConfig overrides as JSON")
     parser.add_argument("--no-fit", dest="fit", action="store_false", help="only collect")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (float32 either way)")
+    parser.add_argument("--shard", default="0/1", help="I/N: play only the draws whose number is I modulo N")
+    parser.add_argument("--deadline", type=float, default=None, help="seconds after which no new draw starts")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, help="shard files to join into --out")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
     try:
-        build(args.model, args.out, args.rounds, args.seed, args.data, log=lambda m: print(m, flush=True))
-    except ValueError as error:
+        if args.merge:
+            print(f"{args.out}: {merge(args.merge, args.out)} records merged", flush=True)
+        else:
+            index, _, count = args.shard.partition("/")
+            if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+                raise ValueError(f"--shard {args.shard!r} must be I/N with 0 <= I < N, e.g. 0/4")
+            build(args.model, args.out, args.rounds, args.seed, args.data, log=lambda m: print(m, flush=True),
+                  device=args.device, shard=(int(index), int(count)), deadline=args.deadline)
+    except (ValueError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.fit:
