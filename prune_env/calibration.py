@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -32,6 +32,13 @@ class TokenBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        """The same batch (subclass fields included) with its tensors on `device`."""
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+        return replace(self, input_ids=self.input_ids.to(device), attention_mask=move(self.attention_mask),
+                       position_ids=move(self.position_ids))
 
 
 @dataclass

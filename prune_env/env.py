@@ -226,8 +226,8 @@ class LayerPruneEnv(PruneEnvBase):
         if self.fidelity == "exact":
             self._windows = window_batches(ctx.slices.evaluation.to(device), ctx.data.batch_size)
             self._facts = ctx.facts
-            self._fact_batches = fact_batches(ctx.tokenizer, self._facts, ctx.data.fact_batch_size,
-                                              packed=supports_packing(ctx.model))
+            self._fact_batches = [batch.to(device) for batch in fact_batches(
+                ctx.tokenizer, self._facts, ctx.data.fact_batch_size, packed=supports_packing(ctx.model))]
             self._initial = {"calib": record_inputs(ctx.model, ctx.calibration),
                              "text": record_inputs(ctx.model, self._windows),
                              "facts": record_inputs(ctx.model, self._fact_batches)}

@@ -205,8 +205,7 @@ class ChoiceScores:
 def choice_scores(model: nn.Module, batch: FactBatch, last_hidden: torch.Tensor | None = None) -> ChoiceScores:
     """Score the answer tokens of one fact batch from its final hidden states."""
     device = next(model.parameters()).device
-    moved = TokenBatch(batch.input_ids.to(device), batch.attention_mask.to(device),
-                       None if batch.position_ids is None else batch.position_ids.to(device))
+    moved = batch.to(device)
     if last_hidden is None:
         hidden = _base_forward(model, moved).last_hidden_state
     else:
