@@ -77,11 +77,12 @@ class SavedPolicy:
     model: Any
     normalizer: NormalizerStats | None
 
-    def play(self, env, seed: int | None = None, target: float | None = None) -> dict[str, Any]:
-        """One deterministic episode (see `play_episode`)."""
+    def play(self, env, seed: int | None = None, target: float | None = None,
+             deterministic: bool = True) -> dict[str, Any]:
+        """One episode (see `play_episode`); deterministic unless asked to sample the policy's actions."""
         return play_episode(self.model, env, train_fidelity=self.config.env.fidelity,
                             normalize=self.normalizer.normalize_obs if self.normalizer is not None else None,
-                            seed=seed, target=target)
+                            seed=seed, target=target, deterministic=deterministic)
 
 
 def load_policy(path: str | Path, env, device: str = "cpu", trust_pickle: bool = False) -> SavedPolicy:
@@ -101,6 +102,9 @@ def check_compatible(config: TrainConfig, env) -> None:
     if unwrapped.action_type != config.env.action_type:
         raise ValueError(f"the policy was trained with action_type={config.env.action_type!r} but the env has "
                          f"{unwrapped.action_type!r}: use the training action_type")
+    if unwrapped.action_mode != config.env.action_mode:
+        raise ValueError(f"the policy was trained with action_mode={config.env.action_mode!r} but the env has "
+                         f"{unwrapped.action_mode!r}: use the training action_mode")
     if config.env.action_type == "discrete" and unwrapped.action_space.n != config.env.n_actions:
         raise ValueError(f"the policy picks one of {config.env.n_actions} actions but the env has "
                          f"{unwrapped.action_space.n}: use n_actions={config.env.n_actions}")
@@ -119,8 +123,9 @@ def policy_observation(obs: np.ndarray, env, train_fidelity: str,
 
 
 def play_episode(model, env, *, train_fidelity: str = "proxy", normalize: Callable | None = None,
-                 seed: int | None = None, target: float | None = None) -> dict[str, Any]:
-    """One deterministic episode of `model` on a LayerPrune env; the final info plus reward and timing."""
+                 seed: int | None = None, target: float | None = None, deterministic: bool = True) -> dict[str, Any]:
+    """One episode of `model` on a LayerPrune env (its mean actions, or sampled ones with
+    deterministic=False: what the policy visits in training); the final info plus reward and timing."""
     if env.observation_space.shape != model.observation_space.shape:
         raise ValueError(f"the policy observes shape {model.observation_space.shape} but the env gives "
                          f"{env.observation_space.shape}: use the training granularity and model family")
@@ -128,7 +133,7 @@ def play_episode(model, env, *, train_fidelity: str = "proxy", normalize: Callab
     obs, _ = env.reset(seed=seed, options={"target_sparsity": float(target)} if target is not None else None)
     total, steps, done, info = 0.0, 0, False, {}
     while not done:
-        action, _ = model.predict(policy_observation(obs, env, train_fidelity, normalize), deterministic=True)
+        action, _ = model.predict(policy_observation(obs, env, train_fidelity, normalize), deterministic=deterministic)
         obs, reward, terminated, truncated, info = env.step(action)
         total, steps, done = total + float(reward), steps + 1, terminated or truncated
     unwrapped = env.unwrapped

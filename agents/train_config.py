@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from prune_env.config import ConfigError, dataclass_from_dict, load_config
 from prune_env.context import GRANULARITIES, DataConfig
-from prune_env.env import ACTION_TYPES, FIDELITIES
+from prune_env.env import ACTION_MODES, ACTION_TYPES, FIDELITIES
 from prune_env.masking import parse_pattern
 from prune_env.methods import check_method
 from prune_env.rewards import RewardConfig
@@ -198,6 +198,7 @@ class EnvConfig:
     min_sparsity: float = 0.0
     max_sparsity: float = 0.9
     action_type: str = "continuous"
+    action_mode: str = "absolute"  # or "budget": actions relative to the budget left (a=0 is uniform at any target)
     n_actions: int = 11
     fidelity: str = "proxy"
     reward: dict = field(default_factory=lambda: asdict(RewardConfig()))
@@ -229,6 +230,7 @@ class EnvConfig:
         check_method(self.method)
         check_choice("fidelity", self.fidelity, FIDELITIES)
         check_choice("action_type", self.action_type, ACTION_TYPES)
+        check_choice("action_mode", self.action_mode, ACTION_MODES)
         check_choice("dtype", self.dtype, DTYPE_NAMES)
         if self.pattern is not None:
             parse_pattern(self.pattern)

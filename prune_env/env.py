@@ -24,6 +24,7 @@ from .validation import check_number, check_ratio
 
 FIDELITIES = ("exact", "proxy", "surrogate")
 ACTION_TYPES = ("continuous", "discrete")
+ACTION_MODES = ("absolute", "budget")
 KIND_ENCODINGS = ("one_hot", "role")
 ROLES = ("attention_in", "attention_out", "mlp_in", "mlp_out", "other")
 REWARD_MODES = ("scalar", "vector")
@@ -69,6 +70,10 @@ class LayerPruneEnv(PruneEnvBase):
     the target exactly (AMC's action wall). With `action_type="discrete"`: `Discrete(n_actions)`, the
     index into an even grid of ratios from min_sparsity to max_sparsity, projected the same way.
     The parameter-weighted sparsity at the end equals `target_sparsity` within one weight per unit.
+    With `action_mode="budget"` (continuous only) a asks for 2 * a * budget_left instead (clipped to
+    [min_sparsity, max_sparsity], then the wall): a = 0.5 (0 after `make_env`'s [-1, 1] rescaling)
+    continues uniformly at every target, so a policy trained over `target_sparsity_range` starts from
+    uniform pruning at each target and learns deviations from it (AMC bounds actions around the budget).
 
     ## Observation Space
     `Box(-10, 10, (9 + k,), float32)` for the unit about to be decided (k = number of linear kinds, e.g.
@@ -140,7 +145,8 @@ class LayerPruneEnv(PruneEnvBase):
     device ("cpu"), dtype ("float32"), render_mode (None | "ansi" | "rgb_array"), context (None |
     PruningContext), target_sparsity_range (None | (lo, hi)), kind_encoding ("one_hot" (v0) | "role"
     (v1)), extra_features (list of registered feature names), reward_mode ("scalar" | "vector"),
-    surrogate (None | path of a surrogate data set, with `fidelity="surrogate"`).
+    surrogate (None | path of a surrogate data set, with `fidelity="surrogate"`), action_mode ("absolute" |
+    "budget").
     `method` may be any name registered with `prune_env.methods.register_method`.
 
     ## Example
@@ -169,18 +175,21 @@ class LayerPruneEnv(PruneEnvBase):
                  render_mode: str | None = None, context: PruningContext | None = None,
                  target_sparsity_range: tuple[float, float] | None = None, kind_encoding: str = "one_hot",
                  extra_features: list[str] | None = None, reward_mode: str = "scalar", surrogate: str | None = None,
-                 **kwargs):
+                 action_mode: str = "absolute", **kwargs):
         for name, value in (("min_sparsity", min_sparsity), ("max_sparsity", max_sparsity)):
             check_ratio(name, value)
         if not min_sparsity <= max_sparsity:
             raise ValueError(f"need 0 <= min_sparsity <= max_sparsity < 1, got min={min_sparsity} max={max_sparsity}")
         for name, value, allowed in (("fidelity", fidelity, FIDELITIES), ("action_type", action_type, ACTION_TYPES),
+                                     ("action_mode", action_mode, ACTION_MODES),
                                      ("kind_encoding", kind_encoding, KIND_ENCODINGS),
                                      ("reward_mode", reward_mode, REWARD_MODES)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}: use one of {', '.join(allowed)}")
         self.min_sparsity, self.max_sparsity = float(min_sparsity), float(max_sparsity)
-        self.fidelity, self.action_type = fidelity, action_type
+        if action_mode == "budget" and action_type != "continuous":
+            raise ValueError('action_mode="budget" needs action_type="continuous" (a discrete grid is absolute)')
+        self.fidelity, self.action_type, self.action_mode = fidelity, action_type, action_mode
         self.kind_encoding, self.reward_mode = kind_encoding, reward_mode
         self.extra_features = list(extra_features or [])
         self._features = [observation_feature(name) for name in self.extra_features]
@@ -332,7 +341,11 @@ class LayerPruneEnv(PruneEnvBase):
                 raise ValueError(f"action {action!r} must be one finite number in [0, 1] (shape (1,))")
             if not -1e-6 <= value[0] <= 1 + 1e-6:
                 raise ValueError(f"action {float(value[0])} is outside the action space [0, 1]")
-            raw = self.min_sparsity + float(np.clip(value[0], 0, 1)) * (self.max_sparsity - self.min_sparsity)
+            a = float(np.clip(value[0], 0, 1))
+            if self.action_mode == "budget":
+                raw = float(np.clip(2 * a * self._budget_left(self._step), self.min_sparsity, self.max_sparsity))
+            else:
+                raw = self.min_sparsity + a * (self.max_sparsity - self.min_sparsity)
         bounds = wall_bounds(self.target_sparsity * self.context.total_numel, sum(self._zeros),
                              self._unit_numel[self._step], self._tail[self._step + 1], self.min_sparsity,
                              self.max_sparsity)
@@ -381,8 +394,7 @@ class LayerPruneEnv(PruneEnvBase):
         started = self._step is not None
         index = min(self._step or 0, n - 1)
         total = self.context.total_numel
-        remaining = self._tail[index]
-        budget_left = (self.target_sparsity * total - sum(self._zeros)) / remaining if started and remaining else 0.0
+        budget_left = self._budget_left(index) if started else 0.0
         obs = [self.context.z_wanda[index], self.context.z_grad[index], self._ratios[index] if started else 0.0,
                index / max(n - 1, 1), self._unit_numel[index] / total, sum(self._zeros) / total if started else 0.0,
                budget_left, self._prev_action if started else 0.0, self._last_drop if started else 0.0]
@@ -391,10 +403,18 @@ class LayerPruneEnv(PruneEnvBase):
                 for name, feature in zip(self.extra_features, self._features)]
         return clip_observation(obs)
 
+    def _budget_left(self, index: int) -> float:
+        """The sparsity units index.. must average (by parameters) for the episode to meet its target."""
+        remaining = self._tail[index]
+        return (self.target_sparsity * self.context.total_numel - sum(self._zeros)) / remaining if remaining else 0.0
+
     # -- helpers for agents ------------------------------------------------------------------------
     def action_for_ratio(self, ratio: float):
         """The action that asks for `ratio` (before the wall): lets allocation agents play the env."""
         if self.action_type == "discrete":
             return int(np.argmin(np.abs(self.grid - ratio)))
+        if self.action_mode == "budget":
+            budget = self._budget_left(self._step or 0)
+            return np.array([np.clip(ratio / (2 * budget), 0, 1) if budget > 0 else 0.0], dtype=np.float32)
         span = self.max_sparsity - self.min_sparsity
         return np.array([0.0 if span == 0 else np.clip((ratio - self.min_sparsity) / span, 0, 1)], dtype=np.float32)

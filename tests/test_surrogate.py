@@ -124,13 +124,13 @@ def test_builder_writes_resumes_and_never_duplicates(tmp_path, tiny_data):
     assert builder.build("tiny-llama", path, 0, 0, tiny_data, log=lambda m: None) == 4  # round 0: uniform
     with open(path, "ab") as handle:
         handle.write(b'{"draw": 4, "tar')  # killed mid-append
-    assert builder.build("tiny-llama", path, 1, 0, tiny_data, log=lambda m: None) == 12
+    assert builder.build("tiny-llama", path, 1, 0, tiny_data, log=lambda m: None) == 16
     data = read_dataset(path)
     draws = [r["draw"] for r in data.records]
-    assert draws == list(range(16))
+    assert draws == list(range(20))
     assert builder.build("tiny-llama", path, 1, 0, tiny_data, log=lambda m: None) == 0
     assert {(r["kind"], r["target"]) for r in data.records} == {
-        (k, t) for k in ("uniform", "near", "random", "structured") for t in (0.3, 0.4, 0.5, 0.6)}
+        (k, t) for k in ("uniform", "near", "random", "structured", "smooth") for t in (0.3, 0.4, 0.5, 0.6)}
     numel = np.asarray(data.header["unit_numel"], dtype=float)
     for record in data.records:
         assert abs(np.dot(record["allocation"], numel) / numel.sum() - record["target"]) < 1e-3

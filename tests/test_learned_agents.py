@@ -1,0 +1,121 @@
+"""Issue #13's machinery on tiny models: budget-relative actions (one policy, every target), the surrogate
+data set built in shards, and the fidelity measurement on allocations a trained policy visits."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import train
+from prune_env.env import LayerPruneEnv
+from prune_env.surrogate import load_surrogate, read_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tiny_data: dict) -> dict:
+    """The smoke config's data slices on the generated text and facts (what the smoke policy trains on)."""
+    return {"text": tiny_data["text"], "facts": tiny_data["facts"], "calib_samples": 4, "calib_seq_len": 32,
+            "grad_samples": 2, "eval_tokens": 256, "eval_seq_len": 64, "n_facts": 20}
+
+
+@pytest.mark.parametrize("fidelity", ["exact", "proxy"])
+def test_budget_actions_start_uniform_at_every_target_and_invert(tiny_data, fidelity):
+    env = LayerPruneEnv(model="tiny-llama", data=tiny_data, fidelity=fidelity, action_mode="budget")
+    numel = np.asarray([u.numel for u in env.units], dtype=float)
+    for target in (0.3, 0.6):
+        env.reset(options={"target_sparsity": target})
+        done = False
+        while not done:
+            _, _, done, _, info = env.step(np.array([0.5], dtype=np.float32))
+        assert np.allclose(info["allocation"], target, atol=1e-3)  # a = 0.5: uniform at this target
+    wanted = np.linspace(0.2, 0.7, len(env.units))  # action_for_ratio asks for exactly these; the target
+    env.reset(options={"target_sparsity": float(np.dot(wanted, numel) / numel.sum())})  # is their mean
+    asked = []
+    for ratio in wanted:
+        _, _, _, _, info = env.step(env.action_for_ratio(float(ratio)))
+        asked.append(info["ratio"])
+    assert asked == pytest.approx(wanted.tolist(), abs=1e-3)
+    check_env(env)
+
+
+def test_budget_actions_need_continuous_actions(tiny_data):
+    with pytest.raises(ValueError, match="action_mode=\"budget\" needs action_type=\"continuous\""):
+        LayerPruneEnv(model="tiny-llama", data=tiny_data, action_type="discrete", action_mode="budget")
+    with pytest.raises(ValueError, match="unknown action_mode 'relative'"):
+        LayerPruneEnv(model="tiny-llama", data=tiny_data, action_mode="relative")
+
+
+def test_shards_merge_into_the_unsharded_build(tmp_path, smoke_data):
+    builder = _script("build_surrogate")
+    whole = tmp_path / "whole.jsonl"
+    builder.build("tiny-llama", whole, 1, 0, smoke_data, log=lambda m: None)
+    shards = [tmp_path / f"s{i}.jsonl" for i in range(3)]
+    for index, path in enumerate(shards):
+        builder.build("tiny-llama", path, 1, 0, smoke_data, log=lambda m: None, shard=(index, 3))
+        assert {r["draw"] % 3 for r in read_dataset(path).records} == {index}
+    merged = tmp_path / "merged.jsonl"
+    assert builder.merge(shards, merged) == 20
+    expected, got = read_dataset(whole).records, read_dataset(merged).records
+    assert [r["draw"] for r in got] == list(range(20))
+    assert [(r["allocation"], r["ppl"], r["fact_acc"]) for r in got] == \
+           [(r["allocation"], r["ppl"], r["fact_acc"]) for r in expected]
+    with pytest.raises(FileExistsError):
+        builder.merge(shards, merged)
+    other = tmp_path / "other.jsonl"
+    builder.build("tiny-llama", other, 0, 5, smoke_data, log=lambda m: None)  # another plan seed
+    with pytest.raises(ValueError, match="different plan"):
+        builder.merge([shards[0], other], tmp_path / "bad.jsonl")
+
+
+def test_visited_fidelity_replays_policy_allocations_exactly_and_reanchors(tmp_path, smoke_data):
+    builder = _script("build_surrogate")
+    data_set = tmp_path / "tiny-surrogate.jsonl"
+    builder.build("tiny-llama", data_set, 2, 0, smoke_data, log=lambda m: None)
+    run_dir = tmp_path / "run"
+    overrides = [f"env.data.text={smoke_data['text']}", f"env.data.facts={smoke_data['facts']}", f"run_dir={run_dir}",
+                 "env.fidelity=surrogate", f"env.surrogate={data_set}", "env.action_mode=budget",
+                 "env.target_sparsity_range=[0.3, 0.6]", "eval.every_steps=0", "eval.final=false",
+                 "checkpoint.every_steps=0"]
+    assert train.main(["--config", SMOKE, *overrides]) == 0
+    env = LayerPruneEnv(model="tiny-llama", data=smoke_data, fidelity="exact")
+    surrogate = load_surrogate(str(data_set), env.context)  # the fit before re-anchoring
+    fidelity = _script("visited_fidelity")
+    out = tmp_path / "visited.json"
+    records_before = len(read_dataset(data_set).records)
+    assert fidelity.main(["--policy", str(run_dir), "--targets", "0.4", "0.6", "--episodes", "2",
+                          "--out", str(out), "--append", str(data_set)]) == 0
+    report = json.loads(out.read_text())
+    visited = report["visited"]
+    assert [(v["target"], v["mode"]) for v in visited] == [(t, m) for t in (0.4, 0.6)
+                                                          for m in ("mean", "sampled", "sampled")]
+    assert visited[1]["allocation"] != visited[0]["allocation"]  # sampled actions visit other allocations
+    for entry in visited:
+        assert np.dot(entry["exact_allocation"], [u.numel for u in env.units]) / env.context.total_numel == \
+            pytest.approx(entry["target"], abs=1e-3)
+        env.reset(options={"target_sparsity": entry["target"]})
+        for ratio in entry["allocation"]:
+            *_, info = env.step(env.action_for_ratio(ratio))
+        assert info["quality"] == pytest.approx(entry["quality"], rel=1e-9)  # exact replays are deterministic
+    assert -1.0 <= report["figures"]["spearman"] <= 1.0
+    assert report["figures"]["bias"] == pytest.approx(np.mean([v["predicted"] - v["quality"] for v in visited]))
+    data = read_dataset(data_set)
+    added = data.records[records_before:]
+    assert len(added) == len(visited) and {r["kind"] for r in added} == {"visited"}
+    assert min(r["draw"] for r in added) >= fidelity.VISITED_DRAWS
+    refit = load_surrogate(str(data_set), env.context)  # the re-anchored fit reads the new records
+    assert refit.predict(visited[0]["exact_allocation"]) != surrogate.predict(visited[0]["exact_allocation"])
