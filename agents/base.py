@@ -86,9 +86,12 @@ AGENTS: dict[str, str] = {
     "alphapruning": "agents.heuristics:AlphaPruningAgent",
     "random": "agents.heuristics:RandomAgent",
     "zscore-greedy": "agents.heuristics:ZScoreGreedyAgent",
+    "ramp": "agents.heuristics:RampAgent",
+    "protect-first": "agents.heuristics:ProtectFirstAgent",
     "llm": "agents.llm:LLMAgent",
     "rl": "agents.rl:RLAgent",
     "search": "agents.search:SearchAgent",
+    "replay": "agents.replay:ReplayAgent",
 }
 """Registry name -> "module:Class". Classes are imported on first use (no torch import at load)."""
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from agents.allocators import (
+    match_budget,
     owl_outlier_ratio,
     owl_ratios_from_lod,
     random_ratios,
@@ -27,7 +28,8 @@ from agents.allocators import (
 from agents.alphapruning import alphapruning_ratios, hill_alpha
 from agents.base import Agent
 
-__all__ = ["AlphaPruningAgent", "OWLAgent", "RandomAgent", "UniformAgent", "ZScoreGreedyAgent",
+__all__ = ["AlphaPruningAgent", "OWLAgent", "ProtectFirstAgent", "RampAgent", "RandomAgent", "UniformAgent",
+           "ZScoreGreedyAgent",
            "block_lod", "linear_alphas"]
 
 
@@ -210,3 +212,52 @@ class ZScoreGreedyAgent(Agent):
     def allocate(self, ctx, target: float, seed: int = 0) -> list[float]:
         return zscore_greedy_ratios(ctx.z_wanda, ctx.z_grad, _numel(ctx), target, self.spread)
 
+
+
+# --------------------------------------------------------------------------- one-line depth rules
+
+
+class RampAgent(Agent):
+    """A one-line rule: sparsity rises linearly with depth from target - spread to target + spread
+    (budget-matched). Early blocks feed every later one, so they are pruned less."""
+
+    name = "ramp"
+    deterministic = True
+
+    def __init__(self, spread: float = 0.1):
+        super().__init__()
+        if not (isinstance(spread, (int, float)) and 0.0 <= spread < 0.5):
+            raise ValueError(f"ramp spread must be a number in [0, 0.5), got {spread!r}")
+        self.spread = float(spread)
+
+    def allocate(self, ctx, target: float, seed: int = 0) -> list[float]:
+        depth = np.linspace(-1.0, 1.0, len(ctx.units))
+        return match_budget(target + self.spread * depth, _numel(ctx), target)
+
+
+class ProtectFirstAgent(Agent):
+    """A one-line rule: the first `blocks` units at `keep` x target, the rest pruned uniformly to meet the
+    budget (the first blocks' errors propagate through the whole model)."""
+
+    name = "protect-first"
+    deterministic = True
+
+    def __init__(self, blocks: int = 1, keep: float = 0.5):
+        super().__init__()
+        if not (isinstance(blocks, int) and blocks >= 1):
+            raise ValueError(f"protect-first blocks must be a positive integer, got {blocks!r}")
+        if not (isinstance(keep, (int, float)) and 0.0 <= keep <= 1.0):
+            raise ValueError(f"protect-first keep must be a number in [0, 1], got {keep!r}")
+        self.blocks, self.keep = blocks, float(keep)
+
+    def allocate(self, ctx, target: float, seed: int = 0) -> list[float]:
+        n = len(ctx.units)
+        if self.blocks >= n:
+            raise ValueError(f"protect-first protects {self.blocks} of {n} units: leave at least one unprotected")
+        numel = np.asarray(_numel(ctx), dtype=float)
+        ratios = np.full(n, float(target))
+        ratios[: self.blocks] = self.keep * target
+        rest = (target * numel.sum() - float(np.dot(ratios[: self.blocks], numel[: self.blocks]))) \
+            / numel[self.blocks:].sum()
+        ratios[self.blocks:] = rest
+        return match_budget(ratios, _numel(ctx), target)

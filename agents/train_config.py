@@ -206,6 +206,7 @@ class EnvConfig:
     proxy_eval_tokens: int = 1024
     proxy_facts: int = 64
     surrogate: str | None = None  # fidelity=surrogate: the data set file (None: the packaged one)
+    surrogate_pessimism: float = 0.0  # fidelity=surrogate: reward = prediction - k * the fit's spread there
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -295,6 +296,7 @@ class EvalConfig:
     fidelity: str = "exact"
     data: dict | None = field(default_factory=dict)  # DataConfig overrides over env.data
     final: bool = True  # evaluate once more at the end of training
+    at_start: bool = False  # evaluate the untrained policy too (step 0 of the learning curve)
 
     def __post_init__(self) -> None:
         self.data = self.data or {}

@@ -256,6 +256,8 @@ class TrainingCallback(BaseCallback):
         if self.wandb_run is not None:
             self.model.logger.output_formats.append(WandbWriter(self.wandb_run))
         self.progress.start(self.config.algo.total_timesteps, self.num_timesteps)
+        if self.config.eval.at_start and self.eval_env is not None and not self.state["eval_history"]:
+            self.evaluate()  # the untrained policy: where the learning curve starts
 
     def _on_rollout_start(self) -> None:
         # Rollout boundary: the policy has been trained on every step counted so far.

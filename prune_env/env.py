@@ -117,7 +117,11 @@ class LayerPruneEnv(PruneEnvBase):
     no weight is touched and no forward runs during the episode; observations come from the dense
     profile (last_drop = 0) and the terminal metrics from `prune_env.surrogate` fitted on exactly
     evaluated allocations (`surrogate=PATH` of a data set; None: the packaged SmolLM2-135M one, refused
-    for any other model or data), so an episode costs microseconds.
+    for any other model or data), so an episode costs microseconds. `info["surrogate_std"]` is the fit's
+    spread at the allocation (`Surrogate.uncertainty`, small where its data set has allocations);
+    `surrogate_pessimism=k` makes the scalar reward (and `info["quality"]`) the lower bound prediction -
+    k * spread, so neither a policy nor a search is paid for leaving the data (conservative model-based
+    optimisation); the vector reward stays the prediction.
 
     ## Starting State
     The dense model (weights restored bit-exactly on every `reset`), the first unit to decide.
@@ -146,7 +150,7 @@ class LayerPruneEnv(PruneEnvBase):
     PruningContext), target_sparsity_range (None | (lo, hi)), kind_encoding ("one_hot" (v0) | "role"
     (v1)), extra_features (list of registered feature names), reward_mode ("scalar" | "vector"),
     surrogate (None | path of a surrogate data set, with `fidelity="surrogate"`), action_mode ("absolute" |
-    "budget").
+    "budget"), surrogate_pessimism (0.0).
     `method` may be any name registered with `prune_env.methods.register_method`.
 
     ## Example
@@ -175,7 +179,7 @@ class LayerPruneEnv(PruneEnvBase):
                  render_mode: str | None = None, context: PruningContext | None = None,
                  target_sparsity_range: tuple[float, float] | None = None, kind_encoding: str = "one_hot",
                  extra_features: list[str] | None = None, reward_mode: str = "scalar", surrogate: str | None = None,
-                 action_mode: str = "absolute", **kwargs):
+                 action_mode: str = "absolute", surrogate_pessimism: float = 0.0, **kwargs):
         for name, value in (("min_sparsity", min_sparsity), ("max_sparsity", max_sparsity)):
             check_ratio(name, value)
         if not min_sparsity <= max_sparsity:
@@ -190,6 +194,7 @@ class LayerPruneEnv(PruneEnvBase):
         if action_mode == "budget" and action_type != "continuous":
             raise ValueError('action_mode="budget" needs action_type="continuous" (a discrete grid is absolute)')
         self.fidelity, self.action_type, self.action_mode = fidelity, action_type, action_mode
+        self.surrogate_pessimism = float(check_number("surrogate_pessimism", surrogate_pessimism, low=0.0))
         self.kind_encoding, self.reward_mode = kind_encoding, reward_mode
         self.extra_features = list(extra_features or [])
         self._features = [observation_feature(name) for name in self.extra_features]
@@ -288,6 +293,8 @@ class LayerPruneEnv(PruneEnvBase):
         if terminated:
             metrics = self._finish()
             final = scalar_quality(metrics, self._reference, self.context, self.reward_config)
+            if self.fidelity == "surrogate":  # a lower confidence bound: no reward for leaving the data
+                final -= self.surrogate_pessimism * metrics["surrogate_std"]
             vector += objectives(metrics, self._reference, self.context, self.reward_config)
             reward += final
             info.update(metrics, allocation=list(self._ratios), quality=final)
@@ -372,7 +379,10 @@ class LayerPruneEnv(PruneEnvBase):
         ctx = self.context
         if self.fidelity == "surrogate":
             predicted = self._surrogate.predict(list(self._ratios))
-            return {**predicted, "achieved_sparsity": sum(self._zeros) / ctx.total_numel}
+            spread = self._surrogate.uncertainty([self._ratios])
+            std = math.hypot(self.reward_config.ppl_weight * float(spread["log_ppl_ratio"][0]),
+                             self.reward_config.fact_weight * float(spread["fact_acc"][0]))
+            return {**predicted, "achieved_sparsity": sum(self._zeros) / ctx.total_numel, "surrogate_std": std}
         if self.fidelity == "proxy":
             metrics = ctx.evaluate(self._reference.greedy_exact, windows=self._windows, facts=self._facts)
         else:

@@ -135,7 +135,7 @@ class FitConfig:
 
     knots: tuple[float, ...] = (0.2, 0.35, 0.5, 0.65, 0.8)
     unit_linear: bool = True  # per-unit s: each unit's own first-order cost
-    unit_knots: tuple[float, ...] = (0.7,)  # per-unit max(0, s - k): one unit pruned past k can break the model
+    unit_knots: tuple[float, ...] = (0.3, 0.5, 0.7)  # per-unit max(0, s - k): each unit's own convex cost
     profile_terms: bool = True  # the allocation's tilt along the dense profile's z-scores, when the header has them
     compress_ppl: bool = True  # regress log1p(log(ppl / ppl_dense)): a collapsed model (ppl x 300) must not
     #                             dominate the squared loss over the many allocations a policy actually visits
@@ -218,6 +218,8 @@ class Surrogate:
     coef: np.ndarray      # (1 + n_features, len(TARGETS)), intercept first
     penalties: list[tuple[float, float]]  # (ridge penalty, per-unit column scale) chosen for each metric
     bounds: np.ndarray    # (2, len(TARGETS)): the fitted range of each regressed metric; predictions stay in it
+    spread: list[tuple] | None = None  # per reward metric (log ppl, fact_acc): (vt, d, penalty, column scale,
+    #                                    leave-one-out rms error), for `uncertainty`
 
     def __post_init__(self) -> None:
         self._numel, profile = _profile(self.header)
@@ -239,6 +241,25 @@ class Surrogate:
         return {"ppl": dense["ppl"] * np.exp(log_ratio),
                 "fact_acc": np.clip(out[:, 1], 0.0, 1.0), "fact_nll": np.maximum(out[:, 2], 0.0),
                 "fact_retention": np.clip(out[:, 3], 0.0, 1.0)}
+
+    def uncertainty(self, allocations) -> dict[str, np.ndarray]:
+        """How far an allocation is from what the data set covers, in each reward metric's units: the
+        leave-one-out rms error times sqrt(x'(X'X + pI)^-1 x) (the ridge's Bayesian posterior spread: small
+        where the data are, growing where a policy extrapolates). log_ppl_ratio is the spread of
+        log(ppl / ppl_dense) (through the log1p compression), fact_acc of the accuracy."""
+        s = np.atleast_2d(np.asarray(allocations, dtype=np.float64))
+        x = (features(s, self.config, self._numel, self._linear) - self.mean) / self.scale
+        out = {}
+        for name, (vt, d, penalty, column_scale, rms) in zip(("log_ppl_ratio", "fact_acc"), self.spread or []):
+            xs = x * column_scale
+            along = xs @ vt.T
+            leverage = (along ** 2 / (d ** 2 + penalty)).sum(1) + \
+                np.maximum((xs ** 2).sum(1) - (along ** 2).sum(1), 0.0) / penalty
+            out[name] = rms * np.sqrt(leverage)
+        if "log_ppl_ratio" in out and self.config.compress_ppl:  # d log_ratio / dz = exp(z)
+            z = np.clip(self.coef[0, 0] + x @ self.coef[1:, 0], self.bounds[0, 0], self.bounds[1, 0])
+            out["log_ppl_ratio"] = out["log_ppl_ratio"] * np.exp(z)
+        return out
 
     def predict(self, allocation, target_sparsity: float | None = None) -> dict[str, float]:
         """Metrics of the model pruned to `allocation` (the per-unit ratios the env applied). The target is
@@ -290,9 +311,15 @@ def fit(dataset: Dataset, config: FitConfig = FitConfig(), records: list[dict] |
         best[0][:, better] = coef[:, better]
         best[1] = np.where(better, errors, best[1])
         best[2] = [(p, unit_scale) if b else old for p, b, old in zip(penalties, better, best[2])]
-    coef, _, chosen = best
+    coef, errors, chosen = best
     bounds = np.stack([y.min(axis=0), y.max(axis=0)])
-    return Surrogate(dataset.header, config, mean, scale, coef, chosen, bounds)
+    spread = []
+    for column in (0, 1):  # the reward's metrics: log ppl ratio and fact accuracy
+        penalty, unit_scale = chosen[column]
+        column_scale = np.where(np.arange(x.shape[1]) < n_shared, 1.0, unit_scale)
+        _, d, vt = np.linalg.svd(x * column_scale, full_matrices=False)
+        spread.append((vt, d, penalty, column_scale, float(np.sqrt(errors[column]))))
+    return Surrogate(dataset.header, config, mean, scale, coef, chosen, bounds, spread)
 
 
 def quality_of(metrics: dict, dense: dict, reward: dict) -> np.ndarray | float:

@@ -7,7 +7,8 @@ A surrogate is only as good as its agreement on the allocations the policy actua
 draws are not where a policy spends its time). For every target, the policy plays one episode with its
 mean actions and `--episodes` with sampled actions (what PPO visits in training) on its surrogate env;
 each allocation is then played again through LayerPrune-v0 with fidelity="exact" on the same model and
-data, and the surrogate's predicted reward is compared with the exact one: Spearman rank correlation
+data, and the surrogate's predicted reward (its mean, whatever `surrogate_pessimism` the policy trained
+with) is compared with the exact one: Spearman rank correlation
 (overall and per target) and bias (mean predicted - exact). `--append` adds the exact records to a
 surrogate data set (kind "visited"), which is the re-anchoring step: the next fit knows the region the
 policy went to. Exact episodes dominate the cost (about 20 s each on 2 CPU cores for SmolLM2-135M).
@@ -36,6 +37,8 @@ def rollouts(policy_path: str, targets, episodes: int, seed: int) -> tuple[list[
 
     from agents.rl import load_policy, read_run_config
     from prune_env.factory import make_env
+    from prune_env.rewards import RewardConfig
+    from prune_env.surrogate import load_surrogate, quality_of
 
     config = read_run_config(policy_path, [])
     if config.env.fidelity != "surrogate":
@@ -43,14 +46,19 @@ def rollouts(policy_path: str, targets, episodes: int, seed: int) -> tuple[list[
                          "the surrogate reward where a policy trained on it goes")
     env = make_env(**{**config.env_kwargs(), "target_sparsity_range": None})
     policy = load_policy(policy_path, env)
+    surrogate = load_surrogate(config.env.surrogate, env.unwrapped.context)  # its mean, never the lower bound
+    reward = RewardConfig.from_dict(config.env.reward)
+    weights = {"ppl_weight": reward.ppl_weight, "fact_weight": reward.fact_weight}
     torch.manual_seed(seed)  # sampled actions come from torch's generator
     visited = []
     for target in targets:
         for episode in range(episodes + 1):
             deterministic = episode == 0
             result = policy.play(env, seed=seed + episode, target=target, deterministic=deterministic)
+            predicted = quality_of(surrogate.predict(result["allocation"]), surrogate.header["dense"], weights)
             visited.append({"target": target, "mode": "mean" if deterministic else "sampled",
-                            "allocation": result["allocation"], "predicted": result["quality"]})
+                            "allocation": result["allocation"], "predicted": float(predicted),
+                            "training_reward": result["quality"]})
     return visited, env
 
 

@@ -119,3 +119,83 @@ def test_visited_fidelity_replays_policy_allocations_exactly_and_reanchors(tmp_p
     assert min(r["draw"] for r in added) >= fidelity.VISITED_DRAWS
     refit = load_surrogate(str(data_set), env.context)  # the re-anchored fit reads the new records
     assert refit.predict(visited[0]["exact_allocation"]) != surrogate.predict(visited[0]["exact_allocation"])
+
+
+def test_one_line_depth_rules_are_budget_matched_and_shaped(tiny_data):
+    from agents.base import build_agent
+    from prune_env.context import DataConfig, PruningContext
+
+    ctx = PruningContext("tiny-llama-5", data=DataConfig.from_dict(tiny_data))
+    numel = np.asarray([u.numel for u in ctx.units], dtype=float)
+    for target in (0.3, 0.6):
+        ramp = np.asarray(build_agent({"name": "ramp", "spread": 0.1}).allocate(ctx, target))
+        first = np.asarray(build_agent({"name": "protect-first", "blocks": 2, "keep": 0.25}).allocate(ctx, target))
+        for ratios in (ramp, first):
+            assert np.dot(ratios, numel) / numel.sum() == pytest.approx(target, abs=1e-9)
+        assert np.all(np.diff(ramp) > 0) and ramp[-1] - ramp[0] == pytest.approx(0.2, abs=0.02)
+        assert first[:2] == pytest.approx([0.25 * target] * 2) and np.all(first[2:] > target)
+    with pytest.raises(ValueError, match="leave at least one unprotected"):
+        build_agent({"name": "protect-first", "blocks": 5}).allocate(ctx, 0.5)
+    with pytest.raises(ValueError, match="ramp spread"):
+        build_agent({"name": "ramp", "spread": 0.7})
+
+
+def test_replay_agent_returns_the_recorded_allocation_and_refuses_what_is_missing(tmp_path, tiny_data):
+    from agents.base import build_agent
+    from prune_env.context import DataConfig, PruningContext
+
+    ctx = PruningContext("tiny-llama-5", data=DataConfig.from_dict(tiny_data))
+    chosen = [0.1, 0.3, 0.5, 0.7, 0.9]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"records": [
+        {"agent": "ppo-s0", "seed": 0, "target_sparsity": 0.5, "status": "ok", "allocation": chosen},
+        {"agent": "ppo-s0", "seed": 0, "target_sparsity": 0.6, "status": "failed", "allocation": None}]}))
+    agent = build_agent({"name": "replay", "results": str(results), "agent": "ppo-s0"})
+    assert agent.allocate(ctx, 0.5, seed=0) == chosen
+    with pytest.raises(ValueError, match="no 'ppo-s0' cell at target 0.6"):
+        agent.allocate(ctx, 0.6, seed=0)  # failed cells are not replayed
+    with pytest.raises(ValueError, match="has no finished cell of agent 'owl'"):
+        build_agent({"name": "replay", "results": str(results), "agent": "owl"})
+    small = PruningContext("tiny-llama", data=DataConfig.from_dict(tiny_data))
+    with pytest.raises(ValueError, match="same model and granularity"):
+        agent.allocate(small, 0.5, seed=0)
+
+
+def test_eval_at_start_puts_the_untrained_policy_first_on_the_curve(tmp_path, smoke_data):
+    run_dir = tmp_path / "run"
+    overrides = [f"env.data.text={smoke_data['text']}", f"env.data.facts={smoke_data['facts']}", f"run_dir={run_dir}",
+                 "env.action_mode=budget", "eval.at_start=true", "eval.every_steps=30", "checkpoint.every_steps=0"]
+    assert train.main(["--config", SMOKE, *overrides]) == 0
+    rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 30, 60]
+    # budget actions: the untrained policy's mean action is ~0, i.e. close to uniform pruning at the target
+    assert np.allclose(rows[0]["allocation"], 0.5, atol=0.1)
+    plot = _script("plot_training")
+    assert plot.main([str(run_dir), str(run_dir), "--out", str(tmp_path / "curve.png")]) == 0
+    assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_pessimism_lowers_the_reward_by_the_fits_spread_which_grows_off_the_data(tmp_path, smoke_data):
+    builder = _script("build_surrogate")
+    data_set = tmp_path / "tiny.jsonl"
+    builder.build("tiny-llama", data_set, 3, 0, smoke_data, log=lambda m: None)
+    rewards, stds = {}, {}
+    for k in (0.0, 2.0):
+        env = LayerPruneEnv(model="tiny-llama", data=smoke_data, fidelity="surrogate", surrogate=str(data_set),
+                            surrogate_pessimism=k)
+        env.reset(options={"target_sparsity": 0.5})
+        done = False
+        while not done:
+            _, reward, done, _, info = env.step(env.action_for_ratio(0.5))
+        rewards[k], stds[k] = reward, info["surrogate_std"]
+    assert stds[0.0] == stds[2.0] > 0
+    assert rewards[2.0] == pytest.approx(rewards[0.0] - 2.0 * stds[0.0])
+    surrogate = load_surrogate(str(data_set), env.context)
+    records = read_dataset(data_set).records
+    inside = surrogate.uncertainty([r["allocation"] for r in records])
+    far = surrogate.uncertainty([[0.0, 0.0, 0.9], [0.9, 0.9, 0.0]])  # corners nobody measured
+    for key in ("log_ppl_ratio", "fact_acc"):
+        assert np.median(inside[key]) < far[key].min()
+    with pytest.raises(ValueError, match="surrogate_pessimism"):
+        LayerPruneEnv(model="tiny-llama", data=smoke_data, fidelity="surrogate", surrogate=str(data_set),
+                      surrogate_pessimism=-1.0)
