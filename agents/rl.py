@@ -150,7 +150,9 @@ class RLAgent(Agent):
 
     The episode runs on the caller's model (`context=ctx`: the ctx is lent for the episode and its dense
     weights are restored afterwards) with the policy's training env options (action_type, n_actions,
-    min/max sparsity, fidelity, proxy sizes, reward), overridden by `env`, e.g. `{fidelity: exact}`.
+    min/max sparsity, fidelity, proxy sizes, reward), overridden by `env`, e.g. `{fidelity: exact}`. A policy
+    trained on the surrogate plays on the proxy fidelity: its observations are the same (the dense profile,
+    last_drop 0) and it works on any model data, where a surrogate serves only the data set it was fitted on.
     `policy`: `device` (default cpu) and `trust_pickle` (read a pickled vecnormalize.pkl of an older run).
     """
 
@@ -184,6 +186,8 @@ class RLAgent(Agent):
         device = self.policy_options.get("device", "cpu")
         config = read_run_config(self.path, [f"algo.device={device}", f"env.device={device}"])
         kwargs = {key: value for key, value in config.env_kwargs().items() if key not in self.CONTEXT_KEYS}
+        if kwargs["fidelity"] == "surrogate":  # the same observations (dense profile, last_drop 0) on any data:
+            kwargs.update(fidelity="proxy", surrogate=None, surrogate_pessimism=0.0)  # a surrogate serves only its own
         self._env = make_env(**{**kwargs, **self.env_options, "target_sparsity": float(target)}, context=ctx)
         return self._env
 

@@ -199,3 +199,30 @@ def test_pessimism_lowers_the_reward_by_the_fits_spread_which_grows_off_the_data
     with pytest.raises(ValueError, match="surrogate_pessimism"):
         LayerPruneEnv(model="tiny-llama", data=smoke_data, fidelity="surrogate", surrogate=str(data_set),
                       surrogate_pessimism=-1.0)
+
+
+def test_a_surrogate_trained_policy_plays_on_data_its_surrogate_was_not_fitted_on(tmp_path, smoke_data):
+    from agents.base import build_agent
+    from agents.rl import load_policy, read_run_config
+    from prune_env.context import DataConfig, PruningContext
+    from prune_env.factory import make_env
+
+    builder = _script("build_surrogate")
+    data_set = tmp_path / "tiny.jsonl"
+    builder.build("tiny-llama", data_set, 1, 0, smoke_data, log=lambda m: None)
+    run_dir = tmp_path / "run"
+    overrides = [f"env.data.text={smoke_data['text']}", f"env.data.facts={smoke_data['facts']}", f"run_dir={run_dir}",
+                 "env.fidelity=surrogate", f"env.surrogate={data_set}", "env.action_mode=budget",
+                 "eval.every_steps=0", "eval.final=false", "checkpoint.every_steps=0"]
+    assert train.main(["--config", SMOKE, *overrides]) == 0
+    same = PruningContext("tiny-llama", data=DataConfig.from_dict(smoke_data))
+    agent = build_agent({"name": "rl", "path": str(run_dir)})
+    played = agent.allocate(same, 0.5, seed=0)
+    env = make_env(**{**read_run_config(run_dir).env_kwargs(), "target_sparsity_range": None}, context=same)
+    assert played == load_policy(run_dir, env).play(env, seed=0, target=0.5)["allocation"]  # as on its surrogate
+    other = PruningContext("tiny-llama", data=DataConfig.from_dict({**smoke_data, "seed": 3}))
+    with pytest.raises(ValueError, match="was built for"):
+        make_env(**{**read_run_config(run_dir).env_kwargs(), "target_sparsity_range": None}, context=other)
+    ratios = build_agent({"name": "rl", "path": str(run_dir)}).allocate(other, 0.6, seed=0)
+    numel = np.asarray([u.numel for u in other.units], dtype=float)
+    assert np.dot(ratios, numel) / numel.sum() == pytest.approx(0.6, abs=1e-3)
