@@ -3,7 +3,8 @@
     python scripts/demo.py [--target 0.5] [--out runs/demo-<time>]
 
 Uniform Wanda (every block at the target), the zscore-greedy rule (the paper's profile) and the committed
-PPO policy each play one exact episode of the same environment (same model, operator, calibration and
+PPO policy (trained on the surrogate reward for every target in 0.3-0.6, docs/results/ppo-surrogate) each
+play one exact episode of the same environment (same model, operator, calibration and
 reward slices). The script prints a table of perplexity, fact accuracy and fact retention and writes it
 with each agent's allocation to `<out>/demo.json` and `<out>/demo.md`. These are the env's own reward slices
 (4,096 handbook tokens, 200 facts), not the held-out evaluation of the benchmark.
@@ -23,7 +24,7 @@ from agents.base import build_agent, play
 from prune_env.files import atomic_write_json, atomic_write_text, output_lock
 from prune_env.rewards import RewardConfig, quality
 
-POLICY = "docs/results/ppo-smollm2-50"
+POLICY = "docs/results/ppo-surrogate/seed-0"
 AGENTS = [{"name": "uniform"}, {"name": "zscore-greedy"}, {"name": "rl", "path": POLICY, "label": "PPO policy"}]
 
 
