@@ -33,6 +33,19 @@ def smoke_data(tiny_data: dict) -> dict:
             "grad_samples": 2, "eval_tokens": 256, "eval_seq_len": 64, "n_facts": 20}
 
 
+def _surrogate_policy(tmp_path: Path, smoke_data: dict, rounds: int) -> tuple[Path, Path]:
+    """A tiny surrogate data set (`rounds` of the plan) and a smoke PPO policy trained on it over 0.3-0.6."""
+    data_set = tmp_path / "tiny-surrogate.jsonl"
+    _script("build_surrogate").build("tiny-llama", data_set, rounds, 0, smoke_data, log=lambda m: None)
+    run_dir = tmp_path / "run"
+    overrides = [f"env.data.text={smoke_data['text']}", f"env.data.facts={smoke_data['facts']}", f"run_dir={run_dir}",
+                 "env.fidelity=surrogate", f"env.surrogate={data_set}", "env.action_mode=budget",
+                 "env.target_sparsity_range=[0.3, 0.6]", "eval.every_steps=0", "eval.final=false",
+                 "checkpoint.every_steps=0"]
+    assert train.main(["--config", SMOKE, *overrides]) == 0
+    return data_set, run_dir
+
+
 @pytest.mark.parametrize("fidelity", ["exact", "proxy"])
 def test_budget_actions_start_uniform_at_every_target_and_invert(tiny_data, fidelity):
     env = LayerPruneEnv(model="tiny-llama", data=tiny_data, fidelity=fidelity, action_mode="budget")
@@ -83,15 +96,7 @@ def test_shards_merge_into_the_unsharded_build(tmp_path, smoke_data):
 
 
 def test_visited_fidelity_replays_policy_allocations_exactly_and_reanchors(tmp_path, smoke_data):
-    builder = _script("build_surrogate")
-    data_set = tmp_path / "tiny-surrogate.jsonl"
-    builder.build("tiny-llama", data_set, 2, 0, smoke_data, log=lambda m: None)
-    run_dir = tmp_path / "run"
-    overrides = [f"env.data.text={smoke_data['text']}", f"env.data.facts={smoke_data['facts']}", f"run_dir={run_dir}",
-                 "env.fidelity=surrogate", f"env.surrogate={data_set}", "env.action_mode=budget",
-                 "env.target_sparsity_range=[0.3, 0.6]", "eval.every_steps=0", "eval.final=false",
-                 "checkpoint.every_steps=0"]
-    assert train.main(["--config", SMOKE, *overrides]) == 0
+    data_set, run_dir = _surrogate_policy(tmp_path, smoke_data, rounds=2)
     env = LayerPruneEnv(model="tiny-llama", data=smoke_data, fidelity="exact")
     surrogate = load_surrogate(str(data_set), env.context)  # the fit before re-anchoring
     fidelity = _script("visited_fidelity")
@@ -207,14 +212,7 @@ def test_a_surrogate_trained_policy_plays_on_data_its_surrogate_was_not_fitted_o
     from prune_env.context import DataConfig, PruningContext
     from prune_env.factory import make_env
 
-    builder = _script("build_surrogate")
-    data_set = tmp_path / "tiny.jsonl"
-    builder.build("tiny-llama", data_set, 1, 0, smoke_data, log=lambda m: None)
-    run_dir = tmp_path / "run"
-    overrides = [f"env.data.text={smoke_data['text']}", f"env.data.facts={smoke_data['facts']}", f"run_dir={run_dir}",
-                 "env.fidelity=surrogate", f"env.surrogate={data_set}", "env.action_mode=budget",
-                 "eval.every_steps=0", "eval.final=false", "checkpoint.every_steps=0"]
-    assert train.main(["--config", SMOKE, *overrides]) == 0
+    data_set, run_dir = _surrogate_policy(tmp_path, smoke_data, rounds=1)
     same = PruningContext("tiny-llama", data=DataConfig.from_dict(smoke_data))
     agent = build_agent({"name": "rl", "path": str(run_dir)})
     played = agent.allocate(same, 0.5, seed=0)
