@@ -66,13 +66,12 @@ def replay_exact(visited: list[dict], ctx, log=print) -> None:
     """Play each allocation exactly (adds the exact metrics to each entry)."""
     import gymnasium as gym
 
+    from agents.base import play
+
     env = gym.make("prune_env/LayerPrune-v0", fidelity="exact", context=ctx, min_sparsity=0.0, max_sparsity=0.9)
     for count, entry in enumerate(visited, 1):
         start = time.perf_counter()
-        env.reset(options={"target_sparsity": entry["target"]})
-        info: dict = {}
-        for ratio in entry["allocation"]:
-            _, _, _, _, info = env.step(env.unwrapped.action_for_ratio(ratio))
+        info = play(env, entry["allocation"], target=entry["target"])
         entry.update({key: float(info[key]) for key in ("ppl", "fact_acc", "fact_nll", "fact_retention",
                                                          "achieved_sparsity", "quality")})
         entry["exact_allocation"], entry["seconds"] = list(info["allocation"]), time.perf_counter() - start
