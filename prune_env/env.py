@@ -378,8 +378,8 @@ class LayerPruneEnv(PruneEnvBase):
     def _finish(self) -> dict:
         ctx = self.context
         if self.fidelity == "surrogate":
-            predicted = self._surrogate.predict(list(self._ratios))
-            spread = self._surrogate.uncertainty([self._ratios])
+            many, spread = self._surrogate.predict_with_spread([self._ratios])
+            predicted = {key: float(value[0]) for key, value in many.items()}
             std = math.hypot(self.reward_config.ppl_weight * float(spread["log_ppl_ratio"][0]),
                              self.reward_config.fact_weight * float(spread["fact_acc"][0]))
             return {**predicted, "achieved_sparsity": sum(self._zeros) / ctx.total_numel, "surrogate_std": std}

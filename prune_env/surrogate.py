@@ -230,36 +230,48 @@ class Surrogate:
     def n_units(self) -> int:
         return len(self.header["unit_numel"])
 
-    def predict_many(self, allocations) -> dict[str, np.ndarray]:
+    def _design(self, allocations) -> np.ndarray:
+        """The standardised features of (m, n_units) allocations (checked)."""
         s = np.atleast_2d(np.asarray(allocations, dtype=np.float64))
         if s.shape[1] != self.n_units or not np.isfinite(s).all():
             raise ValueError(f"allocation of shape {s.shape[1:]} must hold {self.n_units} finite ratios, one per unit")
-        x = (features(s, self.config, self._numel, self._linear) - self.mean) / self.scale
-        out = np.clip(self.coef[0] + x @ self.coef[1:], self.bounds[0], self.bounds[1])
+        return (features(s, self.config, self._numel, self._linear) - self.mean) / self.scale
+
+    def _metrics(self, out: np.ndarray) -> dict[str, np.ndarray]:
         dense = self._dense
         log_ratio = np.expm1(out[:, 0]) if self.config.compress_ppl else out[:, 0]
         return {"ppl": dense["ppl"] * np.exp(log_ratio),
                 "fact_acc": np.clip(out[:, 1], 0.0, 1.0), "fact_nll": np.maximum(out[:, 2], 0.0),
                 "fact_retention": np.clip(out[:, 3], 0.0, 1.0)}
 
-    def uncertainty(self, allocations) -> dict[str, np.ndarray]:
-        """How far an allocation is from what the data set covers, in each reward metric's units: the
-        leave-one-out rms error times sqrt(x'(X'X + pI)^-1 x) (the ridge's Bayesian posterior spread: small
-        where the data are, growing where a policy extrapolates). log_ppl_ratio is the spread of
-        log(ppl / ppl_dense) (through the log1p compression), fact_acc of the accuracy."""
-        s = np.atleast_2d(np.asarray(allocations, dtype=np.float64))
-        x = (features(s, self.config, self._numel, self._linear) - self.mean) / self.scale
-        out = {}
+    def _spread(self, x: np.ndarray, out: np.ndarray) -> dict[str, np.ndarray]:
+        spread = {}
         for name, (vt, d, penalty, column_scale, rms) in zip(("log_ppl_ratio", "fact_acc"), self.spread or []):
             xs = x * column_scale
             along = xs @ vt.T
             leverage = (along ** 2 / (d ** 2 + penalty)).sum(1) + \
                 np.maximum((xs ** 2).sum(1) - (along ** 2).sum(1), 0.0) / penalty
-            out[name] = rms * np.sqrt(leverage)
-        if "log_ppl_ratio" in out and self.config.compress_ppl:  # d log_ratio / dz = exp(z)
-            z = np.clip(self.coef[0, 0] + x @ self.coef[1:, 0], self.bounds[0, 0], self.bounds[1, 0])
-            out["log_ppl_ratio"] = out["log_ppl_ratio"] * np.exp(z)
-        return out
+            spread[name] = rms * np.sqrt(leverage)
+        if "log_ppl_ratio" in spread and self.config.compress_ppl:  # d log_ratio / dz = exp(z)
+            spread["log_ppl_ratio"] = spread["log_ppl_ratio"] * np.exp(out[:, 0])
+        return spread
+
+    def predict_many(self, allocations) -> dict[str, np.ndarray]:
+        x = self._design(allocations)
+        return self._metrics(np.clip(self.coef[0] + x @ self.coef[1:], self.bounds[0], self.bounds[1]))
+
+    def uncertainty(self, allocations) -> dict[str, np.ndarray]:
+        """How far an allocation is from what the data set covers, in each reward metric's units: the
+        leave-one-out rms error times sqrt(x'(X'X + pI)^-1 x) (the ridge's Bayesian posterior spread: small
+        where the data are, growing where a policy extrapolates). log_ppl_ratio is the spread of
+        log(ppl / ppl_dense) (through the log1p compression), fact_acc of the accuracy."""
+        return self.predict_with_spread(allocations)[1]
+
+    def predict_with_spread(self, allocations) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """`predict_many` and `uncertainty` from one feature computation (a surrogate episode's end)."""
+        x = self._design(allocations)
+        out = np.clip(self.coef[0] + x @ self.coef[1:], self.bounds[0], self.bounds[1])
+        return self._metrics(out), self._spread(x, out)
 
     def predict(self, allocation, target_sparsity: float | None = None) -> dict[str, float]:
         """Metrics of the model pruned to `allocation` (the per-unit ratios the env applied). The target is
