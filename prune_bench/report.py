@@ -69,11 +69,13 @@ def _fmt(pair, digits=3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _fmt_interval(interval: Interval | None, digits: int = 3) -> str:
+def format_interval(interval: Interval | None, digits: int = 3, tie: str = "", missing: str = "-") -> str:
+    """`estimate [low, high]` and the verdict (the report leaves ties unmarked; a summary may name them)."""
     if interval is None:
-        return "-"
-    mark = {"beats": " **beats**", "worse": " worse", "tie": ""}[interval.verdict]
-    return f"{interval.estimate:.{digits}f} [{interval.low:.{digits}f}, {interval.high:.{digits}f}]{mark}"
+        return missing
+    mark = {"beats": "**beats**", "worse": "worse", "tie": tie}[interval.verdict]
+    return f"{interval.estimate:.{digits}f} [{interval.low:.{digits}f}, {interval.high:.{digits}f}]" + \
+        (f" {mark}" if mark else "")
 
 
 def interval_lines(data: dict, rows: list[dict], target: float) -> list[str]:
@@ -92,8 +94,8 @@ def interval_lines(data: dict, rows: list[dict], target: float) -> list[str]:
         if isinstance(result, str):
             lines.append(f"| {row['agent']} | {result} | | |")
         else:
-            lines.append(f"| {row['agent']} | {_fmt_interval(result.ppl_ratio, 4)} | {_fmt_interval(result.acc_diff)} "
-                         f"| {_fmt_interval(result.retention_diff)} |")
+            lines.append(f"| {row['agent']} | {format_interval(result.ppl_ratio, 4)} | {format_interval(result.acc_diff)} "
+                         f"| {format_interval(result.retention_diff)} |")
     return lines + [""]
 
 

@@ -12,7 +12,6 @@ fact-retention difference. "beats" means the interval excludes no difference in 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,13 +20,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prune_bench.intervals import Interval, paired_bootstrap  # noqa: E402
+from prune_bench.report import format_interval  # noqa: E402
+from prune_bench.store import ResultsError, load_results  # noqa: E402
 
 
-def cell(interval: Interval | None, digits: int) -> str:
-    if interval is None:
-        return "n/a"
-    mark = {"beats": " **beats**", "worse": " worse", "tie": " tie"}[interval.verdict]
-    return f"{interval.estimate:.{digits}f} [{interval.low:.{digits}f}, {interval.high:.{digits}f}]{mark}"
+def verdict(interval: Interval | None, digits: int = 3) -> str:
+    return format_interval(interval, digits, tie="tie", missing="n/a")
 
 
 def summary(results: dict, policies: list[str]) -> list[str]:
@@ -50,7 +48,7 @@ def summary(results: dict, policies: list[str]) -> list[str]:
                 continue
             result = paired_bootstrap(mine, [other] * len(mine), dense_exact)
             lines.append(f"| {name} | {other['ppl']:.2f} / {other['fact_acc']:.3f} / {other['fact_retention']:.3f} | "
-                         f"{cell(result.ppl_ratio, 4)} | {cell(result.acc_diff, 3)} | {cell(result.retention_diff, 3)} |")
+                         f"{verdict(result.ppl_ratio, 4)} | {verdict(result.acc_diff)} | {verdict(result.retention_diff)} |")
         lines.append("")
     return lines
 
@@ -62,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     try:
-        results = json.loads(args.results.read_text())
-    except (OSError, ValueError) as error:
+        results = load_results(args.results)
+    except (OSError, ResultsError) as error:
         print(f"error: {args.results} is not a readable results.json: {error}", file=sys.stderr)
         return 2
     text = "\n".join(summary(results, args.policy)) + "\n"
