@@ -40,6 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.allocators import match_budget, zscore_greedy_ratios  # noqa: E402
+from agents.base import play  # noqa: E402
 from prune_env.surrogate import PACKAGED, append_record, heldout, read_dataset, start_dataset  # noqa: E402
 
 TARGETS = (0.3, 0.4, 0.5, 0.6)
@@ -245,10 +246,7 @@ def build(model: str, out: Path, rounds: int, seed: int, data: dict | None, log=
             return count - 1
         ratios, params = allocation(draw, seed, profile)
         start = time.perf_counter()
-        env.reset(seed=seed, options={"target_sparsity": draw["target"]})
-        info: dict = {}
-        for ratio in ratios:
-            _, _, terminated, _, info = env.step(env.unwrapped.action_for_ratio(ratio))
+        info = play(env, ratios, target=draw["target"], seed=seed)
         seconds = time.perf_counter() - start
         record = {**draw, "params": params, "requested": ratios, "allocation": info["allocation"],
                   "ppl": info["ppl"], "fact_acc": info["fact_acc"], "fact_nll": info["fact_nll"],

@@ -1,0 +1,77 @@
+"""scripts/learned_summary.py: the policy seeds' mean against every other agent, with paired intervals."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("learned_summary", ROOT / "scripts" / "learned_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _record(agent: str, target: float, nll_per_token: np.ndarray, correct: np.ndarray) -> dict:
+    tokens = np.full(nll_per_token.shape, 100)
+    return {"agent": agent, "seed": 0, "target_sparsity": target, "status": "ok",
+            "ppl": float(np.exp((nll_per_token * tokens).sum() / tokens.sum())),
+            "fact_acc": float(correct.mean()), "fact_retention": float(correct[:10].mean()),
+            "per_window": {"nll": (nll_per_token * tokens).tolist(), "tokens": tokens.tolist()},
+            "per_fact": {"correct": correct.astype(bool).tolist(), "greedy_exact": correct.astype(bool).tolist()}}
+
+
+def _results(target: float = 0.5) -> dict:
+    rng = np.random.default_rng(0)
+    base = 3.0 + rng.normal(0, 0.2, 24)          # per-window nll of the worst agent
+    facts = rng.random(60) < 0.6
+    records = [_record("uniform", target, base, facts),
+               _record("rule", target, base - 0.10, facts)]  # clearly better than uniform on every window
+    for seed, shift in enumerate((0.04, 0.05, 0.06)):        # policies: between the two on every window
+        records.append(_record(f"ppo-s{seed}", target, base - shift, facts))
+    return {"records": records, "dense_per_fact": {"greedy_exact": [True] * 10 + [False] * 50}}
+
+
+def test_policies_beat_the_worse_agent_and_lose_to_the_better_one():
+    lines = _module().summary(_results(), ["ppo-s0", "ppo-s1", "ppo-s2"])
+    text = "\n".join(lines)
+    assert "mean of 3 policies" in text
+    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and "against" not in line}
+    assert set(rows) == {"uniform", "rule"}
+    ratio_vs_uniform = rows["uniform"].split("|")[3]
+    ratio_vs_rule = rows["rule"].split("|")[3]
+    assert "**beats**" in ratio_vs_uniform and float(ratio_vs_uniform.split()[0]) < 1
+    assert "worse" in ratio_vs_rule and float(ratio_vs_rule.split()[0]) > 1
+    assert "tie" in rows["uniform"].split("|")[4]  # same facts answered: no accuracy difference
+
+
+def test_a_missing_policy_seed_is_reported_not_averaged_away():
+    results = _results()
+    results["records"] = [r for r in results["records"] if r["agent"] != "ppo-s2"]
+    lines = _module().summary(results, ["ppo-s0", "ppo-s1", "ppo-s2"])
+    assert lines[0].startswith("target 0.5: policies missing") and "ppo-s2" in lines[0]
+
+
+def test_cli_writes_the_table_and_refuses_a_file_that_is_not_results(tmp_path: Path, capsys):
+    module = _module()
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"nonsense": True}))
+    assert module.main([str(path), "--policy", "ppo-s0"]) == 2
+    assert "not a readable results.json" in capsys.readouterr().err
+
+
+def test_committed_summaries_are_what_the_script_makes_of_the_committed_results(tmp_path: Path):
+    """The README's verdict tables quote summary.md: it must be regenerated whenever results.json changes."""
+    module = _module()
+    for grid in ("learned-smollm2", "learned-smollm2-unseen"):
+        folder = ROOT / "docs" / "results" / grid
+        out = tmp_path / f"{grid}.md"
+        assert module.main([str(folder / "results.json"), "--policy", "ppo-s0", "ppo-s1", "ppo-s2",
+                            "--out", str(out)]) == 0
+        assert out.read_text() == (folder / "summary.md").read_text(), f"{grid}/summary.md is stale"
