@@ -3,7 +3,6 @@ data set built in shards, and the fidelity measurement on allocations a trained 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,16 +13,10 @@ from gymnasium.utils.env_checker import check_env
 import train
 from prune_env.env import LayerPruneEnv
 from prune_env.surrogate import load_surrogate, read_dataset
+from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +29,7 @@ def smoke_data(tiny_data: dict) -> dict:
 def _surrogate_policy(tmp_path: Path, smoke_data: dict, rounds: int) -> tuple[Path, Path]:
     """A tiny surrogate data set (`rounds` of the plan) and a smoke PPO policy trained on it over 0.3-0.6."""
     data_set = tmp_path / "tiny-surrogate.jsonl"
-    _script("build_surrogate").build("tiny-llama", data_set, rounds, 0, smoke_data, log=lambda m: None)
+    load_script("build_surrogate").build("tiny-llama", data_set, rounds, 0, smoke_data, log=lambda m: None)
     run_dir = tmp_path / "run"
     overrides = [f"env.data.text={smoke_data['text']}", f"env.data.facts={smoke_data['facts']}", f"run_dir={run_dir}",
                  "env.fidelity=surrogate", f"env.surrogate={data_set}", "env.action_mode=budget",
@@ -74,7 +67,7 @@ def test_budget_actions_need_continuous_actions(tiny_data):
 
 
 def test_shards_merge_into_the_unsharded_build(tmp_path, smoke_data):
-    builder = _script("build_surrogate")
+    builder = load_script("build_surrogate")
     whole = tmp_path / "whole.jsonl"
     builder.build("tiny-llama", whole, 1, 0, smoke_data, log=lambda m: None)
     shards = [tmp_path / f"s{i}.jsonl" for i in range(3)]
@@ -99,7 +92,7 @@ def test_visited_fidelity_replays_policy_allocations_exactly_and_reanchors(tmp_p
     data_set, run_dir = _surrogate_policy(tmp_path, smoke_data, rounds=2)
     env = LayerPruneEnv(model="tiny-llama", data=smoke_data, fidelity="exact")
     surrogate = load_surrogate(str(data_set), env.context)  # the fit before re-anchoring
-    fidelity = _script("visited_fidelity")
+    fidelity = load_script("visited_fidelity")
     out = tmp_path / "visited.json"
     records_before = len(read_dataset(data_set).records)
     assert fidelity.main(["--policy", str(run_dir), "--targets", "0.4", "0.6", "--episodes", "2",
@@ -175,13 +168,13 @@ def test_eval_at_start_puts_the_untrained_policy_first_on_the_curve(tmp_path, sm
     assert [r["step"] for r in rows] == [0, 30, 60]
     # budget actions: the untrained policy's mean action is ~0, i.e. close to uniform pruning at the target
     assert np.allclose(rows[0]["allocation"], 0.5, atol=0.1)
-    plot = _script("plot_training")
+    plot = load_script("plot_training")
     assert plot.main([str(run_dir), str(run_dir), "--out", str(tmp_path / "curve.png")]) == 0
     assert (tmp_path / "curve.png").stat().st_size > 0
 
 
 def test_pessimism_lowers_the_reward_by_the_fits_spread_which_grows_off_the_data(tmp_path, smoke_data):
-    builder = _script("build_surrogate")
+    builder = load_script("build_surrogate")
     data_set = tmp_path / "tiny.jsonl"
     builder.build("tiny-llama", data_set, 3, 0, smoke_data, log=lambda m: None)
     rewards, stds = {}, {}

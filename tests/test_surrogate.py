@@ -3,7 +3,6 @@ held-out allocations of a known additive structure, refuses another model's env,
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,16 +12,7 @@ from scipy.stats import spearmanr
 
 from prune_env.surrogate import (Dataset, SurrogateMismatchError, append_record, fit, heldout, load_surrogate,
                                  read_dataset, start_dataset)
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _builder():
-    spec = importlib.util.spec_from_file_location("build_surrogate", ROOT / "scripts" / "build_surrogate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from script_modules import load_script
 
 # --------------------------------------------------------------------------- synthetic data sets
 
@@ -119,7 +109,7 @@ def test_append_survives_a_write_cut_short(tmp_path):
 
 
 def test_builder_writes_resumes_and_never_duplicates(tmp_path, tiny_data):
-    builder = _builder()
+    builder = load_script("build_surrogate")
     path = tmp_path / "tiny.jsonl"
     assert builder.build("tiny-llama", path, 0, 0, tiny_data, log=lambda m: None) == 4  # round 0: uniform
     with open(path, "ab") as handle:
@@ -148,7 +138,7 @@ def test_builder_writes_resumes_and_never_duplicates(tmp_path, tiny_data):
 def test_every_draw_kind_is_budget_matched_and_reproducible(tiny_data):
     from prune_env.context import DataConfig, PruningContext
 
-    builder = _builder()
+    builder = load_script("build_surrogate")
     profile = builder.Profile(PruningContext("tiny-llama", data=DataConfig.from_dict(tiny_data)))
     draws = builder.plan(len(builder.STRUCTURED))
     assert {d["variant"] for d in draws if d["kind"] == "structured"} == set(builder.STRUCTURED)
