@@ -2,6 +2,7 @@
 
     python scripts/visited_fidelity.py --policy runs/ppo-surrogate-0 [--episodes 4] [--out fidelity.json]
     python scripts/visited_fidelity.py --policy runs/ppo-surrogate-0 --append prune_env/surrogates/...jsonl
+    python scripts/visited_fidelity.py --calibration prune_env/surrogates/smollm2-135m-wanda-block.jsonl
 
 A surrogate is only as good as its agreement on the allocations the policy actually visits (random
 draws are not where a policy spends its time). For every target, the policy plays one episode with its
@@ -118,9 +119,43 @@ def append(visited: list[dict], path: Path, policy: str, ctx) -> int:
     return len(visited)
 
 
+def spread_calibration(path: Path, multiples=(1.0, 2.0, 3.0)) -> dict:
+    """How many of the fit's spreads it is off where policies went, out of sample: the `visited` records of
+    each re-anchoring round (grouped by `params.policy`) are predicted by the fit on every other record.
+    `surrogate_pessimism=k` pays prediction - k x spread, so `covered[k]` is the share of those errors the
+    lower bound absorbs; positive z = the fit was optimistic."""
+    from prune_env.surrogate import fit, quality_of, read_dataset
+
+    data = read_dataset(path)
+    rounds: dict[str, list[dict]] = {}
+    for record in data.records:
+        if record.get("kind") == "visited":
+            rounds.setdefault(str(record.get("params", {}).get("policy")), []).append(record)
+    if not rounds:
+        raise ValueError(f"{str(path)!r} has no re-anchoring round to hold out (records of kind 'visited'): "
+                         "add one with --policy P --append")
+    weights = data.header["reward"]
+    z, targets, per_round = [], [], {}
+    for policy, held in rounds.items():
+        keep = [r for r in data.records if r.get("kind") != "visited" or str(r["params"].get("policy")) != policy]
+        metrics, spread = fit(data, records=keep).predict_with_spread([r["allocation"] for r in held])
+        error = quality_of(metrics, data.header["dense"], weights) - np.asarray([r["quality"] for r in held])
+        scaled = error / (weights["ppl_weight"] * spread["log_ppl_ratio"] + weights["fact_weight"] * spread["fact_acc"])
+        per_round[policy] = {"records": len(held), "bias": float(error.mean()), "mean_z": float(scaled.mean())}
+        z += scaled.tolist()
+        targets += [r["target"] for r in held]
+    z_all, target_all = np.asarray(z), np.asarray(targets)
+    return {"records": len(z), "mean_z": float(z_all.mean()), "median_z": float(np.median(z_all)),
+            "mean_z_per_target": {str(t): float(z_all[target_all == t].mean()) for t in sorted(set(targets))},
+            "covered": {str(k): float((z_all <= k).mean()) for k in multiples}, "rounds": per_round}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policy", required=True, help="a run folder or policy zip trained on fidelity=surrogate")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--policy", help="a run folder or policy zip trained on fidelity=surrogate")
+    what.add_argument("--calibration", type=Path, help="a surrogate data set: how many spreads its fit is off on "
+                      "each re-anchoring round when fitted without it (sets surrogate_pessimism)")
     parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
     parser.add_argument("--episodes", type=int, default=4, help="sampled-action episodes per target (+1 mean)")
     parser.add_argument("--seed", type=int, default=0)
@@ -132,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.calibration is not None:
+        try:
+            print(json.dumps(spread_calibration(args.calibration), indent=1))
+        except (ValueError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
     try:
         visited, env = rollouts(args.policy, args.targets, args.episodes, args.seed)
         ctx = env.unwrapped.context

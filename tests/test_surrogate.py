@@ -165,3 +165,27 @@ def test_a_data_set_from_before_a_reward_option_existed_resumes(tmp_path):
     assert start_dataset(path, now).records == read_dataset(path).records == []
     with pytest.raises(ValueError, match="different reward"):
         start_dataset(path, {**header, "reward": {**header["reward"], "fact_weight": 2.0}})
+
+
+def test_spread_calibration_finds_the_round_the_fit_was_optimistic_about(tmp_path):
+    """scripts/visited_fidelity.py --calibration: each re-anchoring round is predicted by the fit on the
+    rest; a round whose exact rewards fall below the structure the fit learned shows up as positive z."""
+    data = synthetic(n_records=200)
+    for record in data.records[-24:]:  # two rounds of 12 policy-visited records
+        honest = record["draw"] % 2 == 0
+        record.update(kind="visited", params={"policy": "honest" if honest else "optimistic-about"})
+        if not honest:  # the exact model lost 20 % more perplexity than the structure says
+            record["ppl"] *= 1.2
+            record["quality"] -= float(np.log(1.2))
+    calibration = load_script("visited_fidelity").spread_calibration(write(data, tmp_path / "d.jsonl"))
+    rounds = calibration["rounds"]
+    assert set(rounds) == {"honest", "optimistic-about"} and calibration["records"] == 24
+    assert rounds["optimistic-about"]["bias"] > 0.1 > abs(rounds["honest"]["bias"])
+    assert rounds["optimistic-about"]["mean_z"] > rounds["honest"]["mean_z"]
+    covered = [calibration["covered"][k] for k in ("1.0", "2.0", "3.0")]
+    assert covered == sorted(covered) and covered[0] < 1.0  # more pessimism covers more, one spread not all
+
+
+def test_spread_calibration_needs_a_reanchoring_round(tmp_path):
+    with pytest.raises(ValueError, match="no re-anchoring round"):
+        load_script("visited_fidelity").spread_calibration(write(synthetic(), tmp_path / "d.jsonl"))
