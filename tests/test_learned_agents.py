@@ -217,3 +217,30 @@ def test_a_surrogate_trained_policy_plays_on_data_its_surrogate_was_not_fitted_o
     ratios = build_agent({"name": "rl", "path": str(run_dir)}).allocate(other, 0.6, seed=0)
     numel = np.asarray([u.numel for u in other.units], dtype=float)
     assert np.dot(ratios, numel) / numel.sum() == pytest.approx(0.6, abs=1e-3)
+
+
+def test_surrogate_scores_put_policies_and_rules_on_the_training_reward(tmp_path, smoke_data):
+    """scripts/surrogate_scores.py: a policy's mean allocation and a rule's, scored by the policy's surrogate."""
+    data_set, run_dir = _surrogate_policy(tmp_path, smoke_data, rounds=1)
+    scorer = load_script("surrogate_scores")
+    n_units = len(LayerPruneEnv(model="tiny-llama", data=smoke_data, fidelity="proxy").units)
+    rules = {"uniform": {t: [t] * n_units for t in (0.3, 0.6)}}
+    rows = scorer.scores([str(run_dir)], rules, targets=(0.3, 0.6), pessimism=3.0)
+    assert [(r["target"], r["player"]) for r in rows] == [(t, p) for t in (0.3, 0.6) for p in (str(run_dir), "uniform")]
+    visited, _ = load_script("visited_fidelity").rollouts(str(run_dir), (0.3, 0.6), 0, 0)
+    assert [r["predicted"] for r in rows if r["player"] == str(run_dir)] == \
+        pytest.approx([v["predicted"] for v in visited])  # the same rollout the fidelity check replays
+    assert all(r["lower_bound"] < r["predicted"] for r in rows)  # 3 spreads below
+    plain = scorer.scores([str(run_dir)], rules, targets=(0.3,), pessimism=0.0)
+    assert [r["lower_bound"] for r in plain] == [r["predicted"] for r in plain]
+    assert "| 0.3 | uniform |" in scorer.table(rows)
+
+
+def test_surrogate_scores_read_rules_from_a_grid_and_name_a_missing_agent():
+    scorer = load_script("surrogate_scores")
+    grid = ROOT / "docs" / "results" / "learned-smollm2" / "results.json"
+    rules = scorer.rule_allocations(grid, ["uniform"])
+    assert sorted(rules["uniform"]) == [0.3, 0.4, 0.5, 0.6]
+    assert rules["uniform"][0.5] == pytest.approx([0.5] * 30, abs=1e-3)
+    with pytest.raises(ValueError, match="'nobody'"):
+        scorer.rule_allocations(grid, ["nobody"])
