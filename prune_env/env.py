@@ -20,6 +20,7 @@ from .pruner import SequentialPruner
 from .registry import observation_feature
 from .rewards import objectives, scalar_quality
 from .snapshot import RankedMasks
+from .surrogate import reward_spread
 from .validation import check_number, check_ratio
 
 FIDELITIES = ("exact", "proxy", "surrogate")
@@ -380,8 +381,8 @@ class LayerPruneEnv(PruneEnvBase):
         if self.fidelity == "surrogate":
             many, spread = self._surrogate.predict_with_spread([self._ratios])
             predicted = {key: float(value[0]) for key, value in many.items()}
-            std = math.hypot(self.reward_config.ppl_weight * float(spread["log_ppl_ratio"][0]),
-                             self.reward_config.fact_weight * float(spread["fact_acc"][0]))
+            weights = {"ppl_weight": self.reward_config.ppl_weight, "fact_weight": self.reward_config.fact_weight}
+            std = float(reward_spread(spread, weights)[0])
             return {**predicted, "achieved_sparsity": sum(self._zeros) / ctx.total_numel, "surrogate_std": std}
         if self.fidelity == "proxy":
             metrics = ctx.evaluate(self._reference.greedy_exact, windows=self._windows, facts=self._facts)

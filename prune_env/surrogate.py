@@ -334,6 +334,13 @@ def fit(dataset: Dataset, config: FitConfig = FitConfig(), records: list[dict] |
     return Surrogate(dataset.header, config, mean, scale, coef, chosen, bounds, spread)
 
 
+def reward_spread(spread: dict, reward: dict) -> np.ndarray:
+    """The spread of the terminal reward from the per-metric spreads (`Surrogate.uncertainty`): the weighted
+    log-ppl and fact-accuracy spreads combined as independent errors; `surrogate_pessimism` multiplies it."""
+    return np.hypot(reward["ppl_weight"] * np.asarray(spread["log_ppl_ratio"]),
+                    reward["fact_weight"] * np.asarray(spread["fact_acc"]))
+
+
 def quality_of(metrics: dict, dense: dict, reward: dict) -> np.ndarray | float:
     """LayerPrune-v0's terminal reward from (predicted or exact) metrics, as `rewards.quality` computes it."""
     return (-reward["ppl_weight"] * np.log(np.asarray(metrics["ppl"]) / dense["ppl"])

@@ -45,7 +45,7 @@ def scores(policies: list[str], rules: dict[str, dict[float, list[float]]], targ
     """One row per (target, player): the surrogate's predicted reward and its lower bound."""
     from agents.rl import read_run_config
     from prune_env.rewards import RewardConfig
-    from prune_env.surrogate import load_surrogate, quality_of
+    from prune_env.surrogate import load_surrogate, quality_of, reward_spread
 
     played: dict[str, dict[float, list[float]]] = {}
     surrogate = weights = None
@@ -66,7 +66,7 @@ def scores(policies: list[str], rules: dict[str, dict[float, list[float]]], targ
                 continue
             metrics, spread = surrogate.predict_with_spread([allocations[target]])
             predicted = float(quality_of(metrics, surrogate.header["dense"], weights)[0])
-            width = weights["ppl_weight"] * spread["log_ppl_ratio"][0] + weights["fact_weight"] * spread["fact_acc"][0]
+            width = reward_spread(spread, weights)[0]
             rows.append({"target": target, "player": name, "predicted": predicted,
                          "lower_bound": predicted - pessimism * float(width), "pessimism": pessimism})
     return rows

@@ -124,7 +124,7 @@ def spread_calibration(path: Path, multiples=(1.0, 2.0, 3.0)) -> dict:
     each re-anchoring round (grouped by `params.policy`) are predicted by the fit on every other record.
     `surrogate_pessimism=k` pays prediction - k x spread, so `covered[k]` is the share of those errors the
     lower bound absorbs; positive z = the fit was optimistic."""
-    from prune_env.surrogate import fit, quality_of, read_dataset
+    from prune_env.surrogate import fit, quality_of, read_dataset, reward_spread
 
     data = read_dataset(path)
     rounds: dict[str, list[dict]] = {}
@@ -140,7 +140,7 @@ def spread_calibration(path: Path, multiples=(1.0, 2.0, 3.0)) -> dict:
         keep = [r for r in data.records if r.get("kind") != "visited" or str(r["params"].get("policy")) != policy]
         metrics, spread = fit(data, records=keep).predict_with_spread([r["allocation"] for r in held])
         error = quality_of(metrics, data.header["dense"], weights) - np.asarray([r["quality"] for r in held])
-        scaled = error / (weights["ppl_weight"] * spread["log_ppl_ratio"] + weights["fact_weight"] * spread["fact_acc"])
+        scaled = error / reward_spread(spread, weights)
         per_round[policy] = {"records": len(held), "bias": float(error.mean()), "mean_z": float(scaled.mean())}
         z += scaled.tolist()
         targets += [r["target"] for r in held]
