@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -381,8 +381,7 @@ class LayerPruneEnv(PruneEnvBase):
         if self.fidelity == "surrogate":
             many, spread = self._surrogate.predict_with_spread([self._ratios])
             predicted = {key: float(value[0]) for key, value in many.items()}
-            weights = {"ppl_weight": self.reward_config.ppl_weight, "fact_weight": self.reward_config.fact_weight}
-            std = float(reward_spread(spread, weights)[0])
+            std = float(reward_spread(spread, asdict(self.reward_config))[0])
             return {**predicted, "achieved_sparsity": sum(self._zeros) / ctx.total_numel, "surrogate_std": std}
         if self.fidelity == "proxy":
             metrics = ctx.evaluate(self._reference.greedy_exact, windows=self._windows, facts=self._facts)

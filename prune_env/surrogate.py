@@ -335,7 +335,9 @@ def fit(dataset: Dataset, config: FitConfig = FitConfig(), records: list[dict] |
 
 
 def reward_spread(spread: dict, reward: dict) -> np.ndarray:
-    """The spread of the terminal reward from the per-metric spreads (`Surrogate.uncertainty`): the weighted
+    """`reward`: a RewardConfig as `dataclasses.asdict` gives it (the data set header's `reward`).
+
+    The spread of the terminal reward from the per-metric spreads (`Surrogate.uncertainty`): the weighted
     log-ppl and fact-accuracy spreads combined as independent errors; `surrogate_pessimism` multiplies it."""
     return np.hypot(reward["ppl_weight"] * np.asarray(spread["log_ppl_ratio"]),
                     reward["fact_weight"] * np.asarray(spread["fact_acc"]))

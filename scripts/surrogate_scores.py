@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,8 +56,7 @@ def scores(policies: list[str], rules: dict[str, dict[float, list[float]]], targ
         if surrogate is None:
             config = read_run_config(path, [])
             surrogate = load_surrogate(config.env.surrogate, env.unwrapped.context)
-            reward = RewardConfig.from_dict(config.env.reward)
-            weights = {"ppl_weight": reward.ppl_weight, "fact_weight": reward.fact_weight}
+            weights = asdict(RewardConfig.from_dict(config.env.reward))  # the data set header's form (`reward`)
             pessimism = float(config.env.surrogate_pessimism) if pessimism is None else float(pessimism)
         env.close()
     rows = []

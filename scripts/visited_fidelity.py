@@ -22,6 +22,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +49,7 @@ def rollouts(policy_path: str, targets, episodes: int, seed: int) -> tuple[list[
     env = make_env(**{**config.env_kwargs(), "target_sparsity_range": None})
     policy = load_policy(policy_path, env)
     surrogate = load_surrogate(config.env.surrogate, env.unwrapped.context)  # its mean, never the lower bound
-    reward = RewardConfig.from_dict(config.env.reward)
-    weights = {"ppl_weight": reward.ppl_weight, "fact_weight": reward.fact_weight}
+    weights = asdict(RewardConfig.from_dict(config.env.reward))  # the form the data set header keeps (`reward`)
     torch.manual_seed(seed)  # sampled actions come from torch's generator
     visited = []
     for target in targets:
