@@ -207,6 +207,7 @@ class EnvConfig:
     proxy_facts: int = 64
     surrogate: str | None = None  # fidelity=surrogate: the data set file (None: the packaged one)
     surrogate_pessimism: float = 0.0  # fidelity=surrogate: reward = prediction - k * the fit's spread there
+    observe_profile: bool = True  # False: the policy sees 0 for z_wanda and z_grad (LayerPrune's docstring)
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -238,6 +239,7 @@ class EnvConfig:
         check_number("n_actions", self.n_actions, low=2, integer=True)
         check_number("proxy_eval_tokens", self.proxy_eval_tokens, low=1, integer=True)
         check_number("proxy_facts", self.proxy_facts, low=1, integer=True)
+        _flag("observe_profile", self.observe_profile)
         check_device(self.device)
         try:
             RewardConfig.from_dict(self.reward)

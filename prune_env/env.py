@@ -94,7 +94,9 @@ class LayerPruneEnv(PruneEnvBase):
     | 9.. | kind one-hot | with `granularity="linear"`: v0 one-hot of the linear type (q/k/v/o/gate/up/down..., k depends on the family); v1 (`kind_encoding="role"`) one-hot of the fixed roles attention_in / attention_out / mlp_in / mlp_out / other (k = 5 for every family) |
     | .. | extra features | one entry per name in `extra_features` (`prune_env.registry.register_observation_feature`) |
 
-    z-scores are clipped to [-10, 10].
+    z-scores are clipped to [-10, 10]. `observe_profile=False` reads 0 in entries 0-1 (like MuJoCo's
+    `exclude_current_positions_from_observation`): a policy trained on one calibration sees the same
+    profile in every episode, so those entries only name the layer (as depth does) and shift on new text.
 
     ## Rewards
     Terminal: quality = -ppl_weight * log(ppl / ppl_dense) - fact_weight * (fact_acc_dense - fact_acc)
@@ -151,7 +153,7 @@ class LayerPruneEnv(PruneEnvBase):
     PruningContext), target_sparsity_range (None | (lo, hi)), kind_encoding ("one_hot" (v0) | "role"
     (v1)), extra_features (list of registered feature names), reward_mode ("scalar" | "vector"),
     surrogate (None | path of a surrogate data set, with `fidelity="surrogate"`), action_mode ("absolute" |
-    "budget"), surrogate_pessimism (0.0).
+    "budget"), surrogate_pessimism (0.0), observe_profile (True).
     `method` may be any name registered with `prune_env.methods.register_method`.
 
     ## Example
@@ -180,7 +182,8 @@ class LayerPruneEnv(PruneEnvBase):
                  render_mode: str | None = None, context: PruningContext | None = None,
                  target_sparsity_range: tuple[float, float] | None = None, kind_encoding: str = "one_hot",
                  extra_features: list[str] | None = None, reward_mode: str = "scalar", surrogate: str | None = None,
-                 action_mode: str = "absolute", surrogate_pessimism: float = 0.0, **kwargs):
+                 action_mode: str = "absolute", surrogate_pessimism: float = 0.0, observe_profile: bool = True,
+                 **kwargs):
         for name, value in (("min_sparsity", min_sparsity), ("max_sparsity", max_sparsity)):
             check_ratio(name, value)
         if not min_sparsity <= max_sparsity:
@@ -197,6 +200,9 @@ class LayerPruneEnv(PruneEnvBase):
         self.fidelity, self.action_type, self.action_mode = fidelity, action_type, action_mode
         self.surrogate_pessimism = float(check_number("surrogate_pessimism", surrogate_pessimism, low=0.0))
         self.kind_encoding, self.reward_mode = kind_encoding, reward_mode
+        if not isinstance(observe_profile, bool):
+            raise ValueError(f"observe_profile must be true or false, got {observe_profile!r}")
+        self.observe_profile = observe_profile
         self.extra_features = list(extra_features or [])
         self._features = [observation_feature(name) for name in self.extra_features]
         self._setup(unknown=kwargs, target_sparsity=target_sparsity, target_sparsity_range=target_sparsity_range,
@@ -405,7 +411,8 @@ class LayerPruneEnv(PruneEnvBase):
         index = min(self._step or 0, n - 1)
         total = self.context.total_numel
         budget_left = self._budget_left(index) if started else 0.0
-        obs = [self.context.z_wanda[index], self.context.z_grad[index], self._ratios[index] if started else 0.0,
+        profile = (self.context.z_wanda[index], self.context.z_grad[index]) if self.observe_profile else (0.0, 0.0)
+        obs = [*profile, self._ratios[index] if started else 0.0,
                index / max(n - 1, 1), self._unit_numel[index] / total, sum(self._zeros) / total if started else 0.0,
                budget_left, self._prev_action if started else 0.0, self._last_drop if started else 0.0]
         obs += [float(self._kind_of[index] == kind) for kind in self.kinds]

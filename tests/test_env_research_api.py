@@ -13,6 +13,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from gymnasium.utils.env_checker import check_env
 
 import prune_env  # noqa: F401  (registers the environments)
 from prune_env.masking import score_mask
@@ -86,6 +87,20 @@ def test_user_observation_feature_extends_the_box(tiny_data):
     assert iterative.observation_space.shape == (6 * 3 + 6,)
     obs, _ = iterative.reset(seed=0)
     assert [float(obs[6 * i + 5]) for i in range(3)] == [1.0, 0.0, 0.0]
+
+
+def test_observe_profile_false_blanks_only_the_profile_entries(tiny_data):
+    seeing = gym.make(ENV_ID, model="tiny-llama", data=tiny_data)
+    blind = gym.make(ENV_ID, model="tiny-llama", data=tiny_data, observe_profile=False)
+    check_env(blind.unwrapped, skip_render_check=True)
+    seen, seen_rewards, _ = play(seeing)
+    unseen, blind_rewards, _ = play(blind)
+    assert any(np.any(obs[:2] != 0) for obs in seen)  # the tiny model's profile is not flat
+    assert all(np.all(obs[:2] == 0) for obs in unseen)
+    assert [obs[2:].tolist() for obs in unseen] == [obs[2:].tolist() for obs in seen]
+    assert blind_rewards == seen_rewards  # what the agent sees changes, never what the env does
+    with pytest.raises(ValueError, match="observe_profile must be true or false"):
+        gym.make(ENV_ID, model="tiny-llama", data=tiny_data, observe_profile="no")
 
 
 def test_user_pruning_method_runs_through_gym_make(tiny_data):

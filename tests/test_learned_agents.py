@@ -26,7 +26,8 @@ def smoke_data(tiny_data: dict) -> dict:
             "grad_samples": 2, "eval_tokens": 256, "eval_seq_len": 64, "n_facts": 20}
 
 
-def _surrogate_policy(tmp_path: Path, smoke_data: dict, rounds: int) -> tuple[Path, Path]:
+def _surrogate_policy(tmp_path: Path, smoke_data: dict, rounds: int,
+                      overrides: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """A tiny surrogate data set (`rounds` of the plan) and a smoke PPO policy trained on it over 0.3-0.6."""
     data_set = tmp_path / "tiny-surrogate.jsonl"
     load_script("build_surrogate").build("tiny-llama", data_set, rounds, 0, smoke_data, log=lambda m: None)
@@ -34,7 +35,7 @@ def _surrogate_policy(tmp_path: Path, smoke_data: dict, rounds: int) -> tuple[Pa
     overrides = [f"env.data.text={smoke_data['text']}", f"env.data.facts={smoke_data['facts']}", f"run_dir={run_dir}",
                  "env.fidelity=surrogate", f"env.surrogate={data_set}", "env.action_mode=budget",
                  "env.target_sparsity_range=[0.3, 0.6]", "eval.every_steps=0", "eval.final=false",
-                 "checkpoint.every_steps=0"]
+                 "checkpoint.every_steps=0", *overrides]
     assert train.main(["--config", SMOKE, *overrides]) == 0
     return data_set, run_dir
 
@@ -217,6 +218,24 @@ def test_a_surrogate_trained_policy_plays_on_data_its_surrogate_was_not_fitted_o
     ratios = build_agent({"name": "rl", "path": str(run_dir)}).allocate(other, 0.6, seed=0)
     numel = np.asarray([u.numel for u in other.units], dtype=float)
     assert np.dot(ratios, numel) / numel.sum() == pytest.approx(0.6, abs=1e-3)
+
+
+def test_a_profile_blind_policy_allocates_the_same_whatever_the_calibration(tmp_path, smoke_data):
+    """env.observe_profile=false travels with the saved run: the benchmark's rl agent plays blind too, so text
+    that changes the dense profile does not change the policy's decisions."""
+    from agents.base import build_agent
+    from prune_env.context import DataConfig, PruningContext
+
+    _, run_dir = _surrogate_policy(tmp_path, smoke_data, rounds=1, overrides=("env.observe_profile=false",))
+    contexts = [PruningContext("tiny-llama", data=DataConfig.from_dict({**smoke_data, "seed": seed}))
+                for seed in (0, 3)]
+    assert not np.allclose(contexts[0].z_wanda, contexts[1].z_wanda)  # another calibration, another profile
+    for target in (0.3, 0.6):
+        blind = [build_agent({"name": "rl", "path": str(run_dir)}).allocate(ctx, target, seed=0) for ctx in contexts]
+        assert blind[0] == blind[1]
+        seeing = [build_agent({"name": "rl", "path": str(run_dir), "env": {"observe_profile": True}})
+                  .allocate(ctx, target, seed=0) for ctx in contexts]
+        assert seeing[0] != seeing[1]  # the same weights reading the two profiles decide differently
 
 
 def test_surrogate_scores_put_policies_and_rules_on_the_training_reward(tmp_path, smoke_data):
