@@ -21,7 +21,8 @@ from prune_env.env import ACTION_MODES, ACTION_TYPES, FIDELITIES
 from prune_env.masking import parse_pattern
 from prune_env.methods import check_method
 from prune_env.rewards import RewardConfig
-from prune_env.validation import DTYPE_NAMES, check_choice, check_device, check_number, check_ratio, check_target
+from prune_env.validation import (DTYPE_NAMES, check_choice, check_device, check_flag, check_number, check_ratio,
+                                  check_target)
 
 ALGO_NAMES = ("ppo", "sac", "dqn")
 LAYER_ENV_IDS = ("prune_env/LayerPrune-v0", "prune_env/LayerPrune-v1")
@@ -43,12 +44,6 @@ def algo_class(name: str) -> type:
 
 
 # ----------------------------------------------------------------------------- value checks
-def _flag(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} is not a boolean: give true or false")
-    return value
-
-
 def _count(low: int) -> Callable[[str, Any], int]:
     return lambda name, value: check_number(name, value, low=low, integer=True)
 
@@ -125,20 +120,20 @@ def _activation(name: str, value: Any) -> type:
 HYPERPARAMS: dict[str, Callable[[str, Any], Any]] = {
     "learning_rate": _positive, "n_steps": _count(1), "batch_size": _count(1), "n_epochs": _count(1),
     "gamma": _unit, "gae_lambda": _unit, "clip_range": _positive, "clip_range_vf": _optional(_positive),
-    "normalize_advantage": _flag, "ent_coef": _auto_or(_non_negative), "vf_coef": _non_negative,
-    "max_grad_norm": _positive, "use_sde": _flag, "sde_sample_freq": _count(-1),
+    "normalize_advantage": check_flag, "ent_coef": _auto_or(_non_negative), "vf_coef": _non_negative,
+    "max_grad_norm": _positive, "use_sde": check_flag, "sde_sample_freq": _count(-1),
     "target_kl": _optional(_positive), "stats_window_size": _count(1), "buffer_size": _count(1),
     "learning_starts": _count(0), "tau": _unit, "train_freq": _train_freq, "gradient_steps": _gradient_steps,
-    "optimize_memory_usage": _flag, "target_update_interval": _count(1),
-    "target_entropy": _auto_or(check_number), "use_sde_at_warmup": _flag, "exploration_fraction": _unit,
+    "optimize_memory_usage": check_flag, "target_update_interval": _count(1),
+    "target_entropy": _auto_or(check_number), "use_sde_at_warmup": check_flag, "exploration_fraction": _unit,
     "exploration_initial_eps": _unit, "exploration_final_eps": _unit,
 }
 """SB3 hyperparameter -> check returning the value SB3 gets (the YAML value, list -> tuple for train_freq)."""
 
 POLICY_KWARGS: dict[str, Callable[[str, Any], Any]] = {
-    "net_arch": _net_arch, "activation_fn": _activation, "ortho_init": _flag, "log_std_init": check_number,
-    "full_std": _flag, "use_expln": _flag, "squash_output": _flag, "share_features_extractor": _flag,
-    "normalize_images": _flag, "n_critics": _count(1), "clip_mean": _positive,
+    "net_arch": _net_arch, "activation_fn": _activation, "ortho_init": check_flag, "log_std_init": check_number,
+    "full_std": check_flag, "use_expln": check_flag, "squash_output": check_flag, "share_features_extractor": check_flag,
+    "normalize_images": check_flag, "n_critics": _count(1), "clip_mean": _positive,
 }
 """Policy keyword -> check returning the value the policy gets (activation names -> torch.nn classes)."""
 
@@ -239,7 +234,6 @@ class EnvConfig:
         check_number("n_actions", self.n_actions, low=2, integer=True)
         check_number("proxy_eval_tokens", self.proxy_eval_tokens, low=1, integer=True)
         check_number("proxy_facts", self.proxy_facts, low=1, integer=True)
-        _flag("observe_profile", self.observe_profile)
         check_device(self.device)
         try:
             RewardConfig.from_dict(self.reward)

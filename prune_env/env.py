@@ -21,7 +21,7 @@ from .registry import observation_feature
 from .rewards import objectives, scalar_quality
 from .snapshot import RankedMasks
 from .surrogate import reward_spread
-from .validation import check_number, check_ratio
+from .validation import check_flag, check_number, check_ratio
 
 FIDELITIES = ("exact", "proxy", "surrogate")
 ACTION_TYPES = ("continuous", "discrete")
@@ -200,9 +200,7 @@ class LayerPruneEnv(PruneEnvBase):
         self.fidelity, self.action_type, self.action_mode = fidelity, action_type, action_mode
         self.surrogate_pessimism = float(check_number("surrogate_pessimism", surrogate_pessimism, low=0.0))
         self.kind_encoding, self.reward_mode = kind_encoding, reward_mode
-        if not isinstance(observe_profile, bool):
-            raise ValueError(f"observe_profile must be true or false, got {observe_profile!r}")
-        self.observe_profile = observe_profile
+        self.observe_profile = check_flag("observe_profile", observe_profile)
         self.extra_features = list(extra_features or [])
         self._features = [observation_feature(name) for name in self.extra_features]
         self._setup(unknown=kwargs, target_sparsity=target_sparsity, target_sparsity_range=target_sparsity_range,

@@ -56,6 +56,13 @@ def check_number(name: str, value: Any, *, low: float | None = None, high: float
     return number
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """A true/false switch; 1, "yes" and the like are refused, never coerced."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not a boolean: give true or false")
+    return value
+
+
 def check_ratio(name: str, value: Any) -> float:
     """A sparsity ratio: the fraction of weights to remove, in [0, 1)."""
     return float(check_number(name, value, low=0.0, high=1.0, high_open=True))

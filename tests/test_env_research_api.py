@@ -99,7 +99,7 @@ def test_observe_profile_false_blanks_only_the_profile_entries(tiny_data):
     assert all(np.all(obs[:2] == 0) for obs in unseen)
     assert [obs[2:].tolist() for obs in unseen] == [obs[2:].tolist() for obs in seen]
     assert blind_rewards == seen_rewards  # what the agent sees changes, never what the env does
-    with pytest.raises(ValueError, match="observe_profile must be true or false"):
+    with pytest.raises(ValueError, match="observe_profile='no' is not a boolean"):
         gym.make(ENV_ID, model="tiny-llama", data=tiny_data, observe_profile="no")
 
 

@@ -27,7 +27,7 @@ def smoke_data(tiny_data: dict) -> dict:
 
 
 def _surrogate_policy(tmp_path: Path, smoke_data: dict, rounds: int,
-                      overrides: tuple[str, ...] = ()) -> tuple[Path, Path]:
+                      extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """A tiny surrogate data set (`rounds` of the plan) and a smoke PPO policy trained on it over 0.3-0.6."""
     data_set = tmp_path / "tiny-surrogate.jsonl"
     load_script("build_surrogate").build("tiny-llama", data_set, rounds, 0, smoke_data, log=lambda m: None)
@@ -35,7 +35,7 @@ def _surrogate_policy(tmp_path: Path, smoke_data: dict, rounds: int,
     overrides = [f"env.data.text={smoke_data['text']}", f"env.data.facts={smoke_data['facts']}", f"run_dir={run_dir}",
                  "env.fidelity=surrogate", f"env.surrogate={data_set}", "env.action_mode=budget",
                  "env.target_sparsity_range=[0.3, 0.6]", "eval.every_steps=0", "eval.final=false",
-                 "checkpoint.every_steps=0", *overrides]
+                 "checkpoint.every_steps=0", *extra]
     assert train.main(["--config", SMOKE, *overrides]) == 0
     return data_set, run_dir
 
@@ -226,7 +226,7 @@ def test_a_profile_blind_policy_allocates_the_same_whatever_the_calibration(tmp_
     from agents.base import build_agent
     from prune_env.context import DataConfig, PruningContext
 
-    _, run_dir = _surrogate_policy(tmp_path, smoke_data, rounds=1, overrides=("env.observe_profile=false",))
+    _, run_dir = _surrogate_policy(tmp_path, smoke_data, rounds=1, extra=("env.observe_profile=false",))
     contexts = [PruningContext("tiny-llama", data=DataConfig.from_dict({**smoke_data, "seed": seed}))
                 for seed in (0, 3)]
     assert not np.allclose(contexts[0].z_wanda, contexts[1].z_wanda)  # another calibration, another profile
