@@ -63,6 +63,8 @@ def test_fit_ranks_heldout_allocations_of_a_known_additive_structure():
     figures = heldout(data, folds=5)
     assert figures["spearman"] > 0.95 and abs(figures["bias"]) < 0.05
     assert len(figures["predicted"]) == len(data.records)
+    assert min(figures["retention_spearman_per_target"].values()) > 0.8  # retention falls with weighted sparsity
+    assert figures["retention_mae"] < 0.05
 
 
 def test_fit_does_not_rank_noise():
@@ -72,8 +74,10 @@ def test_fit_does_not_rank_noise():
     for record in data.records:
         record["ppl"] = DENSE["ppl"] * float(np.exp(rng.normal(0.0, 0.3)))
         record["quality"] = -float(np.log(record["ppl"] / DENSE["ppl"])) - (DENSE["fact_acc"] - record["fact_acc"])
-    per_target = heldout(data, folds=5)["spearman_per_target"]
-    assert np.mean([abs(v) for v in per_target.values()]) < 0.5
+        record["fact_retention"] = float(rng.uniform(0.0, 1.0))
+    figures = heldout(data, folds=5)
+    assert np.mean([abs(v) for v in figures["spearman_per_target"].values()]) < 0.5
+    assert np.mean([abs(v) for v in figures["retention_spearman_per_target"].values()]) < 0.5
 
 
 def test_load_refuses_another_model_and_predicts_deterministically(tmp_path):
