@@ -132,8 +132,9 @@ HYPERPARAMS: dict[str, Callable[[str, Any], Any]] = {
 
 POLICY_KWARGS: dict[str, Callable[[str, Any], Any]] = {
     "net_arch": _net_arch, "activation_fn": _activation, "ortho_init": check_flag, "log_std_init": check_number,
-    "full_std": check_flag, "use_expln": check_flag, "squash_output": check_flag, "share_features_extractor": check_flag,
-    "normalize_images": check_flag, "n_critics": _count(1), "clip_mean": _positive,
+    "full_std": check_flag, "use_expln": check_flag, "squash_output": check_flag,
+    "share_features_extractor": check_flag, "normalize_images": check_flag, "n_critics": _count(1),
+    "clip_mean": _positive,
 }
 """Policy keyword -> check returning the value the policy gets (activation names -> torch.nn classes)."""
 

@@ -356,7 +356,8 @@ def heldout(dataset: Dataset, folds: int = 5, config: FitConfig = FitConfig()) -
     """Fidelity on allocations the fit never saw: k-fold by draw number (fold = draw % folds). Returns the
     Spearman rank correlation of predicted vs exact reward overall and within each target, the bias (mean
     predicted - exact reward) and the mean absolute error, with the per-record predictions; and the same
-    within-target Spearman and error for fact retention, which the reward does not pay (can it?)."""
+    within-target Spearman and error for fact retention: the reward does not pay it, and these say whether
+    a retention term could rest on this fit."""
     from scipy.stats import spearmanr
 
     records = dataset.records
