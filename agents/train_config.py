@@ -172,7 +172,7 @@ def _check_data(values: dict, where: str) -> None:
             looks_like_file = "/" in value or value.endswith((".txt", ".jsonl", ".json"))
             if looks_like_file and not Path(value).expanduser().is_file():
                 raise ValueError(f"{name}: file {value!r} does not exist")
-        elif key == "eval_offset":
+        elif key in ("eval_offset", "calib_seed"):
             _optional(_count(0))(name, value)
         else:
             check_number(name, value, low=1 if key in _DATA_MINIMUM_ONE else 0, integer=True)

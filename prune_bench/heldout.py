@@ -39,7 +39,7 @@ def heldout_data(config: BenchmarkConfig, tokenizer, ids: torch.Tensor | None = 
     if ids is None:
         ids = tokenize_corpus(load_text(env.text), tokenizer)
     env_slices = split_corpus(ids, calib_samples=env.calib_samples, calib_seq_len=env.calib_seq_len,
-                              eval_tokens=env.eval_tokens, eval_seq_len=env.eval_seq_len, seed=env.seed,
+                              eval_tokens=env.eval_tokens, eval_seq_len=env.eval_seq_len, seed=env.calibration_seed,
                               eval_offset=env.eval_offset, source=env.text)
     env_end = env_slices.eval_end
     offset = env_end if held.eval_offset == "auto" else int(held.eval_offset)

@@ -56,6 +56,13 @@ class DataConfig:
     batch_size: int = 4
     fact_batch_size: int = 64
     seed: int = 0
+    calib_seed: int | None = None  # seed of the calibration windows alone (None: `seed`); facts and evaluation stay
+
+    @property
+    def calibration_seed(self) -> int:
+        """Why apart from `seed`: a pruning decision depends on which calibration windows were drawn, so
+        results are re-checked over several draws with the same evaluation text and facts."""
+        return self.seed if self.calib_seed is None else self.calib_seed
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "DataConfig":
@@ -145,8 +152,8 @@ class PruningContext:
         check_sequence_length(self.model, model, calib_seq_len=d.calib_seq_len, eval_seq_len=d.eval_seq_len)
         ids = tokenize_corpus(load_text(d.text), self.tokenizer)
         self.slices = split_corpus(ids, calib_samples=d.calib_samples, calib_seq_len=d.calib_seq_len,
-                                   eval_tokens=d.eval_tokens, eval_seq_len=d.eval_seq_len, seed=d.seed,
-                                   eval_offset=d.eval_offset, source=d.text)
+                                   eval_tokens=d.eval_tokens, eval_seq_len=d.eval_seq_len,
+                                   seed=d.calibration_seed, eval_offset=d.eval_offset, source=d.text)
         self.facts = select_facts(load_facts(d.facts, seed=d.seed), d.n_facts, d.facts_offset, d.seed)
         torch_device = next(self.model.parameters()).device
         self.calibration = calibration_batches(self.slices.calibration, d.batch_size, torch_device)

@@ -7,6 +7,10 @@ For each target, the policies' records (one per training seed) are paired with t
 (the same held-out windows and facts) and `prune_bench.intervals.paired_bootstrap` gives the 95 % interval
 of the mean over the seeds of: perplexity ratio (policy / other), fact-accuracy difference and
 fact-retention difference. "beats" means the interval excludes no difference in the policy's favour.
+
+Several results.json of one grid run with different calibration draws (`data.calib_seed`; the same
+held-out windows and facts) pool: every (draw, policy seed) pair counts once, paired within its draw, so
+the verdict is of the mean over draws and seeds (configs/benchmark-calibration-draws.yaml).
 """
 
 from __future__ import annotations
@@ -28,26 +32,42 @@ def verdict(interval: Interval | None, digits: int = 3) -> str:
     return format_interval(interval, digits, tie="tie", missing="n/a")
 
 
-def summary(results: dict, policies: list[str]) -> list[str]:
-    records = [r for r in results["records"] if r["status"] == "ok" and r.get("per_window")]
-    dense_exact = results.get("dense_per_fact", {}).get("greedy_exact")
+def _held_out(results: dict) -> tuple:
+    """What pairing needs equal across draws: the held-out windows, the facts and the dense model's answers."""
+    data = results.get("data", {})
+    return (data.get("text", {}).get("source"), data.get("text", {}).get("evaluation"), data.get("facts"),
+            results.get("dense_per_fact", {}).get("greedy_exact"))
+
+
+def summary(draws: list[dict], policies: list[str]) -> list[str]:
+    """The verdict tables of `policies` over one or more results.json (calibration draws of one grid)."""
+    if any(_held_out(results) != _held_out(draws[0]) for results in draws[1:]):
+        raise ValueError("the results files do not share held-out text windows, facts and dense answers: "
+                         "only calibration draws of one grid (data.calib_seed) can be pooled")
+    dense_exact = draws[0].get("dense_per_fact", {}).get("greedy_exact")
+    ok = [[r for r in results["records"] if r["status"] == "ok" and r.get("per_window") and r["seed"] == 0]
+          for results in draws]
     lines = []
-    for target in sorted({r["target_sparsity"] for r in records}):
-        at = {r["agent"]: r for r in records if r["target_sparsity"] == target and r["seed"] == 0}
-        mine = [at[p] for p in policies if p in at]
-        if len(mine) != len(policies):
-            lines += [f"target {target}: policies missing ({sorted(set(policies) - set(at))})", ""]
+    for target in sorted({r["target_sparsity"] for records in ok for r in records}):
+        at = [{r["agent"]: r for r in records if r["target_sparsity"] == target} for records in ok]
+        missing = sorted({p for agents in at for p in policies if p not in agents})
+        if missing:
+            lines += [f"target {target}: policies missing ({missing})", ""]
             continue
+        mine = [agents[p] for agents in at for p in policies]
         mean = {k: float(np.mean([r[k] for r in mine])) for k in ("ppl", "fact_acc", "fact_retention")}
-        lines += [f"### target {target}: mean of {len(mine)} policies: ppl {mean['ppl']:.2f}, fact acc "
+        over = f"{len(policies)} policies" + (f" x {len(draws)} calibration draws" if len(draws) > 1 else "")
+        lines += [f"### target {target}: mean of {over}: ppl {mean['ppl']:.2f}, fact acc "
                   f"{mean['fact_acc']:.3f}, retention {mean['fact_retention']:.3f}", "",
                   "| against | its ppl / acc / retention | ppl ratio (policies / it) | fact acc diff | retention diff |",
                   "|---|---|---|---|---|"]
-        for name, other in sorted(at.items(), key=lambda item: item[1]["ppl"]):
-            if name in policies:
-                continue
-            result = paired_bootstrap(mine, [other] * len(mine), dense_exact)
-            lines.append(f"| {name} | {other['ppl']:.2f} / {other['fact_acc']:.3f} / {other['fact_retention']:.3f} | "
+        others = sorted(set.intersection(*(set(agents) for agents in at)) - set(policies),
+                        key=lambda name: (np.mean([agents[name]["ppl"] for agents in at]), name))
+        for name in others:
+            theirs = [agents[name] for agents in at for _ in policies]
+            result = paired_bootstrap(mine, theirs, dense_exact)
+            its = {k: float(np.mean([r[k] for r in theirs])) for k in ("ppl", "fact_acc", "fact_retention")}
+            lines.append(f"| {name} | {its['ppl']:.2f} / {its['fact_acc']:.3f} / {its['fact_retention']:.3f} | "
                          f"{verdict(result.ppl_ratio, 4)} | {verdict(result.acc_diff)} | {verdict(result.retention_diff)} |")
         lines.append("")
     return lines
@@ -55,16 +75,22 @@ def summary(results: dict, policies: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path)
+    parser.add_argument("results", type=Path, nargs="+", help="one grid's results.json, or its calibration draws")
     parser.add_argument("--policy", nargs="+", required=True, help="the agent labels of the policy's seeds")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    draws = []
+    for path in args.results:
+        try:
+            draws.append(load_results(path))
+        except (OSError, ResultsError) as error:
+            print(f"error: {path} is not a readable results.json: {error}", file=sys.stderr)
+            return 2
     try:
-        results = load_results(args.results)
-    except (OSError, ResultsError) as error:
-        print(f"error: {args.results} is not a readable results.json: {error}", file=sys.stderr)
+        text = "\n".join(summary(draws, args.policy)) + "\n"
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    text = "\n".join(summary(results, args.policy)) + "\n"
     print(text)
     if args.out is not None:
         from prune_env.files import atomic_write_text

@@ -244,3 +244,21 @@ def test_split_too_small_says_needed_vs_available() -> None:
     with pytest.raises(ValueError, match="needs at least 1600 tokens"):
         split_corpus(torch.arange(1_500), calib_samples=4, calib_seq_len=128, eval_tokens=1024,
                      eval_seq_len=128, eval_offset=576)
+
+
+def test_calib_seed_draws_other_calibration_windows_on_the_same_evaluation_and_facts(tiny_data: dict):
+    """A calibration draw changes what Wanda sees (statistics, masks), never what the model is measured on."""
+    from prune_env.context import PruningContext
+
+    base = PruningContext("tiny-llama", data=tiny_data)
+    same = PruningContext("tiny-llama", data={**tiny_data, "calib_seed": tiny_data.get("seed", 0)})
+    other = PruningContext("tiny-llama", data={**tiny_data, "calib_seed": 7})
+    assert same.slices.calib_starts == base.slices.calib_starts
+    assert other.slices.calib_starts != base.slices.calib_starts
+    assert torch.equal(other.slices.evaluation, base.slices.evaluation)
+    assert [f.prompt for f in other.facts] == [f.prompt for f in base.facts]
+    name = base.refs[0].name
+    assert not torch.equal(other.stats.act_norm[name], base.stats.act_norm[name])
+    assert other.dense.ppl == pytest.approx(base.dense.ppl)
+    with pytest.raises(ValueError, match="calib_seed"):
+        PruningContext("tiny-llama", data={**tiny_data, "calib_seed": "one"})

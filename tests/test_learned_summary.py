@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,22 +25,28 @@ def _record(agent: str, target: float, nll_per_token: np.ndarray, correct: np.nd
             "per_fact": {"correct": correct.astype(bool).tolist(), "greedy_exact": correct.astype(bool).tolist()}}
 
 
-def _results(target: float = 0.5) -> dict:
+def _results(target: float = 0.5, draw: int = 0, policy_shift: float = 0.0) -> dict:
+    """One grid; `draw` moves every agent's nll the same way (another calibration draw), `policy_shift` the policies'."""
     rng = np.random.default_rng(0)
-    base = 3.0 + rng.normal(0, 0.2, 24)          # per-window nll of the worst agent
+    base = 3.0 + rng.normal(0, 0.2, 24) + 0.05 * draw  # per-window nll of the worst agent
     facts = rng.random(60) < 0.6
     records = [_record("uniform", target, base, facts),
                _record("rule", target, base - 0.10, facts)]  # clearly better than uniform on every window
     for seed, shift in enumerate((0.04, 0.05, 0.06)):        # policies: between the two on every window
-        records.append(_record(f"ppo-s{seed}", target, base - shift, facts))
-    return {"records": records, "dense_per_fact": {"greedy_exact": [True] * 10 + [False] * 50}}
+        records.append(_record(f"ppo-s{seed}", target, base - shift + policy_shift, facts))
+    return {"records": records, "dense_per_fact": {"greedy_exact": [True] * 10 + [False] * 50},
+            "data": {"text": {"source": "t", "evaluation": {"region": [0, 2400]}}, "facts": {"n": 60}}}
+
+
+def _rows(lines: list[str]) -> dict[str, str]:
+    return {line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and "against" not in line}
 
 
 def test_policies_beat_the_worse_agent_and_lose_to_the_better_one():
-    lines = _module().summary(_results(), ["ppo-s0", "ppo-s1", "ppo-s2"])
+    lines = _module().summary([_results()], ["ppo-s0", "ppo-s1", "ppo-s2"])
     text = "\n".join(lines)
-    assert "mean of 3 policies" in text
-    rows = {line.split("|")[1].strip(): line for line in lines if line.startswith("| ") and "against" not in line}
+    assert "mean of 3 policies:" in text
+    rows = _rows(lines)
     assert set(rows) == {"uniform", "rule"}
     ratio_vs_uniform = rows["uniform"].split("|")[3]
     ratio_vs_rule = rows["rule"].split("|")[3]
@@ -51,8 +58,30 @@ def test_policies_beat_the_worse_agent_and_lose_to_the_better_one():
 def test_a_missing_policy_seed_is_reported_not_averaged_away():
     results = _results()
     results["records"] = [r for r in results["records"] if r["agent"] != "ppo-s2"]
-    lines = _module().summary(results, ["ppo-s0", "ppo-s1", "ppo-s2"])
+    lines = _module().summary([_results(), results], ["ppo-s0", "ppo-s1", "ppo-s2"])
     assert lines[0].startswith("target 0.5: policies missing") and "ppo-s2" in lines[0]
+
+
+def test_calibration_draws_pool_pairs_within_each_draw():
+    """A policy that loses in one draw and wins by more in another: the pooled verdict is of the mean."""
+    module = _module()
+    policies = ["ppo-s0", "ppo-s1", "ppo-s2"]
+    losing, winning = _results(draw=0, policy_shift=0.10), _results(draw=1, policy_shift=-0.05)
+    ratio = {name: float(_rows(module.summary(draws, policies))["uniform"].split("|")[3].split()[0])
+             for name, draws in (("losing", [losing]), ("winning", [winning]), ("pooled", [losing, winning]))}
+    assert ratio["losing"] > 1 > ratio["winning"]
+    assert ratio["winning"] < ratio["pooled"] < ratio["losing"]
+    # paired within each draw: draw 1's higher nll for every agent does not leak into the ratio
+    assert abs(np.log(ratio["pooled"]) - np.mean(np.log([ratio["losing"], ratio["winning"]]))) < 1e-3
+    assert "x 2 calibration draws" in "\n".join(module.summary([losing, winning], policies))
+
+
+def test_results_of_different_held_out_data_are_not_pooled():
+    module = _module()
+    other = _results(draw=1)
+    other["data"]["text"]["evaluation"] = {"region": [2400, 4800]}  # other windows: nothing to pair
+    with pytest.raises(ValueError, match="only calibration draws"):
+        module.summary([_results(), other], ["ppo-s0"])
 
 
 def test_cli_writes_the_table_and_refuses_a_file_that_is_not_results(tmp_path: Path, capsys):

@@ -162,6 +162,7 @@ def test_a_second_writer_of_a_run_folder_is_refused(quick_run: Path, tiny_data: 
     (["algo.hyperparams.buffer_size=10"], "unknown config key 'hyperparams.buffer_size' for PPO"),
     (["algo.device=tpu"], "device='tpu' is not a device torch knows"),
     (["env.device=tpu"], "env: device='tpu'"),
+    (["env.data.calib_seed=-1"], "calib_seed=-1 is outside the allowed range"),
     (["algo.name=a2c"], "name='a2c' is not one of ['ppo', 'sac', 'dqn']"),
     (["algo.name=sac", "algo.hyperparams={}", "algo.hyperparams.tau=2"], "hyperparams.tau=2 is outside"),
 ])
