@@ -50,13 +50,14 @@ def summary(draws: list[dict], policies: list[str]) -> list[str]:
     lines = []
     for target in sorted({r["target_sparsity"] for records in ok for r in records}):
         at = [{r["agent"]: r for r in records if r["target_sparsity"] == target} for records in ok]
+        at = [agents for agents in at if agents]  # a draw that did not run this target does not count for it
         missing = sorted({p for agents in at for p in policies if p not in agents})
         if missing:
             lines += [f"target {target}: policies missing ({missing})", ""]
             continue
         mine = [agents[p] for agents in at for p in policies]
         mean = {k: float(np.mean([r[k] for r in mine])) for k in ("ppl", "fact_acc", "fact_retention")}
-        over = f"{len(policies)} policies" + (f" x {len(draws)} calibration draws" if len(draws) > 1 else "")
+        over = f"{len(policies)} policies" + (f" x {len(at)} calibration draw{'s' * (len(at) > 1)}" if len(draws) > 1 else "")
         lines += [f"### target {target}: mean of {over}: ppl {mean['ppl']:.2f}, fact acc "
                   f"{mean['fact_acc']:.3f}, retention {mean['fact_retention']:.3f}", "",
                   "| against | its ppl / acc / retention | ppl ratio (policies / it) | fact acc diff | retention diff |",

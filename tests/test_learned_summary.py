@@ -74,6 +74,10 @@ def test_calibration_draws_pool_pairs_within_each_draw():
     # paired within each draw: draw 1's higher nll for every agent does not leak into the ratio
     assert abs(np.log(ratio["pooled"]) - np.mean(np.log([ratio["losing"], ratio["winning"]]))) < 1e-3
     assert "x 2 calibration draws" in "\n".join(module.summary([losing, winning], policies))
+    other_target = _results(target=0.4, draw=2)  # a draw that ran another target counts only for that one
+    text = "\n".join(module.summary([losing, winning, other_target], policies))
+    assert "target 0.4: mean of 3 policies x 1 calibration draw:" in text
+    assert "target 0.5: mean of 3 policies x 2 calibration draws" in text
 
 
 def test_results_of_different_held_out_data_are_not_pooled():
@@ -101,3 +105,10 @@ def test_committed_summaries_are_what_the_script_makes_of_the_committed_results(
         assert module.main([str(folder / "results.json"), "--policy", "ppo-s0", "ppo-s1", "ppo-s2",
                             "--out", str(out)]) == 0
         assert out.read_text() == (folder / "summary.md").read_text(), f"{grid}/summary.md is stale"
+    draws = ROOT / "docs" / "results" / "calibration-draws"
+    for text, grid in (("handbook", "learned-smollm2"), ("unseen", "learned-smollm2-unseen")):
+        paths = [ROOT / "docs" / "results" / grid / "results.json"]
+        paths += [draws / f"{text}-c{c}" / "results.json" for c in (1, 2, 3)]
+        out = tmp_path / f"draws-{text}.md"
+        assert module.main([*map(str, paths), "--policy", "ppo-s0", "ppo-s1", "ppo-s2", "--out", str(out)]) == 0
+        assert out.read_text() == (draws / f"summary-{text}.md").read_text(), f"summary-{text}.md is stale"
