@@ -44,6 +44,9 @@ def summary(draws: list[dict], policies: list[str]) -> list[str]:
     if any(_held_out(results) != _held_out(draws[0]) for results in draws[1:]):
         raise ValueError("the results files do not share held-out text windows, facts and dense answers: "
                          "only calibration draws of one grid (data.calib_seed) can be pooled")
+    starts = [str(results.get("data", {}).get("text", {}).get("calibration", {}).get("starts")) for results in draws]
+    if len(set(starts)) != len(starts):
+        raise ValueError("two results files have the same calibration windows: pool each draw once")
     dense_exact = draws[0].get("dense_per_fact", {}).get("greedy_exact")
     ok = [[r for r in results["records"] if r["status"] == "ok" and r.get("per_window") and r["seed"] == 0]
           for results in draws]
@@ -57,7 +60,9 @@ def summary(draws: list[dict], policies: list[str]) -> list[str]:
             continue
         mine = [agents[p] for agents in at for p in policies]
         mean = {k: float(np.mean([r[k] for r in mine])) for k in ("ppl", "fact_acc", "fact_retention")}
-        over = f"{len(policies)} policies" + (f" x {len(at)} calibration draw{'s' * (len(at) > 1)}" if len(draws) > 1 else "")
+        over = f"{len(policies)} policies"
+        if len(draws) > 1:
+            over += f" x {len(at)} calibration draw{'s' * (len(at) > 1)}"
         lines += [f"### target {target}: mean of {over}: ppl {mean['ppl']:.2f}, fact acc "
                   f"{mean['fact_acc']:.3f}, retention {mean['fact_retention']:.3f}", "",
                   "| against | its ppl / acc / retention | ppl ratio (policies / it) | fact acc diff | retention diff |",

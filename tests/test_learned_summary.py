@@ -26,7 +26,7 @@ def _record(agent: str, target: float, nll_per_token: np.ndarray, correct: np.nd
 
 
 def _results(target: float = 0.5, draw: int = 0, policy_shift: float = 0.0) -> dict:
-    """One grid; `draw` moves every agent's nll the same way (another calibration draw), `policy_shift` the policies'."""
+    """One grid; `draw` moves every agent's nll alike (another calibration draw), `policy_shift` the policies'."""
     rng = np.random.default_rng(0)
     base = 3.0 + rng.normal(0, 0.2, 24) + 0.05 * draw  # per-window nll of the worst agent
     facts = rng.random(60) < 0.6
@@ -35,7 +35,8 @@ def _results(target: float = 0.5, draw: int = 0, policy_shift: float = 0.0) -> d
     for seed, shift in enumerate((0.04, 0.05, 0.06)):        # policies: between the two on every window
         records.append(_record(f"ppo-s{seed}", target, base - shift + policy_shift, facts))
     return {"records": records, "dense_per_fact": {"greedy_exact": [True] * 10 + [False] * 50},
-            "data": {"text": {"source": "t", "evaluation": {"region": [0, 2400]}}, "facts": {"n": 60}}}
+            "data": {"text": {"source": "t", "evaluation": {"region": [0, 2400]}, "calibration": {"starts": [draw]}},
+                     "facts": {"n": 60}}}
 
 
 def _rows(lines: list[str]) -> dict[str, str]:
@@ -86,6 +87,8 @@ def test_results_of_different_held_out_data_are_not_pooled():
     other["data"]["text"]["evaluation"] = {"region": [2400, 4800]}  # other windows: nothing to pair
     with pytest.raises(ValueError, match="only calibration draws"):
         module.summary([_results(), other], ["ppo-s0"])
+    with pytest.raises(ValueError, match="same calibration windows"):  # one draw twice would count double
+        module.summary([_results(draw=1), _results(draw=1)], ["ppo-s0"])
 
 
 def test_cli_writes_the_table_and_refuses_a_file_that_is_not_results(tmp_path: Path, capsys):
