@@ -32,10 +32,14 @@ def verdict(interval: Interval | None, digits: int = 3) -> str:
     return format_interval(interval, digits, tie="tie", missing="n/a")
 
 
+def _text(results: dict) -> dict:
+    """The header's description of the text slices (source, calibration windows, evaluation windows)."""
+    return results.get("data", {}).get("text", {})
+
+
 def _held_out(results: dict) -> tuple:
     """What pairing needs equal across draws: the held-out windows, the facts and the dense model's answers."""
-    data = results.get("data", {})
-    return (data.get("text", {}).get("source"), data.get("text", {}).get("evaluation"), data.get("facts"),
+    return (_text(results).get("source"), _text(results).get("evaluation"), results.get("data", {}).get("facts"),
             results.get("dense_per_fact", {}).get("greedy_exact"))
 
 
@@ -44,7 +48,7 @@ def summary(draws: list[dict], policies: list[str]) -> list[str]:
     if any(_held_out(results) != _held_out(draws[0]) for results in draws[1:]):
         raise ValueError("the results files do not share held-out text windows, facts and dense answers: "
                          "only calibration draws of one grid (data.calib_seed) can be pooled")
-    starts = [str(results.get("data", {}).get("text", {}).get("calibration", {}).get("starts")) for results in draws]
+    starts = [str(_text(results).get("calibration", {}).get("starts")) for results in draws]
     if len(set(starts)) != len(starts):
         raise ValueError("two results files have the same calibration windows: pool each draw once")
     dense_exact = draws[0].get("dense_per_fact", {}).get("greedy_exact")
