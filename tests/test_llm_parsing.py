@@ -98,6 +98,7 @@ def test_numbers_too_large_for_a_float_are_a_malformed_answer_not_a_crash():
         assert ratios is None and "integer of 400 digits" in error
     # numbers that do fit a float but are no unit: dropped, with a note
     parsed = parse_move('{"units": [1e400, "#' + "9" * 5000 + '", 3.0, 4]}', table, max_sparsity=0.5, max_units=4)
-    assert parsed.units == ["model.layers.3", "model.layers.4"] and any("unknown index inf" in r for r in parsed.repairs)
+    assert parsed.units == ["model.layers.3", "model.layers.4"]
+    assert any("unknown index inf" in r for r in parsed.repairs)
     ratios, _, repairs, error = parse_allocation('{"ratios": ["' + big + '", 1e400, 0.1, 0.1, 0.1, 0.1]}', table)
     assert error is None and ratios[0] == ratios[1] == 0.0 and sum("non-numeric" in r for r in repairs) == 2

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from agents.llm.backends import ChatBackend, LocalBackendConfig, LocalChatBackend
-from agents.llm.openai_http import HTTPBackendConfig, OpenAIChatBackend, resolve_endpoint
+from agents.llm.endpoint import resolve_endpoint
+from agents.llm.openai_http import HTTPBackendConfig, OpenAIChatBackend
 from prune_env.config import ConfigError, dataclass_from_dict
 from prune_env.validation import check_choice, check_number
 
@@ -63,7 +64,7 @@ def check_backend(mapping: dict | None) -> None:
     backend itself is built later, when an episode starts."""
     config = backend_config(mapping)
     if isinstance(config, HTTPBackendConfig):
-        resolve_endpoint(config)
+        resolve_endpoint(config.base_url, config.model)
 
 
 def build_backend(config: HTTPBackendConfig | LocalBackendConfig) -> ChatBackend:

@@ -14,10 +14,10 @@ Stdlib `urllib` only. A served model is someone else's process, so every request
 
 One `complete` therefore lasts at most about `(max_retries + 1) * request_timeout` plus the waits.
 
-The API key goes only to the origin (scheme, host, port) of `base_url`: a redirect to the same origin
-is followed (at most 3, method and body kept), a redirect to any other origin is refused before
-anything is sent there (following it would hand the key to that server, and its answer is not an answer
-of the configured API). The key is read from `api_key_env` ($OPENAI_API_KEY) unless `api_key` is set,
+The API key goes only to the origin (scheme, host, port) of `base_url` (agents/llm/endpoint.py): a
+redirect to the same origin is followed (at most 3, method and body kept), a redirect to any other
+origin is refused before anything is sent there (following it would hand the key to that server, and
+its answer is not an answer of the configured API). The key is read from `api_key_env` ($OPENAI_API_KEY) unless `api_key` is set,
 is never part of a repr, and is replaced by "***" in every error, answer and log line this backend emits.
 """
 
@@ -34,27 +34,21 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from agents.llm.backends import ChatBackend, LLMBackendError
-from prune_env.config import ConfigError
+from agents.llm.endpoint import (DEFAULT_BASE_URL, SameOriginRedirectHandler, check_base_url, check_env_name,
+                                 resolve_endpoint, scrub)
 from prune_env.validation import check_number
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_BASE_URL", "REDACTED", "HTTPBackendConfig", "OpenAIChatBackend", "check_base_url",
-           "resolve_endpoint"]
+__all__ = ["DEFAULT_BASE_URL", "HTTPBackendConfig", "OpenAIChatBackend"]
 
-DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 _LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 _CHUNK = 64 * 1024
 _ERROR_BODY_BYTES = 4096
-_MAX_REDIRECTS = 3
-REDACTED = "***"
-_MIN_SCRUBBED_KEY = 8  # shorter keys are not searched for in answers (they would mangle ordinary text)
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass
@@ -88,9 +82,7 @@ class HTTPBackendConfig:
     def __post_init__(self) -> None:
         if self.base_url is not None:
             check_base_url(self.base_url, "base_url")
-        if not isinstance(self.api_key_env, str) or not _ENV_NAME.fullmatch(self.api_key_env):
-            raise ConfigError(f"api_key_env={self.api_key_env!r} is not an environment variable name: give one "
-                              "such as OPENAI_API_KEY")
+        check_env_name("api_key_env", self.api_key_env)
         check_number("timeout", self.timeout, low=0.0, low_open=True)
         check_number("request_timeout", self.request_timeout, low=0.0, low_open=True)
         check_number("max_response_bytes", self.max_response_bytes, low=1, integer=True)
@@ -102,75 +94,6 @@ class HTTPBackendConfig:
             check_number("max_tokens", self.max_tokens, low=1, integer=True)
         if self.seed is not None:
             check_number("seed", self.seed, integer=True)
-
-
-def check_base_url(url: Any, name: str = "base_url") -> str:
-    """`url` if it is an http(s) URL with a host and nothing that cannot be a base (checked before any work:
-    'htp://...' would otherwise make every request fail and every move fall back)."""
-    example = "e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1"
-    if not isinstance(url, str) or not url.strip():
-        raise ConfigError(f"{name}={url!r} is not a URL: give the server's OpenAI-compatible API, {example}")
-    parts = urllib.parse.urlsplit(url.strip())
-    if parts.scheme.lower() not in ("http", "https"):
-        raise ConfigError(f"{name}={url!r} has scheme {parts.scheme!r}, not http or https: {example}")
-    if parts.username is not None or parts.password is not None:  # not echoed: the URL holds a secret
-        raise ConfigError(f"{name} holds credentials (user:password@host): remove them from the URL and put the "
-                          "key in the environment variable named by api_key_env (OPENAI_API_KEY)")
-    try:
-        valid_port = parts.port is not None or ":" not in parts.netloc.rpartition("]")[2]
-    except ValueError:  # a port that is no number in 0-65535
-        valid_port = False
-    if not parts.hostname or not valid_port:
-        raise ConfigError(f"{name}={url!r} has no valid host[:port]: {example}")
-    if parts.query or parts.fragment:
-        raise ConfigError(f"{name}={url!r} has a query or fragment: give the API base only, {example}")
-    return url
-
-
-def resolve_endpoint(config: HTTPBackendConfig) -> tuple[str, str]:
-    """(base_url, model) of a config, the environment filling what it leaves out; ConfigError when the
-    model is missing or $OPENAI_BASE_URL is no http(s) URL (the benchmark calls this before any work)."""
-    base_url = config.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-    if not config.base_url and os.environ.get("OPENAI_BASE_URL"):
-        check_base_url(base_url, "OPENAI_BASE_URL")
-    model = config.model or os.environ.get("OPENAI_MODEL") or os.environ.get("PRUNE_GYM_LLM_MODEL")
-    if not model:
-        raise ConfigError("the openai llm backend needs a model id: set backend.model, or OPENAI_MODEL (or "
-                          "PRUNE_GYM_LLM_MODEL); local servers (llama.cpp, vLLM) accept the name they serve")
-    return base_url.strip().rstrip("/"), str(model)
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    return scheme, (parts.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
-
-
-def _origin_text(url: str) -> str:
-    scheme, host, port = _origin(url)
-    return f"{scheme}://{host}:{port}"
-
-
-class _SameOriginRedirectHandler(urllib.request.HTTPRedirectHandler):
-    """Follows a redirect only within the origin of the request (re-sending the same POST); a redirect to
-    another origin raises LLMBackendError before anything, the API key included, is sent there."""
-
-    max_redirections = max_repeats = _MAX_REDIRECTS
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if _origin(newurl) != _origin(req.full_url):
-            fp.close()
-            raise LLMBackendError(
-                f"{req.full_url} answered HTTP {code} redirecting to another origin ({_origin_text(newurl)}); "
-                "the request and its API key were not sent there. Fix: if that server is the API you mean, "
-                "set base_url to it (with https:// where the redirect goes to https)")
-        return urllib.request.Request(newurl, data=req.data, headers=dict(req.header_items()),
-                                      origin_req_host=req.origin_req_host, unverifiable=True,
-                                      method=req.get_method())
 
 
 class _Deadline:
@@ -269,7 +192,7 @@ class OpenAIChatBackend(ChatBackend):
     def __init__(self, config: HTTPBackendConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or HTTPBackendConfig()
-        self.base_url, self.model = resolve_endpoint(config)
+        self.base_url, self.model = resolve_endpoint(config.base_url, config.model)
         self.url = self.base_url + "/chat/completions"
         self.name = self.model
         self._api_key = config.api_key if config.api_key is not None else os.environ.get(config.api_key_env)
@@ -280,9 +203,7 @@ class OpenAIChatBackend(ChatBackend):
         return f"OpenAIChatBackend(url={self.url!r}, model={self.model!r})"
 
     def _scrub(self, text: str) -> str:
-        """`text` with the API key replaced by "***" (a server may echo the Authorization header)."""
-        key = self._api_key
-        return text.replace(key, REDACTED) if key and len(key) >= _MIN_SCRUBBED_KEY else text
+        return scrub(text, self._api_key)
 
     def _body(self, messages: list[dict], use_json: bool) -> dict:
         body: dict[str, Any] = {"model": self.model, "temperature": self.config.temperature,
@@ -304,7 +225,7 @@ class OpenAIChatBackend(ChatBackend):
         req = urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"), headers=headers,
                                      method="POST")
         deadline = _Deadline(self.config.request_timeout)
-        handlers: list = [_WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline), _SameOriginRedirectHandler()]
+        handlers: list = [_WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline), SameOriginRedirectHandler()]
         if not self._use_env_proxy:
             handlers.append(urllib.request.ProxyHandler({}))
         try:
