@@ -17,8 +17,9 @@ One `complete` therefore lasts at most about `(max_retries + 1) * request_timeou
 The API key goes only to the origin (scheme, host, port) of `base_url` (agents/llm/endpoint.py): a
 redirect to the same origin is followed (at most 3, method and body kept), a redirect to any other
 origin is refused before anything is sent there (following it would hand the key to that server, and
-its answer is not an answer of the configured API). The key is read from `api_key_env` ($OPENAI_API_KEY) unless `api_key` is set,
-is never part of a repr, and is replaced by "***" in every error, answer and log line this backend emits.
+its answer is not an answer of the configured API). The key is read from `api_key_env` ($OPENAI_API_KEY)
+unless `api_key` is set, is never part of a repr, and is replaced by "***" in every error, answer and log
+line this backend emits.
 """
 
 from __future__ import annotations
@@ -304,7 +305,8 @@ class OpenAIChatBackend(ChatBackend):
                 if not (exc.code in (408, 429) or exc.code >= 500):
                     raise LLMBackendError(
                         f"LLM request to {self.url} (model {self.model!r}) was refused: {error}. "
-                        "Fix: check the model name, the API key (OPENAI_API_KEY) and base_url.") from None
+                        f"Fix: check the model name, the API key (api_key or ${cfg.api_key_env}) and base_url."
+                    ) from None
                 retry_after = _retry_after_seconds(exc)
             except _Retriable as exc:
                 errors.append(self._scrub(str(exc)))
