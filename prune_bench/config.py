@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from agents.llm.config import check_backend
 from prune_env.config import dataclass_from_dict, load_config
 from prune_env.context import GRANULARITIES, DataConfig
 from prune_env.masking import parse_pattern
@@ -134,6 +135,11 @@ class BenchmarkConfig:
             if agent.get("name") == "rl" and isinstance(agent.get("path"), str) and not Path(agent["path"]).exists():
                 raise ValueError(f"agents[{i}].path={agent['path']!r} does not exist: give a train.py run folder "
                                  f"or a saved policy .zip")
+            if agent.get("name") == "llm":  # a served model's URL and id, before any model loads
+                try:
+                    check_backend(agent.get("backend"))
+                except ValueError as error:
+                    raise ValueError(f"agents[{i}] ({agent.get('label') or 'llm'}): {error}") from None
         if self.report.allocation_target is not None:
             check_target(self.report.allocation_target, "report.allocation_target")
 

@@ -14,6 +14,18 @@ from .store import METRICS
 
 BASELINE = "uniform"
 OLD_RECORD = "no interval (old record)"
+FALLBACK_MARK = " †"
+FALLBACK_NOTE = ("† {agent}: every move of {n} of the {ok} ok seed(s) came from the zscore-greedy fallback "
+                 "(the LLM gave no usable answer): the row measures the fallback rule, not the LLM; see \"LLM runs\".")
+
+
+def all_fallback(rec: dict) -> bool:
+    """True for an LLM record none of whose moves came from the LLM."""
+    return bool((rec.get("llm") or {}).get("all_fallback"))
+
+
+def _label(row: dict) -> str:
+    return row["agent"] + (FALLBACK_MARK if row.get("all_fallback") else "")
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -29,7 +41,8 @@ def summarise(data: dict) -> list[dict]:
     rows = []
     for (agent, target), recs in groups.items():
         ok = [r for r in recs if r["status"] == "ok"]
-        row = {"agent": agent, "target": target, "n_ok": len(ok), "n_failed": len(recs) - len(ok), "records": ok}
+        row = {"agent": agent, "target": target, "n_ok": len(ok), "n_failed": len(recs) - len(ok), "records": ok,
+               "all_fallback": sum(all_fallback(r) for r in ok)}
         for key in (*METRICS, "achieved_sparsity"):
             if ok:
                 row[key] = _stats([r[key] for r in ok])
@@ -62,6 +75,14 @@ def compare(data: dict, agent_records: list[dict], baseline_records: list[dict])
     return paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs], dense)
 
 
+def _fallback_moves(rec: dict) -> str:
+    """'2/5', '5/5 (all)', or '-' for records written before moves were counted."""
+    llm = rec.get("llm") or {}
+    if "moves" not in llm:
+        return "-"
+    return f"{llm['fallback_moves']}/{llm['moves']}" + (" (all)" if llm["all_fallback"] else "")
+
+
 def _fmt(pair, digits=3) -> str:
     if pair is None:
         return "-"
@@ -92,9 +113,9 @@ def interval_lines(data: dict, rows: list[dict], target: float) -> list[str]:
             continue
         result = compare(data, row["records"], base_row["records"])
         if isinstance(result, str):
-            lines.append(f"| {row['agent']} | {result} | | |")
+            lines.append(f"| {_label(row)} | {result} | | |")
         else:
-            lines.append(f"| {row['agent']} | {format_interval(result.ppl_ratio, 4)} | {format_interval(result.acc_diff)} "
+            lines.append(f"| {_label(row)} | {format_interval(result.ppl_ratio, 4)} | {format_interval(result.acc_diff)} "
                          f"| {format_interval(result.retention_diff)} |")
     return lines + [""]
 
@@ -130,10 +151,13 @@ def write_report(data: dict, out: str | Path, allocation_target: float | None = 
         for agent in agents:
             r = by.get((agent, target))
             if r is not None:
-                lines.append(f"| {agent} | {r['n_ok']}/{r['n_failed']} | {_fmt(r.get('ppl'))} | "
+                lines.append(f"| {_label(r)} | {r['n_ok']}/{r['n_failed']} | {_fmt(r.get('ppl'))} | "
                              f"{_fmt(r.get('fact_acc'))} | {_fmt(r.get('fact_retention'))} | {_fmt(r.get('fact_nll'))} "
                              f"| {_fmt(r.get('achieved_sparsity'), 4)} | {_fmt(r.get('seconds'), 1)} |")
         lines.append("")
+        notes = [FALLBACK_NOTE.format(agent=r["agent"], n=r["all_fallback"], ok=r["n_ok"])
+                 for r in rows if r["target"] == target and r["all_fallback"]]
+        lines += [*notes, ""] if notes else []
         lines += interval_lines(data, rows, target)
     failed = [rec for rec in data["records"] if rec["status"] == "failed"]
     if failed:
@@ -143,10 +167,10 @@ def write_report(data: dict, out: str | Path, allocation_target: float | None = 
         lines.append("")
     llm = [rec for rec in data["records"] if rec.get("llm_model") and rec["status"] == "ok"]
     if llm:
-        lines += ["## LLM runs", "", "| agent | target | seed | model | iterations | rollbacks |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["## LLM runs", "", "| agent | target | seed | model | iterations | rollbacks | fallback moves |",
+                  "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['agent']} | {r['target_sparsity']:g} | {r['seed']} | {r['llm_model']} | "
-                  f"{r['iterations']} | {r['rollbacks']} |" for r in llm]
+                  f"{r['iterations']} | {r['rollbacks']} | {_fallback_moves(r)} |" for r in llm]
         lines.append("")
     if data.get("exports"):
         lines += ["## Exports", ""]

@@ -30,7 +30,7 @@ from prune_env.validation import check_device
 
 from .config import BenchmarkConfig
 from .heldout import heldout_data
-from .store import SCHEMA_VERSION, new_record
+from .store import SCHEMA_VERSION, new_record, redact_secrets
 
 
 def build_agents(config: BenchmarkConfig) -> dict[str, Agent]:
@@ -64,7 +64,8 @@ class Runner:
             torch.set_num_threads(config.threads)
         self.config = config
         self.agents = build_agents(config) if agents is None else agents
-        self.agent_configs = {agent.name: dict(c) for agent, c in zip(self.agents.values(), config.agents)}
+        self.agent_configs = {agent.name: redact_secrets(dict(c))  # records never carry a key
+                              for agent, c in zip(self.agents.values(), config.agents)}
         device = check_device(config.device)
         _, tokenizer = load_template(config.model, device, config.dtype)
         held = heldout_data(config, tokenizer, tokenize_corpus(load_text(config.data.text), tokenizer))

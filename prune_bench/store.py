@@ -31,10 +31,14 @@ Top level:
         timings           {"allocate", "prune", "evaluate"} seconds
         status            "ok" | "failed"
         error             null when ok, else "ExceptionType: message"; `traceback` holds the stack
-        llm_model, iterations, rollbacks   LLM agent only (else null); `llm` holds more LLM details,
+        llm_model, iterations, rollbacks   LLM agent only (else null); `llm` holds more LLM details
+                          (`moves`, `fallback_moves`, `all_fallback`: true when every move was the
+                          zscore-greedy fallback, so the cell measures the fallback, not the LLM),
                           `rl` the policy, algo, training model and env fidelity of RL agents,
                           `search` the optimiser, episodes used and best/uniform quality of search agents
         reused_from_seed  int or null
+Secrets (values of keys such as api_key, password, authorization, *_api_key) are written as "***"
+everywhere in the file, so an API key given in a config never reaches results.json.
 results.json is rewritten atomically after every cell. `--resume` keeps the ok records of an existing
 results.json made with the same model, operator and data (else it refuses) and runs the missing and the
 failed cells. Without `--resume` an existing results.json is never overwritten.
@@ -45,6 +49,7 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +59,9 @@ from prune_env.validation import is_finite_number, is_int
 
 SCHEMA_VERSION = 1
 METRICS = ("ppl", "fact_acc", "fact_nll", "fact_retention")
+REDACTED = "***"
+_SECRET_KEY = re.compile(r"(^|_)(api_?key|password|secret|authorization|access_token|auth_token|bearer_token)$",
+                         re.IGNORECASE)
 
 
 class ResultsError(ValueError):
@@ -70,6 +78,17 @@ def cell_key(agent: str, target: float, seed: int) -> tuple[str, float, int]:
 
 def cell_name(agent: str, target: float, seed: int) -> str:
     return f"{safe_name(agent)}-t{float(target):g}-s{int(seed)}"
+
+
+def redact_secrets(value: Any) -> Any:
+    """A copy of `value` whose secret-named keys (api_key, OPENAI_API_KEY, password, ...) hold "***"
+    (None stays None: "no key" is not a secret). Applied to every config and record before it is stored."""
+    if isinstance(value, dict):
+        return {k: (REDACTED if v is not None and _SECRET_KEY.search(str(k)) else redact_secrets(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_secrets(item) for item in value]
+    return value
 
 
 def new_record(agent: str, agent_config: dict, target: float, seed: int) -> dict:
@@ -186,6 +205,8 @@ def _record_errors(i: int, rec: Any, sizes: dict, seen: dict) -> list[str]:
     if rec.get("per_fact") is not None:
         errors.extend(_flags_errors(f"{where}: per_fact", rec["per_fact"], ("correct", "greedy_exact"),
                                     sizes["facts"]))
+    if rec.get("llm") is not None:
+        errors.extend(_llm_errors(where, rec["llm"]))
     if rec["status"] == "ok":
         if rec["error"] is not None:
             errors.append(f"{where}: an ok record must have error null, got {rec['error']!r}")
@@ -215,6 +236,24 @@ def _record_errors(i: int, rec: Any, sizes: dict, seen: dict) -> list[str]:
     return errors
 
 
+def _llm_errors(where: str, llm: Any) -> list[str]:
+    """The move counts of an LLM record (absent in records written before they existed)."""
+    if not isinstance(llm, dict):
+        return [f"{where}: 'llm' must be an object or null"]
+    counts = ("moves", "fallback_moves", "all_fallback")
+    if not any(key in llm for key in counts):
+        return []
+    if not all(key in llm for key in counts):
+        return [f"{where}: 'llm' must hold all of {list(counts)} or none"]
+    moves, fallback, flag = llm["moves"], llm["fallback_moves"], llm["all_fallback"]
+    if not (is_int(moves) and is_int(fallback) and 0 <= fallback <= moves):
+        return [f"{where}: 'llm.moves' and 'llm.fallback_moves' must be integers with 0 <= fallback_moves <= moves, "
+                f"got {moves!r} and {fallback!r}"]
+    if flag is not (moves > 0 and fallback == moves):
+        return [f"{where}: 'llm.all_fallback' is {flag!r} but {fallback} of {moves} moves fell back"]
+    return []
+
+
 def load_results(path: str | Path) -> dict:
     path = Path(path)
     try:
@@ -229,9 +268,10 @@ def load_results(path: str | Path) -> dict:
 
 
 def write_results(path: str | Path, data: dict) -> None:
-    """Validate, then write atomically (a reader sees the old or the new file, never a mix)."""
+    """Validate, then write atomically (a reader sees the old or the new file, never a mix), secrets
+    redacted."""
     validate_results(data)
-    atomic_write_json(path, data, indent=1)
+    atomic_write_json(path, redact_secrets(data), indent=1)
 
 
 _COMPARED = ("model", "operator", "units")
@@ -277,15 +317,15 @@ class Store:
     def __init__(self, path: Path, header: dict, config: dict, plan: list[Cell], previous: dict | None = None,
                  agent_configs: dict[str, dict] | None = None):
         self.path, self.plan = path, plan
-        self.agent_configs = to_jsonable(agent_configs or {})
-        self.data = {**header, "config": to_jsonable(config), "created": now(), "updated": now(), "exports": [],
-                     "records": []}
+        self.agent_configs = redact_secrets(to_jsonable(agent_configs or {}))
+        self.data = {**header, "config": redact_secrets(to_jsonable(config)), "created": now(), "updated": now(),
+                     "exports": [], "records": []}
         self.records: dict[tuple, dict] = {}
         if previous is not None:
             self.data["created"] = previous.get("created", self.data["created"])
             self.data["exports"] = list(previous.get("exports") or [])
-            for rec in previous["records"]:
-                self.records[cell_key(rec["agent"], rec["target_sparsity"], rec["seed"])] = rec
+            for rec in previous["records"]:  # a file written before redaction may hold a key: not kept
+                self.records[cell_key(rec["agent"], rec["target_sparsity"], rec["seed"])] = redact_secrets(rec)
 
     def done(self, cell: Cell) -> bool:
         """An ok record made with the agent's current config (a changed config is recomputed)."""
@@ -302,6 +342,7 @@ class Store:
         return self.records.get(cell_key(agent, target, seed))
 
     def add(self, record: dict) -> None:
+        record = redact_secrets(record)
         self.records[cell_key(record["agent"], record["target_sparsity"], record["seed"])] = record
         self.fill_copies()
         self.write()

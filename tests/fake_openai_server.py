@@ -11,7 +11,12 @@ Each POST to ``.../chat/completions`` consumes the next script step:
   ``declare_length=True`` the header announces N);
 * ``Reply(truncate_to=n)``: announces the full answer's length but sends only its first n bytes, then closes;
 * ``Reply(hangup=True)``: reads the request and closes the connection without any answer;
-* a callable ``f(request_body) -> str | Reply``.
+* a callable ``f(request_body) -> str | Reply``;
+* ``redirect(url, status=302)``: that redirect status with ``Location: url`` (e.g. another server's
+  ``.../chat/completions``, to check where the API key goes).
+
+GET requests (what a client makes of a 301/302/303 after a POST) are recorded and answered like POSTs,
+so a client that follows a redirect to this server gets its answer.
 
 ``requests`` records every request and ``sent`` the bytes the server managed to write for each.
 
@@ -43,12 +48,17 @@ class Reply:
     hangup: bool = False
 
 
+def redirect(url: str, status: int = 302) -> Reply:
+    """A script step answering `status` with `Location: url`."""
+    return Reply(status=status, headers={"Location": url})
+
+
 class ScriptedOpenAIServer:
     def __init__(self, script: list[Any] | None = None, default: Any = None, model: str = "scripted-model"):
         self.script = list(script or [])
         self.default = default
         self.model = model
-        self.requests: list[dict] = []  # {"path", "headers", "body", "step"}
+        self.requests: list[dict] = []  # {"path", "headers", "body", "step", "method"}
         self.sent: list[int] = []  # bytes written per request (body and headers)
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -79,6 +89,7 @@ class ScriptedOpenAIServer:
                                             "body": body, "step": step})
                     self.index = len(server.sent)
                     server.sent.append(0)
+                    server.requests[-1]["method"] = self.command
                 if callable(step) and not isinstance(step, Reply):
                     step = step(body)
                 if step is None:
@@ -108,6 +119,8 @@ class ScriptedOpenAIServer:
                 if step.drip or step.truncate_to is not None:
                     return self._send_raw(step, self._head(200, len(data), step.headers) + data)
                 self._send_bytes(200, data, step.headers)
+
+            do_GET = do_POST
 
             def _send(self, status, obj, headers=None):
                 self._send_bytes(status, json.dumps(obj).encode("utf-8"), headers)

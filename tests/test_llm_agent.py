@@ -184,11 +184,43 @@ def test_oneshot_fallback_to_zscore():
     ({"agent": {"on_backend_error": "ignore"}}, "on_backend_error"),
     ({"agent": {"seed": 1}}, "unknown llm agent option(s) ['seed']"),
     ({"env": [1]}, "llm env options must be a mapping"),
+    ({"backend": {"type": "openai", "base_url": "htp://127.0.0.1:8000/v1"}}, "scheme 'htp', not http or https"),
+    ({"backend": {"type": "openai", "base_url": "http://u:pw@h/v1"}}, "holds credentials"),
 ])
 def test_bad_config_is_refused_when_the_agent_is_built(config, message):
     with pytest.raises(ValueError, match=None) as info:
         build_agent({"name": "llm", **config})
     assert message in str(info.value)
+
+
+def test_a_served_model_needs_an_id_and_a_valid_url_from_config_or_environment(monkeypatch):
+    from agents.llm.config import check_backend
+
+    for name in ("OPENAI_MODEL", "PRUNE_GYM_LLM_MODEL", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for mapping in (None, {"type": "openai", "base_url": "http://127.0.0.1:9/v1"}):
+        with pytest.raises(ConfigError, match="needs a model id: set backend.model, or OPENAI_MODEL"):
+            check_backend(mapping)
+    check_backend({"type": "local"})  # the local model needs no server
+    monkeypatch.setenv("OPENAI_MODEL", "served-model")
+    check_backend(None)
+    monkeypatch.setenv("OPENAI_BASE_URL", "localhost:8000/v1")
+    with pytest.raises(ConfigError, match="OPENAI_BASE_URL='localhost:8000/v1' has scheme"):
+        check_backend(None)
+
+
+def test_moves_picked_by_the_fallback_are_counted_and_flagged():
+    big = '{"units": [' + "1" * 400 + "]}"  # more digits than a float holds: a malformed answer, not a crash
+    agent = LLMAgent(ScriptedBackend([], default=big), agent={"max_invalid": 2})
+    summary = agent.play_episode(FakeIterativeEnv(target=0.1))
+    assert summary["moves"] == summary["fallback_moves"] == summary["iterations"] > 1 and summary["all_fallback"]
+    assert summary["invalid_answers"] == 2 * summary["moves"]
+    mixed = LLMAgent(ScriptedBackend([move("model.layers.1")], default="???"), agent={"max_invalid": 1})
+    summary = mixed.play_episode(FakeIterativeEnv(target=0.1))
+    assert summary["fallback_moves"] == summary["moves"] - 1 and summary["all_fallback"] is False
+    oneshot = LLMAgent(ScriptedBackend([], default=big), agent={"max_invalid": 1})
+    oneshot.allocate_oneshot(FakeIterativeEnv().profile_table(), [1] * 6, 0.4)
+    assert oneshot._health()["all_fallback"] is True and oneshot._health()["moves"] == 1
 
 
 def test_registry_builds_the_one_llm_agent_class():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from fake_openai_server import Reply, ScriptedOpenAIServer
+from fake_openai_server import Reply, ScriptedOpenAIServer, redirect
 from llm_fakes import FakeIterativeEnv, closed_port, move, read_jsonl
 
 from agents.llm import HTTPBackendConfig, LLMAgent, LLMBackendError, OpenAIChatBackend
@@ -191,3 +191,72 @@ def test_refused_connection_opens_the_circuit():
     summary = LLMAgent(backend, agent={"circuit_breaker": 3}).play_episode(FakeIterativeEnv(target=0.5))
     assert summary["terminated"] and summary["backend_failures"] == 3 and summary["circuit_opened_at"] == 3
     assert "Connection refused" in backend.last_request["errors"][0]
+
+
+SECRET = "sk-test-do-not-leak-0123456789"
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_redirect_to_another_origin_never_receives_the_key(status):
+    with ScriptedOpenAIServer(["the other origin's answer"]) as other:
+        other_port = other.port
+        with ScriptedOpenAIServer([redirect(other.url + "/chat/completions", status)]) as srv:
+            backend = backend_for(srv.url, api_key=SECRET, max_retries=2)
+            with pytest.raises(LLMBackendError) as info:
+                backend.complete(HI)
+            assert len(srv.requests) == 1  # refused, not retried: the same request gets the same redirect
+            assert srv.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"  # base_url's own origin
+        assert other.requests == []  # nothing at all reached the other port
+    message = str(info.value)
+    assert f"HTTP {status}" in message and "another origin (http://127.0.0.1:" in message
+    assert f":{other_port})" in message and "set base_url" in message and SECRET not in message
+
+
+def test_same_origin_redirect_is_followed_with_the_same_post_and_bounded():
+    with ScriptedOpenAIServer() as srv:
+        srv.script += [redirect(srv.url.replace("/v1", "/v2") + "/chat/completions", 307), "moved answer"]
+        backend = backend_for(srv.url, api_key=SECRET)
+        assert backend.complete(HI) == "moved answer"
+        first, second = srv.requests
+        assert second["path"] == "/v2/chat/completions" and second["method"] == "POST"
+        assert second["body"] == first["body"] and second["body"]["messages"] == HI
+        assert second["headers"]["Authorization"] == f"Bearer {SECRET}"
+    with ScriptedOpenAIServer() as srv:  # a redirect loop ends after 3 redirects, at once
+        srv.default = redirect(srv.url + "/chat/completions", 302)
+        with pytest.raises(LLMBackendError, match="redirect"):
+            backend_for(srv.url, max_retries=2).complete(HI)
+        assert len(srv.requests) == 4
+
+
+def test_the_key_is_read_from_the_named_variable_and_never_echoed(monkeypatch):
+    monkeypatch.setenv("MY_LLM_KEY", SECRET)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-the-default-variable")
+    echo = f'{{"error": {{"message": "bad key Bearer {SECRET}"}}}}'.encode()
+    with ScriptedOpenAIServer([f"you sent {SECRET}", Reply(status=401, raw_body=echo)]) as srv:
+        backend = backend_for(srv.url, api_key_env="MY_LLM_KEY")
+        assert SECRET not in repr(backend) and SECRET not in repr(backend.config)
+        assert backend.complete(HI) == "you sent ***"
+        with pytest.raises(LLMBackendError) as info:
+            backend.complete(HI)
+        assert srv.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert "bad key Bearer ***" in str(info.value) and SECRET not in str(info.value)
+    monkeypatch.delenv("MY_LLM_KEY")
+    with ScriptedOpenAIServer(["ok"]) as srv:
+        backend_for(srv.url, api_key_env="MY_LLM_KEY").complete(HI)
+        assert "Authorization" not in srv.requests[0]["headers"]  # an unset variable: no key, no fallback
+
+
+@pytest.mark.parametrize("url, named", [
+    ("htp://127.0.0.1:8000/v1", "scheme 'htp'"), ("127.0.0.1:8000/v1", "not http or https"),
+    ("http:///v1", "no valid host"), ("http://127.0.0.1:99999/v1", "no valid host"),
+    ("http://127.0.0.1:8000/v1?key=1", "query"), ("", "is not a URL"),
+])
+def test_bad_base_url_is_refused_when_the_config_is_built(url, named):
+    with pytest.raises(ValueError) as info:
+        HTTPBackendConfig(base_url=url, model="m")
+    assert named in str(info.value) and "\n" not in str(info.value) and "http://127.0.0.1:8000/v1" in str(info.value)
+    with pytest.raises(ValueError, match="holds credentials") as info:
+        HTTPBackendConfig(base_url=f"http://user:{SECRET}@127.0.0.1:8000/v1", model="m")
+    assert SECRET not in str(info.value)
+    with pytest.raises(ValueError, match="api_key_env"):
+        HTTPBackendConfig(api_key_env="MY KEY")

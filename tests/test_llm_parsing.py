@@ -85,3 +85,20 @@ def test_user_prompt_without_memory():
     text = user_prompt(FakeIterativeEnv().profile_table(), Memory(4), max_units=3, iteration=1,
                        global_sparsity=0.0, target=0.5, max_sparsity=0.9, increment=0.05)
     assert "none yet" in text and "budget left 50.00%" in text and "at most 3 units" in text
+
+
+def test_numbers_too_large_for_a_float_are_a_malformed_answer_not_a_crash():
+    table = FakeIterativeEnv().profile_table()
+    big = "1" * 400  # float(int(big)) raises OverflowError; int() of > 4300 digits raises ValueError
+    for text in (f'{{"units": [{big}]}}', f'{{"units": {big}}}', f'{{"units": [-{"9" * 5000}]}}'):
+        parsed = parse_move(text, table, max_sparsity=0.5, max_units=4)
+        assert not parsed.ok and "integer of" in parsed.error and "digits" in parsed.error
+    for text in (f'{{"ratios": {{"model.layers.0": {big}}}}}', f'{{"ratios": [{big}, 0.1, 0.1, 0.1, 0.1, 0.1]}}'):
+        ratios, _, _, error = parse_allocation(text, table)
+        assert ratios is None and "integer of 400 digits" in error
+    # numbers that do fit a float but are no unit: dropped, with a note
+    parsed = parse_move('{"units": [1e400, "#' + "9" * 5000 + '", 3.0, 4]}', table, max_sparsity=0.5, max_units=4)
+    assert parsed.units == ["model.layers.3", "model.layers.4"]
+    assert any("unknown index inf" in r for r in parsed.repairs)
+    ratios, _, repairs, error = parse_allocation('{"ratios": ["' + big + '", 1e400, 0.1, 0.1, 0.1, 0.1]}', table)
+    assert error is None and ratios[0] == ratios[1] == 0.0 and sum("non-numeric" in r for r in repairs) == 2

@@ -94,6 +94,7 @@ class LLMAgent(Agent):
         self.memory.clear()
         self.fallbacks = self.invalid_answers = self.repaired_answers = 0
         self.backend_failures = self._consecutive_failures = 0
+        self.moves = self.fallback_moves = 0  # moves made, and how many of them the fallback picked
         self.circuit_opened_at: int | None = None
 
     @property
@@ -138,7 +139,11 @@ class LLMAgent(Agent):
         return match_budget(allocation, numel, target)
 
     def _health(self) -> dict:
-        return {"fallbacks": self.fallbacks, "invalid_answers": self.invalid_answers,
+        """Counts of the episode; `all_fallback`: every move came from the fallback, so a result measures
+        the zscore-greedy rule, not the LLM (the benchmark flags such cells)."""
+        return {"moves": self.moves, "fallback_moves": self.fallback_moves,
+                "all_fallback": self.moves > 0 and self.fallback_moves == self.moves,
+                "fallbacks": self.fallbacks, "invalid_answers": self.invalid_answers,
                 "backend_failures": self.backend_failures, "circuit_open": self.circuit_opened_at is not None,
                 "circuit_opened_at": self.circuit_opened_at}
 
@@ -184,6 +189,8 @@ class LLMAgent(Agent):
             action = np.zeros(len(names), dtype=env.action_space.dtype)
             action[[position[name] for name in dec["units"]]] = 1
             _, reward, terminated, truncated, info = env.step(action)
+            self.moves += 1
+            self.fallback_moves += dec["source"].startswith("fallback")
             last_info = info = dict(info)
             total_reward += float(reward)
             rolled = bool(info["rolled_back"])
@@ -384,6 +391,7 @@ class LLMAgent(Agent):
             self.fallbacks += 1
             ratios, rationale, source = zscore_allocation(table, n, target), "zscore fallback", "fallback:zscore"
             log.warning("LLM allocation fell back to the z-score allocation")
+        self.moves, self.fallback_moves = 1, int(source.startswith("fallback"))
         matched = budget_match(ratios, n, target)
         rec.update({"source": source, "rationale": rationale, "raw_ratios": ratios, "ratios": matched, "units": names})
         Transcript(transcript_path).write(rec)

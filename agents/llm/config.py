@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from agents.llm.backends import ChatBackend, LocalBackendConfig, LocalChatBackend
+from agents.llm.endpoint import resolve_endpoint
 from agents.llm.openai_http import HTTPBackendConfig, OpenAIChatBackend
 from prune_env.config import ConfigError, dataclass_from_dict
 from prune_env.validation import check_choice, check_number
 
-__all__ = ["BACKEND_CONFIGS", "AgentOptions", "backend_config", "build_backend"]
+__all__ = ["BACKEND_CONFIGS", "AgentOptions", "backend_config", "build_backend", "check_backend"]
 
 BACKEND_CONFIGS = {"openai": HTTPBackendConfig, "local": LocalBackendConfig}
 
@@ -55,6 +56,15 @@ def backend_config(mapping: dict | None) -> HTTPBackendConfig | LocalBackendConf
     options = dict(mapping)
     kind = check_choice("llm backend type", options.pop("type", "openai"), sorted(BACKEND_CONFIGS))
     return dataclass_from_dict(BACKEND_CONFIGS[kind], options, f"llm backend ({kind})")
+
+
+def check_backend(mapping: dict | None) -> None:
+    """Refuse a backend mapping that could only fail every request (bad base_url, no model id, also from
+    the environment); the benchmark calls it when its config is loaded, before any model loads. The
+    backend itself is built later, when an episode starts."""
+    config = backend_config(mapping)
+    if isinstance(config, HTTPBackendConfig):
+        resolve_endpoint(config.base_url, config.model)
 
 
 def build_backend(config: HTTPBackendConfig | LocalBackendConfig) -> ChatBackend:

@@ -13,6 +13,13 @@ Stdlib `urllib` only. A served model is someone else's process, so every request
   without `choices[0].message.content` fail at once (retrying would get the same answer).
 
 One `complete` therefore lasts at most about `(max_retries + 1) * request_timeout` plus the waits.
+
+The API key goes only to the origin (scheme, host, port) of `base_url` (agents/llm/endpoint.py): a
+redirect to the same origin is followed (at most 3, method and body kept), a redirect to any other
+origin is refused before anything is sent there (following it would hand the key to that server, and
+its answer is not an answer of the configured API). The key is read from `api_key_env` ($OPENAI_API_KEY)
+unless `api_key` is set, is never part of a repr, and is replaced by "***" in every error, answer and log
+line this backend emits.
 """
 
 from __future__ import annotations
@@ -28,17 +35,18 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agents.llm.backends import ChatBackend, LLMBackendError
+from agents.llm.endpoint import (DEFAULT_BASE_URL, SameOriginRedirectHandler, check_base_url, check_env_name,
+                                 resolve_endpoint, scrub)
 from prune_env.validation import check_number
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_BASE_URL", "HTTPBackendConfig", "OpenAIChatBackend"]
 
-DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 _LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 _CHUNK = 64 * 1024
 _ERROR_BODY_BYTES = 4096
@@ -48,15 +56,18 @@ _ERROR_BODY_BYTES = 4096
 class HTTPBackendConfig:
     """Options of `OpenAIChatBackend` (the `backend:` mapping of an llm agent with `type: openai`).
 
-    base_url, model and api_key default to $OPENAI_BASE_URL (else http://127.0.0.1:8000/v1), $OPENAI_MODEL
-    then $PRUNE_GYM_LLM_MODEL, and $OPENAI_API_KEY (sent as a Bearer token; optional for local servers).
+    base_url and model default to $OPENAI_BASE_URL (else http://127.0.0.1:8000/v1), $OPENAI_MODEL then
+    $PRUNE_GYM_LLM_MODEL. The key (a Bearer token; optional for local servers) is read from the environment
+    variable `api_key_env` (default OPENAI_API_KEY); a literal `api_key` overrides it and is never written
+    out (benchmark results store "***").
     `json_mode` sends response_format=json_object when the agent asks for JSON (dropped once if the
     server rejects it with a 400). `extra_body` is merged into every request body.
     """
 
     base_url: str | None = None
     model: str | None = None
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    api_key_env: str = "OPENAI_API_KEY"
     timeout: float = 30.0
     request_timeout: float = 120.0
     max_response_bytes: int = 1024 * 1024
@@ -70,6 +81,9 @@ class HTTPBackendConfig:
     extra_body: dict | None = None
 
     def __post_init__(self) -> None:
+        if self.base_url is not None:
+            check_base_url(self.base_url, "base_url")
+        check_env_name("api_key_env", self.api_key_env)
         check_number("timeout", self.timeout, low=0.0, low_open=True)
         check_number("request_timeout", self.request_timeout, low=0.0, low_open=True)
         check_number("max_response_bytes", self.max_response_bytes, low=1, integer=True)
@@ -179,20 +193,18 @@ class OpenAIChatBackend(ChatBackend):
     def __init__(self, config: HTTPBackendConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or HTTPBackendConfig()
-        base_url = config.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-        self.base_url = base_url.rstrip("/")
+        self.base_url, self.model = resolve_endpoint(config.base_url, config.model)
         self.url = self.base_url + "/chat/completions"
-        self.model = config.model or os.environ.get("OPENAI_MODEL") or os.environ.get("PRUNE_GYM_LLM_MODEL")
-        if not self.model:
-            raise ValueError("the openai llm backend needs a model id: set backend.model, or OPENAI_MODEL (or "
-                             "PRUNE_GYM_LLM_MODEL); local servers (llama.cpp, vLLM) accept the name they serve")
-        self.name = str(self.model)
-        self.api_key = config.api_key if config.api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.name = self.model
+        self._api_key = config.api_key if config.api_key is not None else os.environ.get(config.api_key_env)
         self._use_env_proxy = (urllib.parse.urlsplit(self.base_url).hostname or "") not in _LOOPBACK
         self.last_usage: dict | None = None
 
     def __repr__(self) -> str:
         return f"OpenAIChatBackend(url={self.url!r}, model={self.model!r})"
+
+    def _scrub(self, text: str) -> str:
+        return scrub(text, self._api_key)
 
     def _body(self, messages: list[dict], use_json: bool) -> dict:
         body: dict[str, Any] = {"model": self.model, "temperature": self.config.temperature,
@@ -209,12 +221,12 @@ class OpenAIChatBackend(ChatBackend):
     def _post(self, body: dict) -> tuple[dict, int]:
         """One HTTP attempt: (parsed JSON body, bytes read). Raises HTTPError, _Retriable or LLMBackendError."""
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
         req = urllib.request.Request(self.url, data=json.dumps(body).encode("utf-8"), headers=headers,
                                      method="POST")
         deadline = _Deadline(self.config.request_timeout)
-        handlers: list = [_WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline)]
+        handlers: list = [_WatchedHTTPHandler(deadline), _WatchedHTTPSHandler(deadline), SameOriginRedirectHandler()]
         if not self._use_env_proxy:
             handlers.append(urllib.request.ProxyHandler({}))
         try:
@@ -283,7 +295,7 @@ class OpenAIChatBackend(ChatBackend):
             try:
                 payload, record["bytes"] = self._post(self._body(messages, use_json))
             except urllib.error.HTTPError as exc:
-                detail = _read_error_body(exc)
+                detail = self._scrub(_read_error_body(exc))
                 error = f"HTTP {exc.code} {exc.reason}{': ' + detail if detail else ''}"
                 errors.append(error)
                 if exc.code == 400 and use_json and "response_format" in detail.lower():
@@ -293,25 +305,27 @@ class OpenAIChatBackend(ChatBackend):
                 if not (exc.code in (408, 429) or exc.code >= 500):
                     raise LLMBackendError(
                         f"LLM request to {self.url} (model {self.model!r}) was refused: {error}. "
-                        "Fix: check the model name, the API key (OPENAI_API_KEY) and base_url.") from None
+                        f"Fix: check the model name, the API key (api_key or ${cfg.api_key_env}) and base_url."
+                    ) from None
                 retry_after = _retry_after_seconds(exc)
             except _Retriable as exc:
-                errors.append(str(exc))
+                errors.append(self._scrub(str(exc)))
             except (TimeoutError, socket.timeout) as exc:
                 errors.append(f"timeout after {cfg.timeout:g}s ({exc or 'timed out'})")
             except urllib.error.URLError as exc:
                 timed_out = isinstance(exc.reason, (TimeoutError, socket.timeout))
                 errors.append(f"timeout after {cfg.timeout:g}s" if timed_out else f"connection error: {exc.reason}")
             except (OSError, http.client.HTTPException) as exc:  # reset, broken pipe, bad status line
-                errors.append(f"connection error: {exc!r}")
+                errors.append(self._scrub(f"connection error: {exc!r}"))
             else:
                 content = _content_from(payload)
                 if content is None:
                     raise LLMBackendError(
-                        f"{self.url} answered without choices[0].message.content: {json.dumps(payload)[:300]}. "
+                        f"{self.url} answered without choices[0].message.content: "
+                        f"{self._scrub(json.dumps(payload))[:300]}. "
                         "Fix: check that base_url is an OpenAI-compatible chat endpoint.")
                 self.last_usage = payload.get("usage") if isinstance(payload, dict) else None
-                return content
+                return self._scrub(content)
             if retry >= cfg.max_retries:
                 raise self._fail(errors[-1], record["attempts"])
             wait = min(cfg.backoff * (2 ** retry), cfg.max_backoff)

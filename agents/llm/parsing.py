@@ -26,6 +26,9 @@ MAX_PARSE_CHARS = 200_000
 """Longest answer searched for JSON (an allocation for hundreds of units is a few ten thousand)."""
 MAX_DECODE_ATTEMPTS = 64
 """Brackets tried as the start of the JSON (prose before the answer rarely has more)."""
+MAX_INT_DIGITS = 15
+"""Longest integer read from an answer: unit indices and ratios are small; a longer one (a 400-digit
+integer does not fit a float) makes the answer malformed, so it is re-asked and then falls back."""
 EPS = 1e-9
 _UNIT_KEY_ALIASES = ("units", "layers", "unit", "layer", "names", "selected", "prune", "modules")
 
@@ -38,10 +41,10 @@ def truncate_text(text: str, limit: int = MAX_ANSWER_CHARS) -> str:
 
 
 def finite_or_none(x: Any) -> float | None:
-    """`x` as a finite float, or None (metrics an env could not compute)."""
+    """`x` as a finite float, or None (metrics an env could not compute, numbers too large for a float)."""
     try:
         value = float(x)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     return value if math.isfinite(value) else None
 
@@ -59,6 +62,16 @@ def _strip_think(text: str) -> str:
     return "".join(out)
 
 
+class _NumberTooLong(ValueError):
+    """An integer in an answer with more than MAX_INT_DIGITS digits."""
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise _NumberTooLong(digits)
+    return int(digits)
+
+
 def extract_json_object(text: str) -> tuple[Any | None, str | None]:
     """The first JSON object in ``text`` (code fences, prose and ``<think>`` blocks tolerated).
 
@@ -71,14 +84,17 @@ def extract_json_object(text: str) -> tuple[Any | None, str | None]:
         return None, (f"the answer has {len(text)} characters, more than the {MAX_PARSE_CHARS} read; "
                       "answer with the short JSON object only")
     clean = _strip_think(text)
-    dec = json.JSONDecoder()
-    first_list = None
+    dec = json.JSONDecoder(parse_int=_bounded_int)
+    first_list, too_long = None, 0
     starts = (i for i, ch in enumerate(clean) if ch in "{[")
     for attempt, i in enumerate(starts):
         if attempt == MAX_DECODE_ATTEMPTS:  # each try may read to the end: a bounded number keeps it linear
             break
         try:
             obj, _ = dec.raw_decode(clean, i)
+        except _NumberTooLong as exc:
+            too_long = max(too_long, len(str(exc).lstrip("-")))
+            continue
         except (json.JSONDecodeError, RecursionError):  # deeply nested brackets
             continue
         if isinstance(obj, dict):
@@ -87,6 +103,9 @@ def extract_json_object(text: str) -> tuple[Any | None, str | None]:
             first_list = obj
     if first_list is not None:
         return first_list, None
+    if too_long:
+        return None, (f"the answer holds an integer of {too_long} digits (at most {MAX_INT_DIGITS} are read); "
+                      "name units by their names, and give ratios as numbers in [0, 0.95]")
     if "{" in clean:
         return None, "the answer contains no valid JSON object (malformed JSON: check quotes, commas and braces)"
     return None, "the answer contains no JSON object"
@@ -130,8 +149,9 @@ def _resolve_unit(item: Any, names: set[str], lower: dict[str, str], by_index: d
     if isinstance(item, bool):
         return None, f"dropped non-unit entry {_short(item)}"
     if isinstance(item, (int, float)):
-        if float(item).is_integer() and int(item) in by_index:
-            return by_index[int(item)], f"index {int(item)} read as {by_index[int(item)]}"
+        index = item if isinstance(item, int) else int(item) if item.is_integer() else None  # inf/nan: None
+        if index in by_index:
+            return by_index[index], f"index {index} read as {by_index[index]}"
         return None, f"dropped unknown index {_short(item)}"
     if isinstance(item, str):
         s = item.strip().strip("`'\"")
@@ -139,7 +159,7 @@ def _resolve_unit(item: Any, names: set[str], lower: dict[str, str], by_index: d
             return s, None if s == item else f"normalised {_short(item)}"
         if s.lower() in lower:
             return lower[s.lower()], f"matched {_short(item)} case-insensitively"
-        m = re.fullmatch(r"#?\s*(\d+)", s)
+        m = re.fullmatch(r"#?\s*(\d{1,%d})" % MAX_INT_DIGITS, s)
         if m and int(m.group(1)) in by_index:
             return by_index[int(m.group(1))], f"index {s!r} read as {by_index[int(m.group(1))]}"
         return None, f"dropped unknown unit {_short(item)}"
