@@ -148,6 +148,13 @@ class PruneEnvBase(gym.Env):
         return render_allocation(self.unit_names, self._allocation(), self._render_z_wanda(), self.context.z_grad,
                                  self.target_sparsity, self.render_mode)
 
+    def __getstate__(self) -> dict:
+        """A surrogate env on its light context pickles (Ray, subprocesses); a model-backed one refuses clearly."""
+        if not isinstance(self.context, SurrogateContext):
+            raise TypeError(f"this {type(self).__name__} holds a model and open files and does not pickle: send "
+                            f"its constructor arguments instead (e.g. prune_env.factory.make_env in each worker)")
+        return self.__dict__
+
     @property
     def allocation(self) -> list[float]:
         """The episode's per-unit ratios so far (0 for units not decided yet): what reward terms and

@@ -55,9 +55,9 @@ class LayerPruneEnv(PruneEnvBase):
     perplexity and factual-QA accuracy are measured against the dense model's.
 
     ## Action Space
-    `Box(0, 1, (1,), float32)`: a in [0, 1] maps to the ratio min_sparsity + a * (max_sparsity -
-    min_sparsity), which is then projected into the interval that still lets the remaining units meet
-    the target exactly (AMC's action wall). With `action_type="discrete"`: `Discrete(n_actions)`, the
+    `Box(0, 1, (1,), float32)`: a in [0, 1] (clipped to it, like other Box envs; NaN and inf are refused)
+    maps to the ratio min_sparsity + a * (max_sparsity - min_sparsity), which is then projected into the
+    interval that still lets the remaining units meet the target exactly (AMC's action wall). With `action_type="discrete"`: `Discrete(n_actions)`, the
     index into an even grid of ratios from min_sparsity to max_sparsity, projected the same way.
     The parameter-weighted sparsity at the end equals `target_sparsity` within one weight per unit.
     With `action_mode="budget"` (continuous only) a asks for 2 * a * budget_left instead (clipped to
@@ -89,12 +89,14 @@ class LayerPruneEnv(PruneEnvBase):
 
     ## Rewards
     Terminal: quality = -ppl_weight * log(ppl / ppl_dense) - fact_weight * (fact_acc_dense - fact_acc)
-    (defaults 1 and 1), plus sum_k w_k * term_k for `reward={"terms": {name: w_k}}` (terms registered with
-    `prune_env.registry.register_reward_term`). Optional shaping each step: -shaping_weight * last_drop
+    (defaults 1 and 1), plus sum_k w_k * term_k(metrics, allocation, env) for `reward={"terms": {name: w_k}}`
+    (terms registered with `prune_env.registry.register_reward_term`; they read the allocation, not the
+    weights, so they are right on every fidelity). Optional shaping each step: -shaping_weight * last_drop
     (default 0). With `reward_mode="vector"` the reward is a numpy vector in `reward_space`
     (`Box(-inf, inf, (2 + n_terms,))`, MO-Gymnasium's convention): [-log(ppl / ppl_dense),
     fact_acc - fact_acc_dense, term_1, ...] unweighted at the last step, the shaping term in entry 0
-    before; `prune_env.wrappers.LinearizeReward(env, weights)` scalarises it (weights [ppl_weight,
+    before (through wrappers: `env.get_wrapper_attr("reward_space")`);
+    `prune_env.wrappers.LinearizeReward(env, weights)` scalarises it (weights [ppl_weight,
     fact_weight, *term weights] give the scalar mode's reward). `info["quality"]` is always the scalar.
     `info` carries `ppl`, `fact_acc`, `fact_nll`, `fact_retention`, `achieved_sparsity`, `allocation`
     (per-unit ratios), `quality` at the end, and `ratio`, `achieved_sparsity`, `target_sparsity` every step.
@@ -102,14 +104,17 @@ class LayerPruneEnv(PruneEnvBase):
     the dense sensitivity profile (z_wanda, z_grad, numel per unit).
 
     ## Fidelity
-    `exact`: the real sequential prune and real metrics on the evaluation slices; hidden states of the
-    decided prefix are cached, so each step runs only the block it just pruned. `proxy`: masks from
-    precomputed dense-calibration score ranks (no sequential recalibration) and metrics on the first
-    `proxy_eval_tokens` tokens and `proxy_facts` facts of the same slices; much cheaper. `surrogate`:
-    no weight is touched and no forward runs during the episode; observations come from the dense
-    profile (last_drop = 0) and the terminal metrics from `prune_env.surrogate` fitted on exactly
-    evaluated allocations (`surrogate=PATH` of a data set; None: the packaged SmolLM2-135M one, refused
-    for any other model or data), so an episode costs microseconds. `info["surrogate_std"]` is the fit's
+    One strategy object of `prune_env.fidelities` each. `exact`: the real sequential prune and real
+    metrics on the evaluation slices; hidden states of the decided prefix are cached, so each step runs
+    only the block it just pruned. `proxy`: masks from precomputed dense-calibration score ranks (no
+    sequential recalibration) and metrics on the first `proxy_eval_tokens` tokens and `proxy_facts` facts
+    of the same slices; much cheaper. `surrogate`: no weight is touched and no forward runs; observations
+    come from the dense profile (last_drop = 0) and the terminal metrics from `prune_env.surrogate` fitted
+    on exactly evaluated allocations (`surrogate=PATH` of a data set; None: the packaged SmolLM2-135M one,
+    refused with `SurrogateMismatchError` for any other model or data), so an episode costs microseconds.
+    When the data set's header describes the units (profile, unit sizes, dense metrics, data config:
+    `scripts/build_surrogate.py` writes them) no model is loaded at all: `env.context` is then a
+    `SurrogateContext` (units, numel, profile, dense, describe()) and the env builds in well under a second. `info["surrogate_std"]` is the fit's
     spread at the allocation (`Surrogate.uncertainty`, small where its data set has allocations);
     `surrogate_pessimism=k` makes the scalar reward (and `info["quality"]`) the lower bound prediction -
     k * spread, so neither a policy nor a search is paid for leaving the data (conservative model-based
@@ -124,11 +129,11 @@ class LayerPruneEnv(PruneEnvBase):
     fixed by `data["seed"]` and is not affected by `reset(seed)`; exact episodes are deterministic.
 
     ## Model ownership
-    The env builds and OWNS its `PruningContext` (a deep copy of the process's dense template of the
-    model), so envs in a vector env or beside an evaluation env never touch each other's weights.
-    `context=ctx` lends the caller's context instead: the env then prunes `ctx.model` itself (the
-    caller sees the episode's masks; `reset` and `close` restore it dense), and the model arguments
-    (model, device, dtype, granularity, method, pattern, data) are not used.
+    The env builds and OWNS its `PruningContext` (its own model from the process's template), so envs
+    in a vector env or beside an evaluation env never touch each other's weights; `close` frees that
+    model and closes its files. `context=ctx` lends the caller's context instead: the env then prunes
+    `ctx.model` itself (the caller sees the episode's masks; `reset` and `close` restore it dense), and
+    the model arguments (model, device, dtype, granularity, method, pattern, data) are not used.
 
     ## Episode End
     Terminates after the last unit. There is no truncation. Stepping a finished episode raises.
@@ -139,7 +144,7 @@ class LayerPruneEnv(PruneEnvBase):
     action_type ("continuous" | "discrete"), n_actions (11), fidelity ("exact" | "proxy" | "surrogate"), reward
     (dict of RewardConfig), data (dict of DataConfig), proxy_eval_tokens (1024), proxy_facts (64),
     device ("cpu"), dtype ("float32"), render_mode (None | "ansi" | "rgb_array"), context (None |
-    PruningContext), target_sparsity_range (None | (lo, hi)), kind_encoding ("one_hot" (v0) | "role"
+    PruningContext | a surrogate env's SurrogateContext), target_sparsity_range (None | (lo, hi)), kind_encoding ("one_hot" (v0) | "role"
     (v1)), extra_features (list of registered feature names), reward_mode ("scalar" | "vector"),
     surrogate (None | path of a surrogate data set, with `fidelity="surrogate"`), action_mode ("absolute" |
     "budget"), surrogate_pessimism (0.0), observe_profile (True).

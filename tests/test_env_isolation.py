@@ -141,6 +141,7 @@ def test_private_models_are_bit_identical_and_keep_their_ties(spec):
 
 def test_close_releases_an_owned_model_and_leaves_a_lent_one_dense(tiny_data):
     import os
+    import pickle
 
     def open_files() -> int:
         return len(os.listdir("/proc/self/fd"))
@@ -150,6 +151,8 @@ def test_close_releases_an_owned_model_and_leaves_a_lent_one_dense(tiny_data):
     owned = LayerPruneEnv(**env_kwargs(tiny_data))
     assert open_files() == before + 1  # its dense snapshot
     names = list(owned.unit_names)
+    with pytest.raises(TypeError, match="does not pickle: send its constructor arguments"):
+        pickle.dumps(owned)
     owned.reset(seed=0)
     alone_reward = [owned.step(np.array([v], np.float32))[1] for v in ACTIONS[0]][-1]
     owned.close()
