@@ -163,12 +163,11 @@ class PruneEnvBase(gym.Env):
 
     def close(self):
         """A lent context goes back dense; an owned one is restored and its memory and files released."""
-        context = getattr(self, "context", None)  # None: the constructor failed before the context
-        if context is None or self._released:
+        if self._released:
             return
-        context.restore()
+        self.context.restore()
         if self._owns_context:
-            context.release()
+            self.context.release()
             self._released = True
 
     def _render_z_wanda(self) -> list[float]:

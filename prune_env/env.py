@@ -178,7 +178,7 @@ class LayerPruneEnv(PruneEnvBase):
                  extra_features: list[str] | None = None, reward_mode: str = "scalar", surrogate: str | None = None,
                  action_mode: str = "absolute", surrogate_pessimism: float = 0.0, observe_profile: bool = True,
                  **kwargs):
-        self._fidelity = None  # close() works on a half-built env
+        self._fidelity = None  # close() works from the fidelity's set-up on
         for name, value in (("min_sparsity", min_sparsity), ("max_sparsity", max_sparsity)):
             check_ratio(name, value)
         if not min_sparsity <= max_sparsity:
@@ -218,8 +218,12 @@ class LayerPruneEnv(PruneEnvBase):
         self.observation_space = spaces.Box(-10.0, 10.0, (size,), dtype=np.float32)
         n_objectives = len(self.reward_config.names())
         self.reward_space = spaces.Box(-np.inf, np.inf, (n_objectives,), dtype=np.float64)
-        self._fidelity = make_fidelity(fidelity, self.context, proxy_eval_tokens=proxy_eval_tokens,
-                                       proxy_facts=proxy_facts, surrogate=surrogate, reward=self.reward_config)
+        try:
+            self._fidelity = make_fidelity(fidelity, self.context, proxy_eval_tokens=proxy_eval_tokens,
+                                           proxy_facts=proxy_facts, surrogate=surrogate, reward=self.reward_config)
+        except BaseException:
+            self.close()  # an owned context's model and file go at once, not at garbage collection
+            raise
         self._reference = self._fidelity.reference
         self._step = None  # None: reset() not called yet
         self._ratios = [0.0] * len(self.units)
