@@ -14,6 +14,8 @@ import gymnasium as gym
 import numpy as np
 
 from .context import DataConfig, Metrics, PruningContext
+from .fidelities import SurrogateContext, surrogate_context
+from .registry import observation_feature
 from .rendering import render_allocation
 from .rewards import RewardConfig
 from .validation import check_number, check_target
@@ -51,9 +53,14 @@ class PruneEnvBase(gym.Env):
     reward_mode = "scalar"  # LayerPrune also offers "vector" (one reward per objective, see `reward_space`)
 
     def _setup(self, *, unknown: dict, target_sparsity, target_sparsity_range, target_bounds: tuple[float, float],
-               render_mode: str | None, reward: dict | None, context: PruningContext | None,
-               context_args: dict) -> None:
-        """Checks shared by both constructors, then the context: the lent one, or a new one this env owns."""
+               render_mode: str | None, reward: dict | None, context: PruningContext | SurrogateContext | None,
+               context_args: dict, fidelity: str = "exact", surrogate: str | None = None) -> None:
+        """Checks shared by both constructors, then the context: the lent one, or a new one this env owns.
+
+        A surrogate env (`fidelity == "surrogate"`) whose data set describes its units owns a light
+        `SurrogateContext` read from the data set header: no model is loaded. A `SurrogateContext` lent to
+        an env that needs weights stands for the model-backed context it describes, which the env builds
+        and owns (e.g. to replay a surrogate env's allocations exactly)."""
         if unknown:
             valid = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "kwargs")]
             raise ValueError(f"unknown option(s) {sorted(unknown)} for {type(self).__name__}: "
@@ -66,14 +73,31 @@ class PruneEnvBase(gym.Env):
             raise ValueError(f"unknown render_mode {render_mode!r}: use 'ansi' or 'rgb_array'")
         self.render_mode = render_mode
         self.reward_config = RewardConfig.from_dict(reward)
-        if context is not None and not isinstance(context, PruningContext):
+        if context is not None and not isinstance(context, (PruningContext, SurrogateContext)):
             raise ValueError(f"context={context!r} is not a PruningContext: pass one or leave it None")
+        self._owns_context, self._released = context is None, False
+        surrogate_env = fidelity == "surrogate"
+        if isinstance(context, SurrogateContext) and not surrogate_env:
+            context, self._owns_context = context.pruning_context(), True
+        if context is None and surrogate_env:
+            context = surrogate_context(surrogate, **context_args)
         if context is None:
             data = context_args.pop("data")
             context = PruningContext(**context_args, data=DataConfig.from_dict(data))
         self.context = context
         self.units = context.units
         self.unit_names = [unit.name for unit in self.units]
+
+    def _set_features(self, names: list[str] | None) -> None:
+        """Registered observation features by name (checked now; looked up when observed, so the env pickles)."""
+        self.extra_features = list(names or [])
+        for name in self.extra_features:
+            observation_feature(name)
+
+    def _feature_values(self, index: int) -> list[float]:
+        """fn(env, unit index) of each extra feature; `env.allocation` and `env.profile` work on every fidelity."""
+        return [float(check_number(f"observation feature {name!r}", observation_feature(name)(self, index)))
+                for name in self.extra_features]
 
     def _check_episode_target(self, target) -> float:
         target = check_target(target)
@@ -124,8 +148,27 @@ class PruneEnvBase(gym.Env):
         return render_allocation(self.unit_names, self._allocation(), self._render_z_wanda(), self.context.z_grad,
                                  self.target_sparsity, self.render_mode)
 
+    def __getstate__(self) -> dict:
+        """A surrogate env on its light context pickles (Ray, subprocesses); a model-backed one refuses clearly."""
+        if not isinstance(self.context, SurrogateContext):
+            raise TypeError(f"this {type(self).__name__} holds a model and open files and does not pickle: send "
+                            f"its constructor arguments instead (e.g. prune_env.factory.make_env in each worker)")
+        return self.__dict__
+
+    @property
+    def allocation(self) -> list[float]:
+        """The episode's per-unit ratios so far (0 for units not decided yet): what reward terms and
+        observation features read instead of the weights (correct on every fidelity)."""
+        return self._allocation()
+
     def close(self):
+        """A lent context goes back dense; an owned one is restored and its memory and files released."""
+        if self._released:
+            return
         self.context.restore()
+        if self._owns_context:
+            self.context.release()
+            self._released = True
 
     def _render_z_wanda(self) -> list[float]:
         return list(self.context.z_wanda)

@@ -4,10 +4,10 @@ The environments, the one-shot CLI, the agents and the benchmark all work on a `
 they measure the same thing the same way.
 
 Ownership: every context OWNS its model. A model spec is loaded (or dequantised from GGUF) once per
-process into a private, never-pruned template; each context gets a deep copy of it (`private_model`),
-so two environments of one process (a vector env, an evaluation env beside a training env) can never
-prune each other's weights. Measured on tiny-llama: a deep copy costs 7 ms where a fresh load costs 12
-ms (and a GGUF load dequantises the whole file), at the price of one extra model in memory per spec.
+process; the first context gets the loaded model and a never-pruned `Template` keeps its bytes in an
+unlinked file (page cache, not process memory); each further context gets its own model built from the
+template (`private_model`), so two environments of one process (a vector env, an evaluation env beside
+a training env) can never prune each other's weights, and no second model sits in memory beside them.
 Sharing a model is only ever explicit: an environment built with `context=` plays on that context's
 model (the caller lends it).
 """
@@ -17,7 +17,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import random
+import tempfile
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -28,7 +30,7 @@ from .corpus import load_text
 from .data import split_corpus, tokenize_corpus
 from .evaluation import FactScores, evaluate_facts, perplexity, retention
 from .facts import Fact, load_facts
-from .files import atomic_write_text, read_cache
+from .files import atomic_write_text, cache_root, read_cache
 from .masking import parse_pattern
 from .models import LinearRef, check_sequence_length, linear_layers, load_model
 from .pruner import PruneResult, calibration_batches, check_method, prune_model
@@ -36,7 +38,7 @@ from .snapshot import MaskedModel
 from .scoring import LinearStats, cache_dir, cache_key, compute_linear_stats, unit_gradient, unit_wanda_percentile, zscore
 
 GRANULARITIES = ("block", "linear")
-_TEMPLATES: dict[tuple[str, str, str], tuple] = {}
+_TEMPLATES: dict[tuple[str, str, str], "Template"] = {}
 
 
 @dataclass
@@ -97,18 +99,77 @@ class Metrics:
         return data
 
 
-def load_template(spec: str, device: str, dtype: str):
-    """(model, tokenizer) loaded once per process: the dense template. Read it, never prune it."""
+class Template:
+    """The dense weights of one model spec, kept once per process without holding them in memory.
+
+    On CPU every parameter and buffer lives in an unlinked temporary file in the cache directory (the OS
+    page cache holds the bytes, as for `DenseSnapshot`), beside a storage-free copy of the model on the meta
+    device; `instantiate()` builds a private model from the two, bit-identical to the loaded one (ties such
+    as a shared embedding and LM head stay tied). On other devices it is an in-memory model, deep-copied.
+    Why: a resident template cost one more fp32 model of peak memory in every process (make bench)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer):
+        self.tokenizer = tokenizer
+        tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        self._model, self._file, self._layout = None, None, []
+        if not all(t.device.type == "cpu" for t in tensors.values()):
+            self._model = copy.deepcopy(model)
+            return
+        cache_root().mkdir(parents=True, exist_ok=True)
+        self._file = tempfile.TemporaryFile(dir=cache_root(), prefix="template-")
+        memo, offset = {}, 0
+        for key, tensor in tensors.items():
+            meta = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+            memo[key] = torch.nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, torch.nn.Parameter) \
+                else meta
+            self._layout.append((memo[key], offset))
+            offset += self._file.write(memoryview(_raw_bytes(tensor.detach().contiguous())))
+        self._file.flush()
+        self._skeleton = copy.deepcopy(model, memo)
+
+    @torch.no_grad()
+    def instantiate(self) -> torch.nn.Module:
+        """A new model with the template's dense weights, owned by the caller."""
+        if self._model is not None:
+            return copy.deepcopy(self._model)
+        memo = {}
+        for meta, offset in self._layout:
+            real = torch.empty(meta.shape, dtype=meta.dtype)
+            view, done = memoryview(_raw_bytes(real)), 0
+            while done < len(view):
+                got = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+                if got <= 0:
+                    raise OSError("the model template's file ended early: rebuild the context in a new process")
+                done += got
+            memo[id(meta)] = torch.nn.Parameter(real, meta.requires_grad) if isinstance(meta, torch.nn.Parameter) \
+                else real
+        return copy.deepcopy(self._skeleton, memo)
+
+
+def _raw_bytes(tensor: torch.Tensor):
+    """A writable uint8 numpy view of a contiguous CPU tensor's storage (any dtype)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def load_template(spec: str, device: str, dtype: str) -> tuple[Template, object]:
+    """(template, tokenizer) of a model spec, loaded once per process. Read it, never prune it."""
     key = (spec, device, dtype)
     if key not in _TEMPLATES:
-        _TEMPLATES[key] = load_model(spec, device=device, dtype=dtype)
-    return _TEMPLATES[key]
+        model, tokenizer = load_model(spec, device=device, dtype=dtype)
+        _TEMPLATES[key] = Template(model, tokenizer)
+    return _TEMPLATES[key], _TEMPLATES[key].tokenizer
 
 
 def private_model(spec: str, device: str, dtype: str):
-    """(model, tokenizer): a deep copy of the process's template that belongs to the caller alone."""
-    template, tokenizer = load_template(spec, device, dtype)
-    return copy.deepcopy(template), tokenizer
+    """(model, tokenizer): a model with the template's dense weights that belongs to the caller alone (the
+    first caller of a process gets the loaded model itself: no copy is held beside it)."""
+    key = (spec, device, dtype)
+    if key not in _TEMPLATES:
+        model, tokenizer = load_model(spec, device=device, dtype=dtype)
+        _TEMPLATES[key] = Template(model, tokenizer)
+        return model, tokenizer
+    template = _TEMPLATES[key]
+    return template.instantiate(), template.tokenizer
 
 
 def make_units(refs: list[LinearRef], granularity: str) -> list[Unit]:
@@ -200,6 +261,12 @@ class PruningContext:
     # -- actions on the model ----------------------------------------------------------------------
     def restore(self) -> None:
         self.masked.restore()
+
+    def release(self) -> None:
+        """Free the weights and close the dense snapshot's file (`env.close()` of an env that owns this
+        context); names, sizes, the profile and the dense metrics stay readable, pruning no longer works."""
+        self.masked.close()
+        self.model.to("meta")
 
     def prune(self, unit_ratios: list[float], progress: bool = False) -> PruneResult:
         """Sequential calibrated pruning of the whole model to a per-unit allocation (from dense)."""

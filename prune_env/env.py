@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -11,19 +10,10 @@ from gymnasium import spaces
 
 from .allocation import project, wall_bounds
 from .base_env import PruneEnvBase, clip_observation, check_whole
-from .calibration import ReplayState, advance, record_inputs
 from .context import PruningContext
-from .evaluation import (ChoiceScores, choice_scores, fact_batches, nll_from_hidden, summarise_facts,
-                         supports_packing, window_batches)
-from .models import decoder_blocks
-from .pruner import SequentialPruner
-from .registry import observation_feature
+from .fidelities import FIDELITIES, SurrogateContext, make_fidelity
 from .rewards import objectives, scalar_quality
-from .snapshot import RankedMasks
-from .surrogate import reward_spread
 from .validation import check_flag, check_number, check_ratio
-
-FIDELITIES = ("exact", "proxy", "surrogate")
 ACTION_TYPES = ("continuous", "discrete")
 ACTION_MODES = ("absolute", "budget")
 KIND_ENCODINGS = ("one_hot", "role")
@@ -52,8 +42,7 @@ class _Checkpoint:
     zeros: list[int]
     prev_action: float
     last_drop: float
-    states: dict[str, ReplayState] | None
-    stats: dict  # block statistics taken before the block's first linear was pruned (mid-block checkpoints)
+    fidelity: object  # what the fidelity needs to come back (exact: replay states and block statistics)
 
 
 class LayerPruneEnv(PruneEnvBase):
@@ -66,9 +55,9 @@ class LayerPruneEnv(PruneEnvBase):
     perplexity and factual-QA accuracy are measured against the dense model's.
 
     ## Action Space
-    `Box(0, 1, (1,), float32)`: a in [0, 1] maps to the ratio min_sparsity + a * (max_sparsity -
-    min_sparsity), which is then projected into the interval that still lets the remaining units meet
-    the target exactly (AMC's action wall). With `action_type="discrete"`: `Discrete(n_actions)`, the
+    `Box(0, 1, (1,), float32)`: a in [0, 1] (clipped to it, like other Box envs; NaN and inf are refused)
+    maps to the ratio min_sparsity + a * (max_sparsity - min_sparsity), which is then projected into the
+    interval that still lets the remaining units meet the target exactly (AMC's action wall). With `action_type="discrete"`: `Discrete(n_actions)`, the
     index into an even grid of ratios from min_sparsity to max_sparsity, projected the same way.
     The parameter-weighted sparsity at the end equals `target_sparsity` within one weight per unit.
     With `action_mode="budget"` (continuous only) a asks for 2 * a * budget_left instead (clipped to
@@ -100,12 +89,14 @@ class LayerPruneEnv(PruneEnvBase):
 
     ## Rewards
     Terminal: quality = -ppl_weight * log(ppl / ppl_dense) - fact_weight * (fact_acc_dense - fact_acc)
-    (defaults 1 and 1), plus sum_k w_k * term_k for `reward={"terms": {name: w_k}}` (terms registered with
-    `prune_env.registry.register_reward_term`). Optional shaping each step: -shaping_weight * last_drop
+    (defaults 1 and 1), plus sum_k w_k * term_k(metrics, allocation, env) for `reward={"terms": {name: w_k}}`
+    (terms registered with `prune_env.registry.register_reward_term`; they read the allocation, not the
+    weights, so they are right on every fidelity). Optional shaping each step: -shaping_weight * last_drop
     (default 0). With `reward_mode="vector"` the reward is a numpy vector in `reward_space`
     (`Box(-inf, inf, (2 + n_terms,))`, MO-Gymnasium's convention): [-log(ppl / ppl_dense),
     fact_acc - fact_acc_dense, term_1, ...] unweighted at the last step, the shaping term in entry 0
-    before; `prune_env.wrappers.LinearizeReward(env, weights)` scalarises it (weights [ppl_weight,
+    before (through wrappers: `env.get_wrapper_attr("reward_space")`);
+    `prune_env.wrappers.LinearizeReward(env, weights)` scalarises it (weights [ppl_weight,
     fact_weight, *term weights] give the scalar mode's reward). `info["quality"]` is always the scalar.
     `info` carries `ppl`, `fact_acc`, `fact_nll`, `fact_retention`, `achieved_sparsity`, `allocation`
     (per-unit ratios), `quality` at the end, and `ratio`, `achieved_sparsity`, `target_sparsity` every step.
@@ -113,14 +104,17 @@ class LayerPruneEnv(PruneEnvBase):
     the dense sensitivity profile (z_wanda, z_grad, numel per unit).
 
     ## Fidelity
-    `exact`: the real sequential prune and real metrics on the evaluation slices; hidden states of the
-    decided prefix are cached, so each step runs only the block it just pruned. `proxy`: masks from
-    precomputed dense-calibration score ranks (no sequential recalibration) and metrics on the first
-    `proxy_eval_tokens` tokens and `proxy_facts` facts of the same slices; much cheaper. `surrogate`:
-    no weight is touched and no forward runs during the episode; observations come from the dense
-    profile (last_drop = 0) and the terminal metrics from `prune_env.surrogate` fitted on exactly
-    evaluated allocations (`surrogate=PATH` of a data set; None: the packaged SmolLM2-135M one, refused
-    for any other model or data), so an episode costs microseconds. `info["surrogate_std"]` is the fit's
+    One strategy object of `prune_env.fidelities` each. `exact`: the real sequential prune and real
+    metrics on the evaluation slices; hidden states of the decided prefix are cached, so each step runs
+    only the block it just pruned. `proxy`: masks from precomputed dense-calibration score ranks (no
+    sequential recalibration) and metrics on the first `proxy_eval_tokens` tokens and `proxy_facts` facts
+    of the same slices; much cheaper. `surrogate`: no weight is touched and no forward runs; observations
+    come from the dense profile (last_drop = 0) and the terminal metrics from `prune_env.surrogate` fitted
+    on exactly evaluated allocations (`surrogate=PATH` of a data set; None: the packaged SmolLM2-135M one,
+    refused with `SurrogateMismatchError` for any other model or data), so an episode costs microseconds.
+    When the data set's header describes the units (profile, unit sizes, dense metrics, data config:
+    `scripts/build_surrogate.py` writes them) no model is loaded at all: `env.context` is then a
+    `SurrogateContext` (units, numel, profile, dense, describe()) and the env builds in well under a second. `info["surrogate_std"]` is the fit's
     spread at the allocation (`Surrogate.uncertainty`, small where its data set has allocations);
     `surrogate_pessimism=k` makes the scalar reward (and `info["quality"]`) the lower bound prediction -
     k * spread, so neither a policy nor a search is paid for leaving the data (conservative model-based
@@ -135,11 +129,11 @@ class LayerPruneEnv(PruneEnvBase):
     fixed by `data["seed"]` and is not affected by `reset(seed)`; exact episodes are deterministic.
 
     ## Model ownership
-    The env builds and OWNS its `PruningContext` (a deep copy of the process's dense template of the
-    model), so envs in a vector env or beside an evaluation env never touch each other's weights.
-    `context=ctx` lends the caller's context instead: the env then prunes `ctx.model` itself (the
-    caller sees the episode's masks; `reset` and `close` restore it dense), and the model arguments
-    (model, device, dtype, granularity, method, pattern, data) are not used.
+    The env builds and OWNS its `PruningContext` (its own model from the process's template), so envs
+    in a vector env or beside an evaluation env never touch each other's weights; `close` frees that
+    model and closes its files. `context=ctx` lends the caller's context instead: the env then prunes
+    `ctx.model` itself (the caller sees the episode's masks; `reset` and `close` restore it dense), and
+    the model arguments (model, device, dtype, granularity, method, pattern, data) are not used.
 
     ## Episode End
     Terminates after the last unit. There is no truncation. Stepping a finished episode raises.
@@ -150,7 +144,7 @@ class LayerPruneEnv(PruneEnvBase):
     action_type ("continuous" | "discrete"), n_actions (11), fidelity ("exact" | "proxy" | "surrogate"), reward
     (dict of RewardConfig), data (dict of DataConfig), proxy_eval_tokens (1024), proxy_facts (64),
     device ("cpu"), dtype ("float32"), render_mode (None | "ansi" | "rgb_array"), context (None |
-    PruningContext), target_sparsity_range (None | (lo, hi)), kind_encoding ("one_hot" (v0) | "role"
+    PruningContext | a surrogate env's SurrogateContext), target_sparsity_range (None | (lo, hi)), kind_encoding ("one_hot" (v0) | "role"
     (v1)), extra_features (list of registered feature names), reward_mode ("scalar" | "vector"),
     surrogate (None | path of a surrogate data set, with `fidelity="surrogate"`), action_mode ("absolute" |
     "budget"), surrogate_pessimism (0.0), observe_profile (True).
@@ -179,11 +173,12 @@ class LayerPruneEnv(PruneEnvBase):
                  max_sparsity: float = 0.9, action_type: str = "continuous", n_actions: int = 11,
                  fidelity: str = "exact", reward: dict | None = None, data: dict | None = None,
                  proxy_eval_tokens: int = 1024, proxy_facts: int = 64, device: str = "cpu", dtype: str = "float32",
-                 render_mode: str | None = None, context: PruningContext | None = None,
+                 render_mode: str | None = None, context: PruningContext | SurrogateContext | None = None,
                  target_sparsity_range: tuple[float, float] | None = None, kind_encoding: str = "one_hot",
                  extra_features: list[str] | None = None, reward_mode: str = "scalar", surrogate: str | None = None,
                  action_mode: str = "absolute", surrogate_pessimism: float = 0.0, observe_profile: bool = True,
                  **kwargs):
+        self._fidelity = None  # close() works from the fidelity's set-up on
         for name, value in (("min_sparsity", min_sparsity), ("max_sparsity", max_sparsity)):
             check_ratio(name, value)
         if not min_sparsity <= max_sparsity:
@@ -201,78 +196,47 @@ class LayerPruneEnv(PruneEnvBase):
         self.surrogate_pessimism = float(check_number("surrogate_pessimism", surrogate_pessimism, low=0.0))
         self.kind_encoding, self.reward_mode = kind_encoding, reward_mode
         self.observe_profile = check_flag("observe_profile", observe_profile)
-        self.extra_features = list(extra_features or [])
-        self._features = [observation_feature(name) for name in self.extra_features]
+        self._set_features(extra_features)
+        proxy_eval_tokens = check_whole("proxy_eval_tokens", proxy_eval_tokens, 1)
+        proxy_facts = check_whole("proxy_facts", proxy_facts, 1)
+        n_actions = check_whole("n_actions", n_actions, 2)
         self._setup(unknown=kwargs, target_sparsity=target_sparsity, target_sparsity_range=target_sparsity_range,
                     target_bounds=(self.min_sparsity, self.max_sparsity), render_mode=render_mode, reward=reward,
                     context=context, context_args=dict(model=model, device=device, dtype=dtype,
                                                        granularity=granularity, method=method, pattern=pattern,
-                                                       data=data))
+                                                       data=data), fidelity=fidelity, surrogate=surrogate)
         linear = self.context.granularity == "linear"
         self.kinds = (sorted({u.kind for u in self.units}) if kind_encoding == "one_hot" else list(ROLES)) \
             if linear else []
         self._kind_of = [(u.kind if kind_encoding == "one_hot" else linear_role(u.kind)) for u in self.units]
-        # weight counts read every step, computed once (a surrogate step is pure bookkeeping)
-        self._linear_numel = [[ref.numel for ref in u.linears] for u in self.units]
-        self._unit_numel = [sum(counts) for counts in self._linear_numel]
+        self._unit_numel = [u.numel for u in self.units]  # read every step, computed once
         self._tail = [sum(self._unit_numel[i:]) for i in range(len(self.units) + 1)]  # weights of units i..
-        n_actions = check_whole("n_actions", n_actions, 2)
         self.grid = np.linspace(min_sparsity, max_sparsity, n_actions) if action_type == "discrete" else None
         self.action_space = (spaces.Discrete(n_actions) if action_type == "discrete"
                              else spaces.Box(0.0, 1.0, (1,), dtype=np.float32))
-        size = BASE_FEATURES + len(self.kinds) + len(self._features)
+        size = BASE_FEATURES + len(self.kinds) + len(self.extra_features)
         self.observation_space = spaces.Box(-10.0, 10.0, (size,), dtype=np.float32)
         n_objectives = len(self.reward_config.names())
         self.reward_space = spaces.Box(-np.inf, np.inf, (n_objectives,), dtype=np.float64)
-        self._prepare(check_whole("proxy_eval_tokens", proxy_eval_tokens, 1),
-                      check_whole("proxy_facts", proxy_facts, 1), surrogate)
+        try:
+            self._fidelity = make_fidelity(fidelity, self.context, proxy_eval_tokens=proxy_eval_tokens,
+                                           proxy_facts=proxy_facts, surrogate=surrogate, reward=self.reward_config)
+        except BaseException:
+            self.close()  # an owned context's model and file go at once, not at garbage collection
+            raise
+        self._reference = self._fidelity.reference
         self._step = None  # None: reset() not called yet
         self._ratios = [0.0] * len(self.units)
         self._zeros = [0] * len(self.units)
         self._prev_action, self._last_drop = 0.0, 0.0
 
-    # -- set-up ------------------------------------------------------------------------------------
-    def _prepare(self, proxy_eval_tokens: int, proxy_facts: int, surrogate: str | None) -> None:
-        ctx = self.context
-        device = next(ctx.model.parameters()).device
-        if self.fidelity == "surrogate":  # no forward and no weight access, ever: the dense profile and a fit
-            from .surrogate import load_surrogate
-
-            self._surrogate = load_surrogate(surrogate, ctx)
-            self._reference = ctx.dense
-            return
-        ctx.restore()
-        if self.fidelity == "exact":
-            self._windows = window_batches(ctx.slices.evaluation.to(device), ctx.data.batch_size)
-            self._facts = ctx.facts
-            self._fact_batches = [batch.to(device) for batch in fact_batches(
-                ctx.tokenizer, self._facts, ctx.data.fact_batch_size, packed=supports_packing(ctx.model))]
-            self._initial = {"calib": record_inputs(ctx.model, ctx.calibration),
-                             "text": record_inputs(ctx.model, self._windows),
-                             "facts": record_inputs(ctx.model, self._fact_batches)}
-            probe = ReplayState([self._initial["calib"].hidden[0].clone()], [self._initial["calib"].calls[0]])
-            self._dense_outputs = []
-            for index in range(len(decoder_blocks(ctx.model))):
-                advance(ctx.model, probe, index + 1)
-                self._dense_outputs.append(probe.hidden[0].clone())
-            self._reference = ctx.dense
-        else:
-            n_windows = max(1, proxy_eval_tokens // ctx.data.eval_seq_len)
-            self._windows = ctx.slices.evaluation[:n_windows].to(device)
-            self._facts = ctx.facts[:proxy_facts]
-            self._ranks = RankedMasks(ctx.masked.dense, ctx.method, ctx.stats.act_norm)
-            self._reference = ctx.evaluate(dense_exact=None, windows=self._windows, facts=self._facts)
-
     # -- Gymnasium API -----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         target = self._reset_target(seed, options)
-        if self.fidelity != "surrogate":
-            self.context.restore()
+        self._fidelity.reset()
         self._step, self._prev_action, self._last_drop = 0, 0.0, 0.0
         self._ratios = [0.0] * len(self.units)
         self._zeros = [0] * len(self.units)
-        self._states = {k: v.clone() for k, v in self._initial.items()} if self.fidelity == "exact" else None
-        self._pruner = self._new_pruner({})
         self._final: dict = {}
         return self._observation(), {"target_sparsity": target}
 
@@ -283,7 +247,9 @@ class LayerPruneEnv(PruneEnvBase):
         if self._step >= len(self.units):
             raise RuntimeError("the episode has ended: call reset() before stepping again")
         ratio = self._ratio_from_action(action)
-        zeros = self._prune_unit(self._step, ratio)
+        zeros, drop = self._fidelity.prune_unit(self._step, ratio)
+        if drop is not None:
+            self._last_drop = drop
         self._ratios[self._step] = zeros / self._unit_numel[self._step]
         self._zeros[self._step] = zeros
         self._prev_action = ratio
@@ -296,43 +262,38 @@ class LayerPruneEnv(PruneEnvBase):
         info = {"ratio": self._ratios[self._step - 1], "achieved_sparsity": sum(self._zeros) / self.context.total_numel,
                 "target_sparsity": self.target_sparsity}
         if terminated:
-            metrics = self._finish()
-            final = scalar_quality(metrics, self._reference, self.context, self.reward_config)
-            if self.fidelity == "surrogate":  # a lower confidence bound: no reward for leaving the data
+            metrics = self._fidelity.finish(list(self._ratios), list(self._zeros))
+            allocation = list(self._ratios)
+            final = scalar_quality(metrics, allocation, self, self.reward_config)
+            if "surrogate_std" in metrics:  # a lower confidence bound: no reward for leaving the data
                 final -= self.surrogate_pessimism * metrics["surrogate_std"]
-            vector += objectives(metrics, self._reference, self.context, self.reward_config)
+            vector += objectives(metrics, allocation, self, self.reward_config)
             reward += final
-            info.update(metrics, allocation=list(self._ratios), quality=final)
+            info.update(metrics, allocation=allocation, quality=final)
             self._final = info
         reward = vector if self.reward_mode == "vector" else float(reward)
         return self._observation(), reward, terminated, False, info
 
     # -- checkpoint / rollback ---------------------------------------------------------------------
     def checkpoint(self) -> _Checkpoint:
-        states = {k: v.clone() for k, v in self._states.items()} if self._states is not None else None
         return _Checkpoint(self._step, list(self._ratios), list(self._zeros), self._prev_action, self._last_drop,
-                           states, dict(self._pruner.stats) if self._pruner else {})
+                           self._fidelity.checkpoint())
 
     def rollback(self, checkpoint: _Checkpoint) -> None:
         """Undo every unit decided after `checkpoint` (their dense weights come back bit-exactly)."""
-        for index in range(checkpoint.step, self._step or 0):
-            if self.fidelity != "surrogate":
-                self.context.masked.restore([ref.name for ref in self.units[index].linears])
+        self._fidelity.rollback(checkpoint.fidelity, list(range(checkpoint.step, self._step or 0)))
         self._step, self._ratios, self._zeros = checkpoint.step, list(checkpoint.ratios), list(checkpoint.zeros)
         self._prev_action, self._last_drop = checkpoint.prev_action, checkpoint.last_drop
-        if checkpoint.states is not None:
-            self._states = {k: v.clone() for k, v in checkpoint.states.items()}
-        # not recomputed: after a mid-block rollback the block's earlier linears are already pruned
-        self._pruner = self._new_pruner(checkpoint.stats)
         self._final = {}
 
-    # -- internals ---------------------------------------------------------------------------------
-    def _new_pruner(self, stats: dict) -> SequentialPruner | None:
-        if self.fidelity != "exact":
-            return None
-        ctx = self.context
-        return SequentialPruner(ctx.model, ctx.masked, ctx.method, ctx.pattern, self._states["calib"], stats)
+    def close(self):
+        """Releases the fidelity's buffers, then (base) the context: an owned model goes, a lent one is dense."""
+        if self._fidelity is not None:
+            self._fidelity.close()
+            self._fidelity = None
+        super().close()
 
+    # -- internals ---------------------------------------------------------------------------------
     def _ratio_from_action(self, action) -> float:
         if self.action_type == "discrete":
             value = np.asarray(action)
@@ -351,9 +312,7 @@ class LayerPruneEnv(PruneEnvBase):
             value = value.astype(np.float64).reshape(-1)
             if not np.isfinite(value).all():
                 raise ValueError(f"action {action!r} must be one finite number in [0, 1] (shape (1,))")
-            if not -1e-6 <= value[0] <= 1 + 1e-6:
-                raise ValueError(f"action {float(value[0])} is outside the action space [0, 1]")
-            a = float(np.clip(value[0], 0, 1))
+            a = float(np.clip(value[0], 0, 1))  # outside the Box: clipped, like other Box envs
             if self.action_mode == "budget":
                 raw = float(np.clip(2 * a * self._budget_left(self._step), self.min_sparsity, self.max_sparsity))
             else:
@@ -362,43 +321,6 @@ class LayerPruneEnv(PruneEnvBase):
                              self._unit_numel[self._step], self._tail[self._step + 1], self.min_sparsity,
                              self.max_sparsity)
         return check_ratio("ratio", min(max(project(raw, bounds), 0.0), 0.999))
-
-    def _prune_unit(self, index: int, ratio: float) -> int:
-        unit = self.units[index]
-        ctx = self.context
-        if self.fidelity == "proxy":
-            return sum(self._ranks.apply(ctx.masked, ref.name, ratio) for ref in unit.linears)
-        if self.fidelity == "surrogate":  # the weights each operator would remove, counted, not removed
-            return sum(round(ratio * numel) for numel in self._linear_numel[index])
-        zeros = sum(self._pruner.prune(unit.linears, ratio).values())
-        block_index = unit.linears[0].block_index
-        last_of_block = index == len(self.units) - 1 or self.units[index + 1].linears[0].block_index != block_index
-        if last_of_block:
-            self._pruner.finish_block(block_index, (self._states["text"], self._states["facts"]))
-            dense = self._dense_outputs[block_index]
-            calib = self._states["calib"]
-            self._last_drop = float((calib.hidden[0] - dense).norm() / dense.norm().clamp_min(1e-12))
-        return zeros
-
-    def _finish(self) -> dict:
-        ctx = self.context
-        if self.fidelity == "surrogate":
-            many, spread = self._surrogate.predict_with_spread([self._ratios])
-            predicted = {key: float(value[0]) for key, value in many.items()}
-            std = float(reward_spread(spread, asdict(self.reward_config))[0])
-            return {**predicted, "achieved_sparsity": sum(self._zeros) / ctx.total_numel, "surrogate_std": std}
-        if self.fidelity == "proxy":
-            metrics = ctx.evaluate(self._reference.greedy_exact, windows=self._windows, facts=self._facts)
-        else:
-            total, count = 0.0, 0
-            for batch, hidden in zip(self._windows, self._states["text"].hidden):
-                nll, n = nll_from_hidden(ctx.model, batch, hidden)
-                total, count = total + nll, count + n
-            scores = ChoiceScores({}, {})
-            for batch, hidden in zip(self._fact_batches, self._states["facts"].hidden):
-                scores.merge(choice_scores(ctx.model, batch, hidden))
-            metrics = ctx.metrics(math.exp(total / count), summarise_facts(self._facts, scores))
-        return {**metrics.as_dict(), "achieved_sparsity": ctx.achieved_sparsity()}
 
     def _allocation(self) -> list[float]:
         return list(self._ratios)
@@ -414,8 +336,7 @@ class LayerPruneEnv(PruneEnvBase):
                index / max(n - 1, 1), self._unit_numel[index] / total, sum(self._zeros) / total if started else 0.0,
                budget_left, self._prev_action if started else 0.0, self._last_drop if started else 0.0]
         obs += [float(self._kind_of[index] == kind) for kind in self.kinds]
-        obs += [float(check_number(f"observation feature {name!r}", feature(self, index)))
-                for name, feature in zip(self.extra_features, self._features)]
+        obs += self._feature_values(index)
         return clip_observation(obs)
 
     def _budget_left(self, index: int) -> float:

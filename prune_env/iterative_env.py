@@ -372,7 +372,7 @@ class IterativePruneEnv(PruneEnvBase):
 
     def _quality_of(self, metrics: Metrics) -> float:
         state = {**metrics.as_dict(), "achieved_sparsity": self.global_sparsity}
-        return scalar_quality(state, self.context.dense, self.context, self.reward_config)
+        return scalar_quality(state, self._allocation(), self, self.reward_config)
 
     def _render_z_wanda(self) -> list[float]:
         return list(self._z_wanda)

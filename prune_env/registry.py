@@ -1,10 +1,15 @@
 """Extension points that need no edit of the package: reward terms and observation features by name.
 
-    register_reward_term("latency", lambda metrics, dense, context: -metrics["achieved_sparsity"])
-    env = gym.make("prune_env/LayerPrune-v0", reward={"terms": {"latency": 0.5}})
+    register_reward_term("spread", lambda metrics, allocation, env: -float(np.var(allocation)))
+    env = gym.make("prune_env/LayerPrune-v0", reward={"terms": {"spread": 0.5}})
 
     register_observation_feature("first_half", lambda env, unit: float(unit < len(env.units) / 2))
     env = gym.make("prune_env/LayerPrune-v0", extra_features=["first_half"])
+
+Both see the episode through the env's public views, never through the weights, so they are correct on
+every fidelity (the surrogate never prunes a weight): `env.allocation` (per-unit ratios so far),
+`env.profile` (z-scores and numel per unit), `env.reference` (dense metrics), `env.units`,
+`env.target_sparsity`.
 
 Pruning methods have their own registry (`prune_env.methods.register_method`).
 """
@@ -14,9 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-# (metrics of the pruned model: ppl, fact_acc, fact_nll, fact_retention, achieved_sparsity;
-#  the dense reference Metrics; the PruningContext) -> one number, higher is better
-RewardTermFn = Callable[[dict, Any, Any], float]
+# (metrics of the pruned model: ppl, fact_acc, fact_nll, fact_retention, achieved_sparsity (+ surrogate_std);
+#  the episode's per-unit allocation; the unwrapped env: env.reference is the dense Metrics) -> one number,
+#  higher is better
+RewardTermFn = Callable[[dict, list, Any], float]
 # (the unwrapped env, the index of the unit being described) -> one number (clipped to [-10, 10])
 ObservationFeatureFn = Callable[[Any, int], float]
 
@@ -42,7 +48,7 @@ def _lookup(table: dict, kind: str, name: str) -> Callable:
 
 
 def register_reward_term(name: str, fn: RewardTermFn) -> None:
-    """Make `reward={"terms": {name: weight}}` add weight * fn(metrics, dense, context) to the reward."""
+    """Make `reward={"terms": {name: weight}}` add weight * fn(metrics, allocation, env) to the reward."""
     _register(_REWARD_TERMS, "reward term", name, fn)
 
 

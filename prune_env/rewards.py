@@ -1,7 +1,7 @@
 """Reward: how much perplexity and factual knowledge a pruned model lost against the dense one.
 
     quality(m) = - ppl_weight * log(ppl / ppl_dense) - fact_weight * (fact_acc_dense - fact_acc)
-                 + sum_k terms[k] * term_k(metrics, dense, context)
+                 + sum_k terms[k] * term_k(metrics, allocation, env)
 
 The two built-in objectives are the perplexity term -log(ppl / ppl_dense) and the fact term
 -(fact_acc_dense - fact_acc); user terms come from `prune_env.registry.register_reward_term` and are
@@ -58,18 +58,21 @@ def quality(ppl: float, fact_acc: float, dense_ppl: float, dense_fact_acc: float
     return -config.ppl_weight * math.log(ppl / dense_ppl) - config.fact_weight * (dense_fact_acc - fact_acc)
 
 
-def objectives(metrics: dict, dense, context, config: RewardConfig) -> np.ndarray:
+def objectives(metrics: dict, allocation: list[float], env, config: RewardConfig) -> np.ndarray:
     """Unweighted objectives of a model state: [-log(ppl/ppl_dense), fact_acc - fact_acc_dense, *user terms].
 
-    `metrics` holds ppl, fact_acc, fact_nll, fact_retention and achieved_sparsity of the state; `dense`
-    is the dense reference (`Metrics`); user terms get (metrics, dense, context).
+    `metrics` holds ppl, fact_acc, fact_nll, fact_retention and achieved_sparsity of the state, `allocation`
+    its per-unit ratios; the dense reference is `env.reference`. User terms get (metrics, allocation, env):
+    the allocation, not the weights, so a term is right on every fidelity (the surrogate prunes no weight).
     """
+    dense = env.reference
     values = [-math.log(metrics["ppl"] / dense.ppl), -(dense.fact_acc - metrics["fact_acc"])]
-    values += [float(reward_term(name)(metrics, dense, context)) for name in config.terms]
+    values += [float(reward_term(name)(metrics, allocation, env)) for name in config.terms]
     return np.array(values, dtype=np.float64)
 
 
-def scalar_quality(metrics: dict, dense, context, config: RewardConfig) -> float:
+def scalar_quality(metrics: dict, allocation: list[float], env, config: RewardConfig) -> float:
     """quality() plus the weighted user terms: the scalar reward's final value."""
+    dense = env.reference
     base = quality(metrics["ppl"], metrics["fact_acc"], dense.ppl, dense.fact_acc, config)
-    return base + sum(w * float(reward_term(name)(metrics, dense, context)) for name, w in config.terms.items())
+    return base + sum(w * float(reward_term(name)(metrics, allocation, env)) for name, w in config.terms.items())

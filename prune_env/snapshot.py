@@ -80,6 +80,12 @@ class DenseSnapshot(Mapping[str, torch.Tensor]):
         raw = self._raw(name)
         return raw if isinstance(self.modules[name], nn.Linear) else raw.t()
 
+    def close(self) -> None:
+        """Drop the bytes (close the file): the snapshot cannot restore afterwards."""
+        if self._file is not None:
+            self._file.close()
+        self._file, self._memory = None, {}
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.modules)
 
@@ -154,6 +160,10 @@ class MaskedModel:
         for name in self.modules if names is None else names:
             self.dense.copy_to(name, self.modules[name].weight)
             self.masks.pop(name, None)
+
+    def close(self) -> None:
+        """Close the dense snapshot (its file): what releasing an owned context frees."""
+        self.dense.close()
 
     def sparsity(self, name: str) -> float:
         return float((weight_matrix(self.modules[name]) == 0).float().mean())

@@ -410,20 +410,29 @@ def check_match(header: dict, description: dict, path: Path) -> None:
             f"--out PATH` and pass it as surrogate=PATH")
 
 
-def load_surrogate(path: str | Path | None, context: "PruningContext | dict",
-                   config: FitConfig = FitConfig()) -> Surrogate:
-    """The surrogate fitted on the data set at `path` (None: the packaged SmolLM2-135M one), refused with
-    a clear error when the env's context (a PruningContext, or its `describe()` dict) is not what the
-    data set was built from. The fit is recomputed from the data (milliseconds) and kept per process."""
-    description = context if isinstance(context, dict) else context.describe()
+def fitted_surrogate(path: str | Path | None, config: FitConfig = FitConfig(),
+                     description: dict | None = None) -> Surrogate:
+    """The surrogate fitted on the data set at `path` (None: the packaged one), kept per process; its header
+    says what it was built for. With `description` (a context's `describe()`) a data set built for another
+    model or data is refused before the fit (`check_match`). The fit takes milliseconds."""
     path = Path(path) if path is not None else PACKAGED
     stat = path.stat() if path.is_file() else None
     key = (str(path.resolve()), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0, config)
     if key not in _LOADED:
         dataset = read_dataset(path)
-        check_match(dataset.header, description, path)
+        if description is not None:
+            check_match(dataset.header, description, path)
         _LOADED.clear()
         _LOADED[key] = fit(dataset, config)
     surrogate = _LOADED[key]
-    check_match(surrogate.header, description, path)
+    if description is not None:
+        check_match(surrogate.header, description, path)
     return surrogate
+
+
+def load_surrogate(path: str | Path | None, context: "PruningContext | dict",
+                   config: FitConfig = FitConfig()) -> Surrogate:
+    """The surrogate fitted on the data set at `path` (None: the packaged SmolLM2-135M one), refused with
+    a clear error when the env's context (a PruningContext, a surrogate env's light `SurrogateContext`, or
+    its `describe()` dict) is not what the data set was built from."""
+    return fitted_surrogate(path, config, context if isinstance(context, dict) else context.describe())

@@ -3,6 +3,9 @@
 `LinearizeReward(env, weights)` turns the vector into weights . reward, MO-Gymnasium's `LinearReward`
 convention (the unscalarised vector stays in `info["vector_reward"]`), so single-objective learners
 such as SB3 can train on any trade-off without rebuilding the environment.
+
+The vector's space is `reward_space`; through any stack of wrappers (gym.make's, `make_env`'s
+RescaleAction, this one) read it with `env.get_wrapper_attr("reward_space")`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ class LinearizeReward(gym.Wrapper):
         super().__init__(env)
         if env.unwrapped.reward_mode != "vector":
             raise ValueError("LinearizeReward needs an env built with reward_mode='vector'")
-        space = env.unwrapped.reward_space
+        space = env.get_wrapper_attr("reward_space")
         values = np.asarray(weights)
         if values.dtype.kind not in "iuf" or values.shape != space.shape or not np.isfinite(values).all():
             raise ValueError(f"weights {weights!r} must be {space.shape[0]} finite numbers, one per objective "

@@ -17,7 +17,8 @@ Prints and writes bench.json with the tracked figures:
   surrogate_visited_spearman the same on allocations the committed surrogate-trained PPO policy visits (one
                            mean and one sampled episode per target 0.3-0.6, replayed exactly; goal >= 0.9)
   surrogate_visited_bias   mean predicted - exact reward there (optimism where the policy goes)
-`--only surrogate` / `--only visited` measure just those figures and update them in an existing --out file.
+`--only surrogate` / `--only visited` / `--only memory` (peak_rss_ratio alone) measure just those figures and
+update them in an existing --out file.
 peak_rss_ratio is taken after the exact environment's set-up, the profile, a Wanda pass, one episode and
 the full evaluations, before the plain-forward baseline (full logits) and the proxy and bf16 environments.
 """
@@ -132,6 +133,18 @@ def report(figures: dict) -> None:
         print(f"{key:26s} {value:10.3f}  {verdict}")
 
 
+def update(out: str, figures: dict, details: dict) -> int:
+    """Report `figures` and merge them (and `details`) into an existing --out file (`--only`)."""
+    path = Path(out)
+    previous = json.loads(path.read_text()) if path.exists() else {"details": {}}
+    report(figures)
+    previous.update(figures)
+    previous["details"].update(details)
+    path.write_text(json.dumps(previous, indent=2))
+    print(f"updated {out}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -140,8 +153,8 @@ def main() -> int:
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--repeats", type=int, default=3, help="episode/evaluation timings to take the median of")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 ranking check")
-    parser.add_argument("--only", choices=("all", "surrogate", "visited"), default="all",
-                        help="surrogate / visited: measure only those figures, updating them in --out")
+    parser.add_argument("--only", choices=("all", "surrogate", "visited", "memory"), default="all",
+                        help="surrogate / visited / memory: measure only those figures, updating them in --out")
     parser.add_argument("--surrogate-episodes", type=int, default=500)
     parser.add_argument("--policy", default=POLICY, help="surrogate-trained policy for the visited figures")
     parser.add_argument("--visited-episodes", type=int, default=1, help="sampled episodes per target (+1 mean)")
@@ -149,14 +162,7 @@ def main() -> int:
     if args.only in ("surrogate", "visited"):
         figures, details = (surrogate_figures(args.model, args.surrogate_episodes) if args.only == "surrogate"
                             else visited_figures(args.policy, args.visited_episodes))
-        out = Path(args.out)
-        previous = json.loads(out.read_text()) if out.exists() else {"details": {}}
-        report(figures)
-        previous.update(figures)
-        previous["details"].update(details)
-        out.write_text(json.dumps(previous, indent=2))
-        print(f"updated {args.out}")
-        return 0
+        return update(args.out, figures, details)
     import gymnasium as gym
 
     import prune_env  # noqa: F401  (registers the environments)
@@ -184,6 +190,9 @@ def main() -> int:
     _, eval_s = timed(lambda: (perplexity(model, ctx.slices.evaluation, data.batch_size),
                                evaluate_facts(model, ctx.tokenizer, ctx.facts, data.fact_batch_size)))
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # one exact env in the process
+    if args.only == "memory":
+        return update(args.out, {"peak_rss_ratio": peak_rss / (n_params * 4)},
+                      {"peak_rss_bytes": peak_rss, "model": args.model, "threads": torch.get_num_threads()})
 
     # 1. evaluation throughput: the project's perplexity + facts (just above) vs a plain HF forward on the
     # same batches. Measured after peak_rss: the plain forward forms full logits, which the project never does.

@@ -116,3 +116,54 @@ def test_each_env_owns_its_model_and_a_lent_context_is_shared(tiny_data):
     assert first.context.achieved_sparsity() == 0.0
     borrower.reset(seed=0)
     assert lent.achieved_sparsity() == 0.0
+
+
+@pytest.mark.parametrize("spec", ["tiny-gpt2", "tiny-gemma3"])
+def test_private_models_are_bit_identical_and_keep_their_ties(spec):
+    """The template keeps its bytes in a file: every further private model is the loaded one, bit for bit,
+    with its own storage and the same tied parameters (GPT-2 and Gemma tie the embedding and the LM head)."""
+    import torch
+
+    from prune_env.context import private_model
+    from prune_env.models import load_model
+
+    fresh, _ = load_model(spec)
+    models = [private_model(spec, "cpu", "float32")[0] for _ in range(3)]
+    for model in models:
+        assert [n for n, _ in model.named_parameters()] == [n for n, _ in fresh.named_parameters()]
+        for (name, value), (_, expected) in zip([*model.named_parameters(), *model.named_buffers()],
+                                                [*fresh.named_parameters(), *fresh.named_buffers()]):
+            assert value.dtype == expected.dtype and torch.equal(value, expected), name
+        assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    first, second = models[1:]
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first.parameters(), second.parameters()))
+
+
+def test_close_releases_an_owned_model_and_leaves_a_lent_one_dense(tiny_data):
+    import os
+    import pickle
+
+    def open_files() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    LayerPruneEnv(**env_kwargs(tiny_data)).close()  # the process's template exists from here on
+    before = open_files()
+    owned = LayerPruneEnv(**env_kwargs(tiny_data))
+    assert open_files() == before + 1  # its dense snapshot
+    names = list(owned.unit_names)
+    with pytest.raises(TypeError, match="does not pickle: send its constructor arguments"):
+        pickle.dumps(owned)
+    owned.reset(seed=0)
+    alone_reward = [owned.step(np.array([v], np.float32))[1] for v in ACTIONS[0]][-1]
+    owned.close()
+    owned.close()  # twice is fine
+    assert open_files() == before
+    assert all(p.device.type == "meta" for p in owned.context.model.parameters())  # the weights are gone
+    assert [u.name for u in owned.context.units] == names and owned.context.spec == "tiny-llama"
+    lent = PruningContext("tiny-llama", data=tiny_data)
+    borrower = LayerPruneEnv(context=lent, target_sparsity=0.5)
+    borrower.reset(seed=0)
+    rewards = [borrower.step(np.array([v], np.float32))[1] for v in ACTIONS[0]]
+    borrower.close()
+    assert lent.achieved_sparsity() == 0.0 and all(p.device.type == "cpu" for p in lent.model.parameters())
+    assert rewards[-1] == alone_reward

@@ -147,3 +147,18 @@ def test_reference_and_profile_are_public(tiny_data):
     obs, _ = env.reset(seed=0)
     assert obs[0] == pytest.approx(profile.z_wanda[0]) and obs[1] == pytest.approx(profile.z_grad[0])
     assert torch.is_tensor(env.context.masked.dense[env.context.refs[0].name])
+
+
+def test_reward_space_is_reachable_through_the_wrappers(tiny_data):
+    from prune_env.factory import make_env
+
+    expected = gym.spaces.Box(-np.inf, np.inf, (2,), np.float64)
+    made = gym.make(ENV_ID, model="tiny-llama", data=tiny_data, reward_mode="vector")
+    rescaled = make_env(ENV_ID, model="tiny-llama", data=tiny_data, reward_mode="vector")
+    assert type(rescaled) is not type(made)  # make_env's RescaleAction on top of gym.make's wrappers
+    for env in (made, rescaled):
+        assert env.get_wrapper_attr("reward_space") == expected
+    linear = LinearizeReward(rescaled, [1.0, 0.5])
+    assert linear.get_wrapper_attr("reward_space") == expected
+    _, rewards, info = play(linear, 0.0)
+    assert rewards[-1] == pytest.approx(float(np.dot([1.0, 0.5], info["vector_reward"])), abs=1e-12)
