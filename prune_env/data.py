@@ -177,10 +177,10 @@ def split_corpus(
 
     def too_small(needed: int, detail: str, room: int) -> ValueError:
         """`room`: the tokens the evaluation slice could have, so the message gives the largest eval_tokens."""
-        most = f"eval_tokens <= {room // eval_seq_len * eval_seq_len}" if room >= eval_seq_len else "a longer text"
+        most = f"eval_tokens <= {room // eval_seq_len * eval_seq_len}, " if room >= eval_seq_len else ""
         return ValueError(
             f"corpus too small: {source or 'the text'} needs at least {needed} tokens ({detail}) but has {total}. "
-            f"Use {most}, a longer text source or fewer/shorter windows."
+            f"Use {most}a longer text source or fewer/shorter windows."
         )
 
     if calib_region_tokens is not None:

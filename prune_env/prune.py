@@ -68,7 +68,7 @@ def _validate(args: argparse.Namespace) -> None:
                          f"{given} cannot apply: drop {given}, or drop --pattern for unstructured pruning")
     if args.sparsity is not None:
         check_ratio("--sparsity", args.sparsity)
-    check_number("--eval-tokens", args.eval_tokens, low=1, integer=True)
+    check_number("--eval-tokens", args.eval_tokens, low=_DATA.eval_seq_len, integer=True)  # one window at least
     check_number("--n-facts", args.n_facts, low=0, integer=True)
     check_number("--calib-samples", args.calib_samples, low=1, integer=True)
     check_number("--calib-seq-len", args.calib_seq_len, low=1, integer=True)

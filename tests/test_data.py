@@ -287,3 +287,5 @@ def test_too_little_text_for_the_evaluation_gives_the_largest_eval_tokens() -> N
     with pytest.raises(ValueError, match="Use eval_tokens <= 1024"):
         split_corpus(torch.arange(1_500), calib_samples=4, calib_seq_len=128, eval_tokens=2048, eval_seq_len=128,
                      eval_offset=400)
+    with pytest.raises(ValueError, match=r"but has 100\. Use a longer text source or fewer/shorter windows\.$"):
+        split_corpus(torch.arange(100), calib_samples=1, calib_seq_len=128, eval_tokens=1024, eval_seq_len=128)

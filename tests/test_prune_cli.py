@@ -132,6 +132,8 @@ BAD = {
                              r"--pattern 2:4 fixes the sparsity at 2/4 .* drop --sparsity"),
     "pattern and allocation": (lambda d: ["--pattern", "2:4", "--allocation", _write(d / "a.json", "[0.5, 0.5, 0.5]")],
                                r"--pattern 2:4 .* drop --allocation"),
+    "eval tokens below one window": (lambda d: ["--eval-tokens", "100"],
+                                     r"--eval-tokens=100 is outside the allowed range \[512, inf\)"),
     "negative n-facts": (lambda d: ["--n-facts", "-1"], r"--n-facts=-1 is outside the allowed range \[0, inf\)"),
     "zero calibration": (lambda d: ["--calib-samples", "0"], r"--calib-samples=0 is outside"),
     "device tpu": (lambda d: ["--device", "tpu"], r"device='tpu' is not a device torch knows"),
@@ -176,8 +178,6 @@ def _long_fact(path: Path) -> str:
 
 # Refused from the config, the tokenizer and the text, after the context started but before any weight loads.
 BAD_DATA = {
-    "eval tokens below one window": (lambda d: ["--eval-tokens", "100"],
-                                     r"eval_tokens \(100\) must be at least one window of eval_seq_len \(512\)"),
     "text too short": (lambda d: ["--eval-text", _write(d / "short.txt", "A short text. " * 20)],
                        r"corpus too small: .*short.txt needs at least \d+ tokens .* but has \d+"),
     "calibration beyond the text": (lambda d: ["--calib-samples", "1000000"],
