@@ -179,7 +179,7 @@ def _load_jsonl(path: Path) -> list[Fact]:
     Lines are read at most MAX_LINE_BYTES at a time: one 300 MB line once took a run to 21.9 GB."""
     facts: list[Fact] = []
     with path.open("rb") as f:
-        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), start=1):
+        for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 2), b""), start=1):  # + "\r\n"
             if len(raw.rstrip(b"\r\n")) > MAX_LINE_BYTES:
                 raise ValueError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES:,} bytes: a fact is one short "
                                  "JSON object per line (split or shorten it)")

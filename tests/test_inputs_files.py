@@ -121,3 +121,6 @@ def test_overlong_facts_line_is_refused_while_reading(tmp_path: Path) -> None:
     assert len(exact.encode()) == MAX_LINE_BYTES
     facts.write_bytes((good + "\r\n" + exact + "\r\n").encode())
     assert [f.answer for f in load_facts(str(facts))] == ["Paris", "Paris"]
+    facts.write_bytes((good + "\r\n" + exact + "\r\n" + exact + " \r\n").encode())  # one byte too many
+    with pytest.raises(ValueError, match=f"facts.jsonl:3: line longer than {MAX_LINE_BYTES:,} bytes"):
+        load_facts(str(facts))  # counted right after a full-length line
