@@ -28,11 +28,12 @@ from .calibration import TokenBatch
 from .config import dataclass_from_dict
 from .corpus import load_text
 from .data import split_corpus, tokenize_corpus
-from .evaluation import FactScores, evaluate_facts, perplexity, retention
+from .evaluation import FactScores, check_fact_lengths, evaluate_facts, perplexity, retention
 from .facts import Fact, load_facts
 from .files import atomic_write_text, cache_root, read_cache
 from .masking import parse_pattern
-from .models import LinearRef, check_sequence_length, linear_layers, load_model
+from .models import (LinearRef, check_memory, check_sequence_length, linear_layers, load_model, load_tokenizer,
+                     read_header)
 from .pruner import PruneResult, calibration_batches, check_method, prune_model
 from .snapshot import MaskedModel
 from .scoring import LinearStats, cache_dir, cache_key, compute_linear_stats, unit_gradient, unit_wanda_percentile, zscore
@@ -202,20 +203,24 @@ class PruningContext:
         self.spec, self.device, self.dtype = model, device, dtype
         self.method, self.pattern = check_method(method), pattern
         parse_pattern(pattern)
-        self.data = data if isinstance(data, DataConfig) else DataConfig.from_dict(data)
+        self.data = d = data if isinstance(data, DataConfig) else DataConfig.from_dict(data)
+        # Everything the header, the tokenizer and the text can refuse is refused before the weights load.
+        header = read_header(model)
+        check_sequence_length(header, calib_seq_len=d.calib_seq_len, eval_seq_len=d.eval_seq_len)
+        check_memory(header, dtype, device)
+        ids = tokenize_corpus(load_text(d.text), load_tokenizer(model))
+        self.slices = split_corpus(ids, calib_samples=d.calib_samples, calib_seq_len=d.calib_seq_len,
+                                   eval_tokens=d.eval_tokens, eval_seq_len=d.eval_seq_len,
+                                   seed=d.calibration_seed, eval_offset=d.eval_offset, source=d.text)
+        all_facts = load_facts(d.facts, seed=d.seed)
+        self.facts = select_facts(all_facts, d.n_facts, d.facts_offset, d.seed)
+        check_fact_lengths(load_tokenizer(model), self.facts, header.context_length, model, d.facts, all_facts)
         self.model, self.tokenizer = private_model(model, device, dtype)
         self.refs = linear_layers(self.model)
         self.masked = MaskedModel({ref.name: ref.module for ref in self.refs})
         self.units = make_units(self.refs, granularity)
         self.granularity = granularity
         self.total_numel = sum(unit.numel for unit in self.units)
-        d = self.data
-        check_sequence_length(self.model, model, calib_seq_len=d.calib_seq_len, eval_seq_len=d.eval_seq_len)
-        ids = tokenize_corpus(load_text(d.text), self.tokenizer)
-        self.slices = split_corpus(ids, calib_samples=d.calib_samples, calib_seq_len=d.calib_seq_len,
-                                   eval_tokens=d.eval_tokens, eval_seq_len=d.eval_seq_len,
-                                   seed=d.calibration_seed, eval_offset=d.eval_offset, source=d.text)
-        self.facts = select_facts(load_facts(d.facts, seed=d.seed), d.n_facts, d.facts_offset, d.seed)
         torch_device = next(self.model.parameters()).device
         self.calibration = calibration_batches(self.slices.calibration, d.batch_size, torch_device)
         key = cache_key(model=model, dtype=dtype, text=d.text, seed=d.seed, samples=d.calib_samples,

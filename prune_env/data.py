@@ -175,10 +175,12 @@ def split_corpus(
     eval_len = n_eval * eval_seq_len
     calib_min = calib_seq_len if calib_samples > 0 else 0
 
-    def too_small(needed: int, detail: str) -> ValueError:
+    def too_small(needed: int, detail: str, room: int) -> ValueError:
+        """`room`: the tokens the evaluation slice could have, so the message gives the largest eval_tokens."""
+        most = f"eval_tokens <= {room // eval_seq_len * eval_seq_len}, " if room >= eval_seq_len else ""
         return ValueError(
-            f"corpus too small: needs at least {needed} tokens ({detail}) but has {total}. "
-            f"Use a longer text source or fewer/shorter windows."
+            f"corpus too small: {source or 'the text'} needs at least {needed} tokens ({detail}) but has {total}. "
+            f"Use {most}a longer text source or fewer/shorter windows."
         )
 
     if calib_region_tokens is not None:
@@ -188,7 +190,8 @@ def split_corpus(
     else:
         if total < calib_min + eval_len:
             raise too_small(calib_min + eval_len,
-                            f"calibration region >= {calib_min} + evaluation {n_eval} x {eval_seq_len}")
+                            f"calibration region >= {calib_min} + evaluation {n_eval} x {eval_seq_len}",
+                            total - max(calib_min, calib_samples * calib_seq_len))
         region_end = max(calib_min, min(int(total * calib_fraction), total - eval_len))
     start_eval = region_end if eval_offset is None else int(eval_offset)
 
@@ -197,7 +200,13 @@ def split_corpus(
     if start_eval < region_end:
         raise ValueError(f"eval_offset ({start_eval}) lies inside the calibration region [0, {region_end})")
     if start_eval + eval_len > total:
-        raise too_small(start_eval + eval_len, f"evaluation starts at {start_eval} and needs {n_eval} x {eval_seq_len}")
+        raise too_small(start_eval + eval_len, f"evaluation starts at {start_eval} and needs {n_eval} x {eval_seq_len}",
+                        total - start_eval)
+    if calib_samples * calib_seq_len > region_end:  # more windows than the region holds only repeats its text
+        raise ValueError(
+            f"calib_samples={calib_samples} x calib_seq_len={calib_seq_len} = {calib_samples * calib_seq_len} "
+            f"calibration tokens do not fit in the calibration region of {source or 'the text'} ({region_end} of its "
+            f"{total} tokens): use calib_samples <= {region_end // calib_seq_len}, or a longer text")
 
     if calib_samples > 0:
         gen = torch.Generator().manual_seed(int(seed))

@@ -18,6 +18,9 @@ from .calibration import TokenBatch, _base_forward, final_hidden
 from .facts import Fact
 
 HEAD_CHUNK_ELEMENTS = 2 ** 24  # logits per chunk (64 MiB in fp32): 341 positions for SmolLM2's 49k vocabulary
+# rows x width^2 of one fact batch (its mask, and per head its attention scores): short cloze facts batch as
+# asked (64 x 40^2 is 0.1 M); one long fact goes alone instead of asking for gigabytes with 63 short ones.
+FACT_BATCH_ELEMENTS = 2 ** 24
 
 
 @dataclass
@@ -166,8 +169,13 @@ def fact_batches(tokenizer, facts: list[Fact], batch_size: int = 64, packed: boo
                              [([t - 1 for t in targets], targets, f_index, c_index)]))
     rows.sort(key=lambda r: (len(r[0]), r[3][0][2], r[3][0][3]))
     batches = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+    start = 0
+    while start < len(rows):  # rows are sorted by length: the last row of a chunk is its widest
+        end = start + 1
+        while (end < min(start + batch_size, len(rows))
+               and (end + 1 - start) * len(rows[end][0]) ** 2 <= FACT_BATCH_ELEMENTS):
+            end += 1
+        chunk, start = rows[start:end], end
         width = max(len(r[0]) for r in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         positions = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -187,6 +195,22 @@ def fact_batches(tokenizer, facts: list[Fact], batch_size: int = 64, packed: boo
         else:
             batches.append(FactBatch(ids, (segments >= 0).long(), None, spans))
     return batches
+
+
+def check_fact_lengths(tokenizer, facts: list[Fact], limit: int | None, model: str, source: str,
+                       numbering: list[Fact] | None = None) -> None:
+    """Refuse a fact whose prompt and choices (one packed row) exceed the model's context, by its number in
+    `numbering` (the source's own order): a 20 KB prompt once asked for a 6.1 GB allocation."""
+    if limit is None:
+        return
+    number = {id(fact): i for i, fact in enumerate(numbering or facts, start=1)}
+    for index, fact in enumerate(facts, start=1):
+        prompt = _encode(tokenizer, fact.prompt, special=True)
+        tokens = len(prompt) + sum(len(_encode(tokenizer, " " + choice, special=False)) for choice in fact.choices)
+        if tokens > limit:
+            raise ValueError(f"fact {number.get(id(fact), index)} of {source} (prompt {fact.prompt[:40]!r}...) is "
+                             f"{tokens} tokens with its {len(fact.choices)} choice(s), more than the context of model "
+                             f"{model!r} ({limit} tokens): shorten its prompt and answers, or drop it")
 
 
 @dataclass

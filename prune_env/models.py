@@ -6,7 +6,9 @@ embeddings and the LM head are never pruned, following Wanda and SparseGPT.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +121,25 @@ def resolve_model_spec(spec: str) -> tuple[str, str | None]:
         "or a Hugging Face hub id such as 'HuggingFaceTB/SmolLM2-135M'")
 
 
+def refuse_remote_code(directory: str | Path, spec: str) -> None:
+    """Refuse a model folder whose config names custom Python (`auto_map`), by reading its JSON ourselves:
+    transformers would ask "run custom code? [y/N]" on stdin, and a "y" runs the folder's code."""
+    for name in ("config.json", "tokenizer_config.json"):
+        path = Path(directory) / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as error:  # UnicodeDecodeError and JSONDecodeError
+            detail = " ".join(str(error).split())[:200]
+            raise ModelSpecError(f"cannot read the model config {str(path)!r} ({error.__class__.__name__}: "
+                                 f"{detail}): point --model at an intact model folder or .gguf file") from None
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise ModelSpecError(f"model {spec!r} needs its own Python code ({str(path)!r} has an 'auto_map' "
+                                 f"entry), which this project never runs: use a model of a supported family "
+                                 f"without custom code")
+
+
 def check_causal_decoder(config, spec: str) -> None:
     """Refuse, by its config alone, a model that is not a supported causal decoder (see SUPPORTED_FAMILIES)."""
     model_type = config.model_type or "unknown"
@@ -130,30 +151,83 @@ def check_causal_decoder(config, spec: str) -> None:
         f"encoder-decoders would get a random LM head): use a {families} model")
 
 
-def _load_config(location: str, spec: str, local: bool):
+def _load_config(location: str, spec: str, local: bool, gguf_file: str | None = None):
     """The model's config, read before any weight so an unsupported model fails in a second."""
     from transformers import AutoConfig
 
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        return AutoConfig.from_pretrained(location, local_files_only=local)
-    except (OSError, ValueError) as error:
+        config = AutoConfig.from_pretrained(location, local_files_only=local, trust_remote_code=False, **kwargs)
+    except Exception as error:  # transformers and gguf raise many types for a damaged file
         if not local:
+            if not isinstance(error, (OSError, ValueError)):
+                raise
             raise ModelSpecError(
                 f"could not load {spec!r} from the Hugging Face hub ({error.__class__.__name__}: {error}). "
                 "Without network access use the offline alias 'smollm2-135m', a local directory or a .gguf file"
             ) from error
-        where = Path(location) / "config.json"
+        where = Path(location) / (gguf_file or "config.json")
         detail = " ".join(str(error).split())[:300]
         raise ModelSpecError(f"cannot read the model config {str(where)!r} ({error.__class__.__name__}: "
                              f"{detail}): point --model at an intact model folder or .gguf file") from None
+    if getattr(config, "auto_map", None):  # a hub config: its folder could not be read before transformers
+        raise ModelSpecError(f"model {spec!r} needs its own Python code (its config has an 'auto_map' entry), "
+                             "which this project never runs: use a model of a supported family without custom code")
+    return config
+
+
+def _locate(spec: str) -> tuple[str, str | None, bool]:
+    """(path or hub id, gguf file or None, local): a local folder with custom code is refused here."""
+    location, gguf_file = resolve_model_spec(spec)
+    local = gguf_file is not None or Path(location).is_dir()
+    if local and gguf_file is None:
+        refuse_remote_code(location, spec)
+    return location, gguf_file, local
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(spec: str):
+    """The model's tokenizer alone (seconds, no weights), so text and facts are checked before the model loads.
+    Cached per spec: tokenizers are only read (the template and every context share one already)."""
+    from transformers import AutoTokenizer
+
+    if spec.startswith("tiny-"):
+        from .tiny import tiny_tokenizer
+
+        return tiny_tokenizer()
+    location, gguf_file, local = _locate(spec)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local, trust_remote_code=False, **kwargs)
+    except Exception as error:  # transformers and gguf raise many types for a damaged file
+        failure = _load_error(spec, location, gguf_file, local, error)
+        raise failure from (None if failure is error else error)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_error(spec: str, location: str, gguf_file: str | None, local: bool, error: Exception) -> Exception:
+    """One line naming the file or the hub id; an unexpected error type from the hub is returned as is."""
+    if local:
+        where = Path(location) / gguf_file if gguf_file else Path(location)
+        detail = " ".join(str(error).split())[:300]
+        return ModelSpecError(f"cannot load the model from {str(where)!r} ({error.__class__.__name__}: {detail}): "
+                              "the files are damaged or incomplete: re-download or re-save the model")
+    if not isinstance(error, (OSError, ValueError)):
+        return error
+    return ModelSpecError(
+        f"could not load {spec!r} from the Hugging Face hub ({error.__class__.__name__}: {error}). "
+        "Without network access use the offline alias 'smollm2-135m', a local directory or a .gguf file")
 
 
 def load_model(spec: str, device: str = "cpu", dtype: str = "float32"):
-    """Load (model, tokenizer) in eval mode; aliases and files never contact the hub.
+    """Load (model, tokenizer) in eval mode; aliases and files never contact the hub, and no model's own
+    Python ever runs (`trust_remote_code=False`; a folder with `auto_map` is refused before transformers reads it).
 
     Only causal decoders of SUPPORTED_FAMILIES load: anything else is refused from its config.json,
     before the weights are read (from a .gguf file, right after loading it)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     check_dtype(dtype)
     device = check_device(device)
@@ -162,28 +236,18 @@ def load_model(spec: str, device: str = "cpu", dtype: str = "float32"):
 
         model, tokenizer = tiny_model(spec.removeprefix("tiny-"))
         return model.to(device=device, dtype=DTYPES[dtype]), tokenizer
-    location, gguf_file = resolve_model_spec(spec)
-    local = gguf_file is not None or Path(location).is_dir()
+    location, gguf_file, local = _locate(spec)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    if gguf_file is None:  # a GGUF header costs ~10 s to parse: its config is checked once the model is loaded
+    if gguf_file is None:  # a GGUF header costs seconds to parse: read_header checks it before a context loads
         check_causal_decoder(_load_config(location, spec, local), spec)
+    tokenizer = load_tokenizer(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], local_files_only=local, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[dtype], local_files_only=local,
+                                                     trust_remote_code=False, **kwargs)
     except Exception as error:  # transformers, gguf and safetensors raise many types for a damaged file
-        if local:
-            where = Path(location) / gguf_file if gguf_file else Path(location)
-            detail = " ".join(str(error).split())[:300]
-            raise ModelSpecError(f"cannot load the model from {str(where)!r} ({error.__class__.__name__}: {detail}): "
-                                 "the files are damaged or incomplete: re-download or re-save the model") from error
-        if not isinstance(error, OSError):
-            raise
-        raise ModelSpecError(
-            f"could not load {spec!r} from the Hugging Face hub ({error.__class__.__name__}: {error}). "
-            "Without network access use the offline alias 'smollm2-135m', a local directory or a .gguf file") from error
+        failure = _load_error(spec, location, gguf_file, local, error)
+        raise failure from (None if failure is error else error)
     check_causal_decoder(model.config, spec)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
     model.config.use_cache = False
     return model, tokenizer
@@ -250,23 +314,102 @@ def input_features(module: nn.Module) -> int:
     return weight_matrix(module).shape[1]
 
 
-def max_positions(model: nn.Module) -> int | None:
-    """The longest sequence a model with LEARNED position embeddings can read (GPT-2's n_positions, OPT's
-    max_position_embeddings), or None: rotary models (any rope_* config key) have no table to overflow."""
-    config = model.config
-    if any(key.startswith("rope") for key in config.to_dict()):
-        return None
+def context_length(config) -> int | None:
+    """The positions a model was built for (max_position_embeddings, GPT-2's n_positions), or None."""
+    values = config.to_dict()
     for key in ("max_position_embeddings", "n_positions"):
-        value = config.to_dict().get(key)
+        value = values.get(key)
         if isinstance(value, int) and value > 0:
             return value
     return None
 
 
-def check_sequence_length(model: nn.Module, spec: str, **lengths: int) -> None:
+def _learned_positions(config) -> int | None:
+    if any(key.startswith("rope") for key in config.to_dict()):
+        return None
+    return context_length(config)
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence a model with LEARNED position embeddings can read (GPT-2's n_positions, OPT's
+    max_position_embeddings), or None: rotary models (any rope_* config key) have no table to overflow."""
+    return _learned_positions(model.config)
+
+
+@dataclass(frozen=True)
+class ModelHeader:
+    """A model as its config.json or GGUF header describes it, no weight read: what the checks before loading
+    need (blocks and linears for an allocation, positions for windows and facts, parameters for memory)."""
+
+    spec: str
+    refs: tuple[LinearRef, ...]  # prunable linears of a model built on the meta device: names and shapes only
+    n_params: int
+    context_length: int | None  # positions the model was built for (facts must fit); None: the config names none
+    position_limit: int | None  # a learned position table (GPT-2, OPT): no window may be longer
+
+    @property
+    def n_blocks(self) -> int:
+        return len({ref.block_index for ref in self.refs})
+
+
+@functools.lru_cache(maxsize=8)
+def read_header(spec: str) -> ModelHeader:
+    """The model's header in seconds and a few hundred MB (a GGUF file's metadata, not its tensors): a model
+    that cannot work with the given input is refused before its weights load (41 s and 1.9 GB for SmolLM2)."""
+    if spec.startswith("tiny-"):
+        from .tiny import tiny_model
+
+        model, _ = tiny_model(spec.removeprefix("tiny-"))  # milliseconds: a tiny model is its own header
+    else:
+        from transformers import AutoModelForCausalLM
+
+        location, gguf_file, local = _locate(spec)
+        config = _load_config(location, spec, local, gguf_file)
+        check_causal_decoder(config, spec)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    return ModelHeader(spec, tuple(linear_layers(model)), sum(p.numel() for p in model.parameters()),
+                       context_length(model.config), _learned_positions(model.config))
+
+
+def check_sequence_length(header: ModelHeader, **lengths: int) -> None:
     """Refuse windows longer than the model's positions (its embedding lookup would fail without a name)."""
-    limit = max_positions(model)
+    limit = header.position_limit
     too_long = {name: value for name, value in lengths.items() if limit is not None and value > limit}
     if too_long:
         names = ", ".join(f"{name}={value}" for name, value in too_long.items())
-        raise ValueError(f"{names} is longer than model {spec!r} allows ({limit} positions): use at most {limit}")
+        raise ValueError(f"{names} is longer than model {header.spec!r} allows ({limit} positions): "
+                         f"use at most {limit}")
+
+
+# A context keeps the process's template and its own copy; loading holds one more working copy (the
+# state dict, or the dequantised GGUF tensors) for a moment.
+RESIDENT_COPIES = 3
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes free for new tensors on `device` (MemAvailable of /proc/meminfo for the CPU), or None if unknown."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    if device != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_memory(header: ModelHeader, dtype: str, device: str, copies: int = RESIDENT_COPIES) -> None:
+    """Refuse, with the numbers, a model whose copies would not fit in the device's free memory (the
+    alternative is the kernel's OOM killer, which may also end other processes)."""
+    device = check_device(device)
+    need = header.n_params * DTYPES[check_dtype(dtype)].itemsize * copies
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise ModelSpecError(
+            f"model {header.spec!r} needs about {need / 2 ** 30:.1f} GiB ({header.n_params:,} parameters x "
+            f"{DTYPES[dtype].itemsize} bytes ({dtype}) x {copies} copies) but {device} has {free / 2 ** 30:.1f} GiB "
+            f"available: free memory, use a smaller model, or dtype bfloat16")

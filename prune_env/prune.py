@@ -27,6 +27,7 @@ from .facts import load_facts
 from .files import LOCK_NAME, OutputLockedError, atomic_write_json, output_lock
 from .masking import parse_pattern
 from .methods import method_names
+from .models import read_header
 from .validation import check_device, check_number, check_ratio
 
 DEFAULT_SPARSITY = 0.5
@@ -67,7 +68,7 @@ def _validate(args: argparse.Namespace) -> None:
                          f"{given} cannot apply: drop {given}, or drop --pattern for unstructured pruning")
     if args.sparsity is not None:
         check_ratio("--sparsity", args.sparsity)
-    check_number("--eval-tokens", args.eval_tokens, low=1, integer=True)
+    check_number("--eval-tokens", args.eval_tokens, low=_DATA.eval_seq_len, integer=True)  # one window at least
     check_number("--n-facts", args.n_facts, low=0, integer=True)
     check_number("--calib-samples", args.calib_samples, low=1, integer=True)
     check_number("--calib-seq-len", args.calib_seq_len, low=1, integer=True)
@@ -123,11 +124,11 @@ def _prune_and_measure(args: argparse.Namespace) -> tuple[PruningContext, dict]:
                       calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
                       grad_samples=0)
     started = time.time()
+    target = _target(args)
+    refs = list(read_header(args.model).refs)  # from the config: a wrong allocation fails before the weights load
+    ratios = load_allocation(args.allocation, refs) if args.allocation else {ref.name: target for ref in refs}
     ctx = PruningContext(args.model, device=args.device, dtype=args.dtype, method=args.method,
                          pattern=args.pattern, data=data, granularity="linear")
-    target = _target(args)
-    ratios = (load_allocation(args.allocation, ctx.refs) if args.allocation
-              else {ref.name: target for ref in ctx.refs})
     unit_ratios = [ratios.get(unit.name, 0.0) for unit in ctx.units]
     dense_seconds = time.time() - started
     t0 = time.time()

@@ -230,7 +230,7 @@ def test_split_explicit_offsets() -> None:
 
 def test_split_small_corpus_shrinks_calibration_region() -> None:
     ids = torch.arange(1_200)
-    s = split_corpus(ids, calib_samples=4, calib_seq_len=128, eval_tokens=1024, eval_seq_len=128)
+    s = split_corpus(ids, calib_samples=1, calib_seq_len=128, eval_tokens=1024, eval_seq_len=128)
     calib, ev = _positions(s)
     assert not calib & ev and max(calib) < 176
     assert s.calib_region_end == s.eval_offset == 176 and s.eval_end == 1_200  # 30 % would not fit
@@ -262,3 +262,30 @@ def test_calib_seed_draws_other_calibration_windows_on_the_same_evaluation_and_f
     assert other.dense.ppl == pytest.approx(base.dense.ppl)
     with pytest.raises(ValueError, match="calib_seed"):
         PruningContext("tiny-llama", data={**tiny_data, "calib_seed": "one"})
+
+
+def test_calibration_must_fit_in_its_region_and_the_message_gives_the_largest_value() -> None:
+    ids = torch.arange(10_000)  # the region is 30 %: 3000 tokens, 23 windows of 128
+    kw = dict(calib_seq_len=128, eval_tokens=1024, eval_seq_len=128, source="notes.txt")
+    assert split_corpus(ids, calib_samples=23, **kw).calibration.shape == (23, 128)
+    with pytest.raises(ValueError) as error:
+        split_corpus(ids, calib_samples=1_000_000, **kw)
+    message = str(error.value)
+    assert message.startswith("calib_samples=1000000 x calib_seq_len=128 = 128000000 calibration tokens do not fit")
+    assert "notes.txt (3000 of its 10000 tokens): use calib_samples <= 23" in message
+    with pytest.raises(ValueError, match="use calib_samples <= 23"):
+        split_corpus(ids, calib_samples=24, **kw)
+
+
+def test_too_little_text_for_the_evaluation_gives_the_largest_eval_tokens() -> None:
+    with pytest.raises(ValueError) as error:
+        split_corpus(torch.arange(1_000), calib_samples=1, calib_seq_len=128, eval_tokens=1024, eval_seq_len=128,
+                     source="notes.txt")
+    message = str(error.value)
+    assert "notes.txt needs at least 1152 tokens" in message and "Use eval_tokens <= 768" in message
+    split_corpus(torch.arange(1_000), calib_samples=1, calib_seq_len=128, eval_tokens=768, eval_seq_len=128)
+    with pytest.raises(ValueError, match="Use eval_tokens <= 1024"):
+        split_corpus(torch.arange(1_500), calib_samples=4, calib_seq_len=128, eval_tokens=2048, eval_seq_len=128,
+                     eval_offset=400)
+    with pytest.raises(ValueError, match=r"but has 100\. Use a longer text source or fewer/shorter windows\.$"):
+        split_corpus(torch.arange(100), calib_samples=1, calib_seq_len=128, eval_tokens=1024, eval_seq_len=128)

@@ -144,3 +144,48 @@ def test_freebaseqa_fails_fast_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SourceUnavailableError, match="offline"):
         load_facts("freebaseqa")
     assert time.monotonic() - t0 < 10
+
+
+# ----------------------------------------------------------------------------- bounds against the model
+
+
+def test_a_fact_longer_than_the_context_is_refused_by_its_number() -> None:
+    from prune_env.evaluation import check_fact_lengths
+    from prune_env.tiny import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    short = Fact("The capital of France is", "Paris", ("Paris", "Rome"), "test")
+    long = Fact("The capital of Spain is" + " very" * 300, "Madrid", ("Madrid", "Oslo"), "test")
+    source = [short, short, long]
+    chosen = [long, short]  # a selection in another order: the message counts in the source's order
+    with pytest.raises(ValueError) as error:
+        check_fact_lengths(tokenizer, chosen, 256, "tiny-llama", "facts.jsonl", source)
+    message = str(error.value)
+    assert message.startswith("fact 3 of facts.jsonl (prompt 'The capital of Spain is very very very v'...)")
+    n_tokens = (len(tokenizer(long.prompt)["input_ids"])
+                + sum(len(tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in long.choices))
+    assert f"is {n_tokens} tokens with its 2 choice(s)" in message and "(256 tokens)" in message
+    check_fact_lengths(tokenizer, chosen, n_tokens, "tiny-llama", "facts.jsonl", source)  # exactly fits
+    check_fact_lengths(tokenizer, chosen, None, "tiny-llama", "facts.jsonl", source)  # no context known: no bound
+
+
+def test_a_long_fact_is_batched_alone_and_the_scores_do_not_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fact batches stay under FACT_BATCH_ELEMENTS (rows x width^2); short facts batch exactly as before."""
+    from prune_env import evaluation
+    from prune_env.tiny import tiny_model
+
+    model, tokenizer = tiny_model("llama")
+    facts = [Fact(f"Fact number {i} says the capital is", "Paris", ("Paris", "Rome", "Oslo"), "test")
+             for i in range(5)] + [Fact("A long fact" + " again" * 60, "Rome", ("Rome", "Paris"), "test")]
+    normal = evaluation.fact_batches(tokenizer, facts, batch_size=4)
+    assert [b.input_ids.shape[0] for b in normal] == [4, 2]
+    reference = evaluation.evaluate_facts(model, tokenizer, facts, batch_size=4)
+    width = normal[-1].input_ids.shape[1]
+    monkeypatch.setattr(evaluation, "FACT_BATCH_ELEMENTS", width ** 2)  # room for one long row per batch
+    capped = evaluation.fact_batches(tokenizer, facts, batch_size=4)
+    assert [b.input_ids.shape[0] for b in capped] == [4, 1, 1]
+    assert all(b.input_ids.shape[0] * b.input_ids.shape[1] ** 2 <= width ** 2 or b.input_ids.shape[0] == 1
+               for b in capped)
+    again = evaluation.evaluate_facts(model, tokenizer, facts, batch_size=4)
+    assert again.correct == reference.correct and again.greedy_exact == reference.greedy_exact
+    assert again.nll == pytest.approx(reference.nll, rel=1e-5)

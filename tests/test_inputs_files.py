@@ -94,3 +94,33 @@ def test_failed_handbook_download_never_runs_apt_get_update(tmp_path: Path, monk
     assert commands and all("update" not in cmd for cmd in commands)
     message = str(error.value)
     assert "Unable to locate package" in message and "sudo apt-get update" in message and "\n" not in message
+
+
+def test_overlong_facts_line_is_refused_while_reading(tmp_path: Path) -> None:
+    """A line is read at most 64 KiB at a time: a 20 MB line costs kilobytes, not its size (once 21.9 GB)."""
+    import tracemalloc
+
+    from prune_env.facts import MAX_LINE_BYTES
+
+    facts = tmp_path / "facts.jsonl"
+    good = json.dumps({"prompt": "The capital of France is", "answer": "Paris"})
+    with facts.open("w", encoding="utf-8") as f:
+        f.write(good + "\n\n" + '{"prompt": "' + "x" * 20_000_000 + '"}\n')
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as error:
+            load_facts(str(facts))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(error.value).startswith(f"{facts}:3: line longer than {MAX_LINE_BYTES:,} bytes")
+    assert peak < 1_000_000, peak
+    # a line of exactly the limit still reads (with "\r\n" endings too)
+    prompt = "The capital of France is" + " " * (MAX_LINE_BYTES - len(good))
+    exact = json.dumps({"prompt": prompt, "answer": "Paris"})
+    assert len(exact.encode()) == MAX_LINE_BYTES
+    facts.write_bytes((good + "\r\n" + exact + "\r\n").encode())
+    assert [f.answer for f in load_facts(str(facts))] == ["Paris", "Paris"]
+    facts.write_bytes((good + "\r\n" + exact + "\r\n" + exact + " \r\n").encode())  # one byte too many
+    with pytest.raises(ValueError, match=f"facts.jsonl:3: line longer than {MAX_LINE_BYTES:,} bytes"):
+        load_facts(str(facts))  # counted right after a full-length line

@@ -132,10 +132,16 @@ BAD = {
                              r"--pattern 2:4 fixes the sparsity at 2/4 .* drop --sparsity"),
     "pattern and allocation": (lambda d: ["--pattern", "2:4", "--allocation", _write(d / "a.json", "[0.5, 0.5, 0.5]")],
                                r"--pattern 2:4 .* drop --allocation"),
+    "eval tokens below one window": (lambda d: ["--eval-tokens", "100"],
+                                     r"--eval-tokens=100 is outside the allowed range \[512, inf\)"),
     "negative n-facts": (lambda d: ["--n-facts", "-1"], r"--n-facts=-1 is outside the allowed range \[0, inf\)"),
     "zero calibration": (lambda d: ["--calib-samples", "0"], r"--calib-samples=0 is outside"),
     "device tpu": (lambda d: ["--device", "tpu"], r"device='tpu' is not a device torch knows"),
     "bert model": (lambda d: ["--model", _bert_folder(d / "bert")], r"model type 'bert'.*Llama, Qwen2/3"),
+    "auto_map model": (lambda d: ["--model", _auto_map_folder(d / "custom")],
+                       r"'auto_map' entry\), which this project never runs"),
+    "overlong facts line": (lambda d: ["--facts", _write(d / "long.jsonl", '{"prompt": "' + "x" * 100_000 + '"}\n')],
+                            r"long.jsonl:1: line longer than 65,536 bytes"),
 }
 
 
@@ -153,20 +159,50 @@ def _bert_folder(path: Path) -> str:
     return str(path)
 
 
-# the cases that can only be judged once the model is known; every other one fails before it loads
-NEEDS_MODEL = {"unknown model", "allocation length", "unknown layer", "allocation NaN", "allocation 1.0", "bert model"}
+def _auto_map_folder(path: Path) -> str:
+    """A Llama folder whose config.json points transformers at the folder's own (here harmless) Python."""
+    model, tokenizer = tiny_model("llama")
+    model.save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomModel"}
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
 
 
-@pytest.mark.parametrize("case", list(BAD))
+def _long_fact(path: Path) -> str:
+    """A facts file whose second fact has a 20 KB prompt (tiny-llama's context is 256 tokens)."""
+    rows = [{"prompt": "The capital of France is", "answer": "Paris"},
+            {"prompt": "The capital of Spain is" + " very" * 4000, "answer": "Madrid"}]
+    return _write(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+# Refused from the config, the tokenizer and the text, after the context started but before any weight loads.
+BAD_DATA = {
+    "text too short": (lambda d: ["--eval-text", _write(d / "short.txt", "A short text. " * 20)],
+                       r"corpus too small: .*short.txt needs at least \d+ tokens .* but has \d+"),
+    "calibration beyond the text": (lambda d: ["--calib-samples", "1000000"],
+                                    r"calib_samples=1000000 x calib_seq_len=32 .* use calib_samples <= \d+"),
+    "fact longer than the context": (lambda d: ["--facts", _long_fact(d / "long.jsonl")],
+                                     r"fact 2 of .*long.jsonl \(prompt 'The capital of Spain is very.* more than the "
+                                     r"context of model 'tiny-llama' \(256 tokens\)"),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD, *BAD_DATA])
 def test_cli_bad_input(tmp_path, text_file, facts_file, capsys, monkeypatch, case):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    extra, message = BAD[case]
-    if case not in NEEDS_MODEL:
-        def no_model(*args, **kwargs):
-            raise AssertionError(f"{case}: the model was loaded before the input was refused")
+    extra, message = BAD[case] if case in BAD else BAD_DATA[case]
 
+    def no_model(*args, **kwargs):
+        raise AssertionError(f"{case}: the model was loaded before the input was refused")
+
+    if case in BAD:
         monkeypatch.setattr(prune, "PruningContext", no_model)
+    else:
+        from prune_env import context
+
+        monkeypatch.setattr(context, "private_model", no_model)
     out = tmp_path / "runs" / "result"
     args = cli_args(text_file, facts_file, out) + extra(inputs)  # later flags override the defaults
     capsys.readouterr()  # drop what building the inputs printed
@@ -210,6 +246,33 @@ def test_cli_as_a_module_subprocess(tmp_path, text_file, facts_file):
     assert f"wrote {out}/metrics.json" in done.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["achieved_sparsity"] == pytest.approx(0.3, abs=1e-3)
+
+
+MEMORY_PROBES = {  # each once asked for gigabytes (6.1 GB, 21.9 GB, 9 GB): now a one-line error
+    "20 KB fact prompt": lambda d: ["--facts", _long_fact(d / "long.jsonl")],
+    "10 MB facts line": lambda d: ["--facts", _write(d / "big.jsonl", '{"prompt": "' + "x" * 10_000_000 + '"}\n')],
+    "a million calibration windows": lambda d: ["--calib-samples", "1000000"],
+}
+
+
+@pytest.mark.parametrize("case", list(MEMORY_PROBES))
+def test_cli_memory_probes_end_in_a_one_line_error_with_a_small_peak(tmp_path, text_file, facts_file, case):
+    """Peak RSS of the CLI process (a generous bound: the imports alone take ~400 MB)."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    command = [sys.executable, "-m", "prune_env.prune", *cli_args(text_file, facts_file, tmp_path / "out"),
+               *MEMORY_PROBES[case](inputs)]
+    probe = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+             "sys.stdout.write(f'{done.returncode} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}\\n'); "
+             "sys.stdout.write(done.stderr)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env=env)
+    first, err = done.stdout.split("\n", 1)
+    code, peak_kib = map(int, first.split())
+    assert code == 2, err[-2000:]
+    assert err.startswith("error: ") and err.count("\n") == 1, err[-2000:]
+    assert peak_kib < 2 * 1024 * 1024, f"{case}: peak RSS {peak_kib / 1024:.0f} MiB"
 
 
 # ----------------------------------------------------------------------------- output folder and defaults
