@@ -34,12 +34,13 @@ from stable_baselines3.common.utils import configure_logger, set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
 from agents.rl import CONFIG_NAME, FINAL_MODEL, load_policy, read_run_config, resolve_policy_path
-from agents.safe_load import build_model, load_normalizer
+from agents.safe_load import build_model, load_normalizer, read_policy_file
 from agents.train_config import TrainConfig, resolve_config
 from agents.training import (EVAL_LOG, EVAL_METRICS, ProgressDisplay, SimulatedFailure, TrainingCallback,
-                             latest_checkpoint, list_checkpoints, load_checkpoint, read_state, remove_partial_files,
-                             save_final, start_wandb, truncate_eval_log)
-from prune_env.config import ConfigError
+                             check_checkpoint, check_checkpoint_dir, latest_checkpoint, list_checkpoints,
+                             load_checkpoint, remove_partial_files, save_final, start_wandb,
+                             truncate_eval_log)
+from prune_env.config import ConfigError, read_yaml
 from prune_env.factory import make_env
 from prune_env.files import OutputLockedError, atomic_write_json, atomic_write_text, check_writable_dir, output_lock
 
@@ -62,9 +63,9 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 
 def _changed_since(run_dir: Path, config: dict) -> list[str]:
     """Keys that differ from the run's config.yaml; keys that must not change in a resumed run raise."""
-    if not (run_dir / CONFIG_NAME).is_file():
+    if not (run_dir / CONFIG_NAME).exists():
         return []
-    old, new = _flatten(yaml.safe_load((run_dir / CONFIG_NAME).read_text()) or {}), _flatten(config)
+    old, new = _flatten(read_yaml(run_dir / CONFIG_NAME, "the run's config")), _flatten(config)
     changed = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
     fixed = [key for key in changed if key.startswith(FIXED_ON_RESUME)]
     if fixed:
@@ -88,11 +89,16 @@ def train(config: TrainConfig, resume: bool = False, extra_callbacks: tuple = ()
 
 def _train_locked(config: TrainConfig, run_dir: Path, resume: bool, extra_callbacks: tuple, trust_pickle: bool) -> dict:
     algo, ckpt_dir, config_dict = config.algo, run_dir / config.checkpoint.dir, asdict(config)
+    check_checkpoint_dir(run_dir, ckpt_dir)
     latest = latest_checkpoint(ckpt_dir)
     if not resume and (latest is not None or (run_dir / FINAL_MODEL).exists()):
         raise ConfigError(f"run_dir {str(run_dir)!r} already holds a run: pass --resume to continue it, or set "
                           "run_dir=... for a new one")
     changed = _changed_since(run_dir, config_dict) if resume else []
+    if latest is not None:  # the checkpoint's own files are checked before any env loads the model
+        state = check_checkpoint(latest, trust_pickle)
+        if state["algo"] != algo.name:
+            raise ConfigError(f"checkpoint {latest} was made by {state['algo']!r}, the config says {algo.name!r}")
     display = ProgressDisplay(config.logging.progress_bar)
     for path in remove_partial_files(run_dir, ckpt_dir):
         display.print(f"removed unfinished file {path}")
@@ -122,18 +128,14 @@ def _train_locked(config: TrainConfig, run_dir: Path, resume: bool, extra_callba
         tensorboard = str(run_dir / "tensorboard") if config.logging.tensorboard else None
         model = build_model(config, vec_env, seed=algo.seed, device=algo.device, tensorboard_log=tensorboard,
                             verbose=config.logging.verbose)
-        state = {"algo": algo.name, "seed": algo.seed, "last_eval_step": 0, "last_checkpoint_step": 0,
-                 "eval_history": [], "wandb_id": None, "started_at": time.time()}
         if latest is not None:
-            state = read_state(latest)
-            if state.get("algo") != algo.name:
-                raise ConfigError(f"checkpoint {latest} was made by {state.get('algo')!r}, the config says "
-                                  f"{algo.name!r}")
             load_checkpoint(latest, model, state, trust_pickle)
             truncate_eval_log(run_dir, state["eval_history"])
             display.print(f"resuming {algo.name.upper()} from {latest} at num_timesteps={model.num_timesteps}"
                           + (f" (changed since: {', '.join(changed)})" if changed else ""))
         else:
+            state = {"algo": algo.name, "seed": algo.seed, "last_eval_step": 0, "last_checkpoint_step": 0,
+                     "eval_history": [], "wandb_id": None, "started_at": time.time()}
             (run_dir / EVAL_LOG).unlink(missing_ok=True)
         atomic_write_text(run_dir / CONFIG_NAME, yaml.safe_dump(config_dict, sort_keys=False))
         if algo.name == "ppo" and algo.total_timesteps % (model.n_steps * model.n_envs):
@@ -193,6 +195,8 @@ def evaluate_policy_file(policy: str, out: str | None, overrides: list[str], tru
     if config.algo.torch_threads is not None:
         torch.set_num_threads(config.algo.torch_threads)
     env_kwargs = config.env_kwargs(evaluation=True)
+    read_policy_file(policy_path)  # a damaged policy or normaliser is refused before the env loads the model
+    load_normalizer(policy_path.parent, trust_pickle)
     try:
         env = make_env(**env_kwargs)
     except (ValueError, OSError) as error:

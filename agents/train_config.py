@@ -313,6 +313,10 @@ class CheckpointConfig:
         check_number("keep", self.keep, low=1, integer=True)
         if not self.dir:
             raise ValueError("dir is empty: give a folder name relative to run_dir")
+        parts = Path(self.dir).parts
+        if Path(self.dir).is_absolute() or ".." in parts or not parts:
+            raise ValueError(f"dir={self.dir!r} must be a folder inside run_dir (relative, no '..'), such as "
+                             "'checkpoints': a run writes only into its own folder, under its lock")
 
 
 @dataclass

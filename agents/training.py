@@ -35,10 +35,12 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
 from agents.rl import CONFIG_NAME, FINAL_MODEL, play_episode
 from agents.safe_load import (LEGACY_REPLAY_BUFFER, LEGACY_RNG, NORMALIZER_FILE,
-                              REPLAY_BUFFER_FILE, RNG_FILE, NormalizerStats, load_parameters, load_replay_buffer,
-                              restore_legacy_rng, restore_rng, save_replay_buffer, save_rng, trusted_pickle)
+                              REPLAY_BUFFER_FILE, RNG_FILE, NormalizerStats, check_safetensors, load_normalizer,
+                              load_parameters, load_replay_buffer, read_policy_file, restore_legacy_rng, restore_rng,
+                              save_replay_buffer, save_rng, trusted_pickle)
 from agents.train_config import TrainConfig
 from prune_env.files import atomic_path, atomic_write_text, staged_directory, to_jsonable
+from prune_env.validation import is_int
 
 STEP_PREFIX = "step_"
 MODEL_FILE, STATE_FILE, EVAL_LOG = "model.zip", "state.json", "eval.jsonl"
@@ -116,8 +118,67 @@ def save_checkpoint(ckpt_dir: Path, model, state: dict, vec_normalize=None, keep
     return final
 
 
+def check_checkpoint_dir(run_dir: Path, ckpt_dir: Path) -> None:
+    """The checkpoint folder is a folder inside the run folder (a symlink out of it is refused), and holds only
+    complete checkpoints: a step_N folder without its files was damaged, and resuming past it would silently
+    fall back to an older checkpoint or to scratch."""
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise ValueError(f"checkpoint folder {str(ckpt_dir)!r} is a file, not a folder: move it away, or set "
+                         "checkpoint.dir to another name")
+    if not ckpt_dir.resolve().is_relative_to(run_dir.resolve()):
+        raise ValueError(f"checkpoint folder {str(ckpt_dir)!r} resolves to {str(ckpt_dir.resolve())!r}, outside the "
+                         "run folder: a run writes only into its own folder (remove the link)")
+    complete = {path for _, path in list_checkpoints(ckpt_dir)}
+    broken = sorted(str(path) for path in (ckpt_dir.glob(f"{STEP_PREFIX}*") if ckpt_dir.is_dir() else [])
+                    if path not in complete)
+    if broken:
+        raise ValueError(f"{broken[0]} is not a complete checkpoint (a step_N folder with {MODEL_FILE} and "
+                         f"{STATE_FILE}): remove it to resume from the one before")
+
+
+def _state_problem(state: dict) -> str | None:
+    """What in a checkpoint's state.json is not as save_checkpoint writes it (None: nothing)."""
+    for key in ("seed", "last_eval_step", "last_checkpoint_step", "num_timesteps"):
+        if key not in state or not is_int(state[key]) or state[key] < 0:
+            return f"{key} is missing" if key not in state else f"{key}={json.dumps(state[key])[:60]} is not a count"
+    if not isinstance(state.get("algo"), str):
+        return f"algo={json.dumps(state.get('algo'))[:60]} is not an algorithm name"
+    history = state.get("eval_history")
+    if not isinstance(history, list) or not all(isinstance(r, dict) and is_int(r.get("step")) for r in history):
+        return "eval_history is not a list of evaluation records"
+    episodes, successes = state.get("ep_info_buffer", []), state.get("ep_success_buffer", [])  # older: absent
+    if not isinstance(episodes, list) or not all(isinstance(e, dict) for e in episodes):
+        return "ep_info_buffer is not a list of episode records"
+    if not isinstance(successes, list):
+        return "ep_success_buffer is not a list"
+    if state.get("wandb_id") is not None and not isinstance(state["wandb_id"], str):
+        return f"wandb_id={json.dumps(state['wandb_id'])[:60]} is not a run id"
+    return None
+
+
 def read_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_FILE).read_text())
+    """state.json of a checkpoint, checked, else a one-line ValueError naming it (before any env is built)."""
+    path = checkpoint / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        problem = _state_problem(state) if isinstance(state, dict) else f"a {type(state).__name__}, not an object"
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        problem = f"not JSON ({str(error)[:80]})"
+    if problem:
+        raise ValueError(f"{str(path)!r}: {problem}: remove the checkpoint folder to resume from the one before")
+    return state
+
+
+def check_checkpoint(checkpoint: Path, trust_pickle: bool = False) -> dict:
+    """Its state (read_state), policy tensors, safetensors headers and VecNormalize statistics checked, so a
+    damaged checkpoint is refused in one line before any env loads the model; returns the state."""
+    state = read_state(checkpoint)
+    read_policy_file(checkpoint / MODEL_FILE)
+    for name in (RNG_FILE, REPLAY_BUFFER_FILE):
+        if (checkpoint / name).is_file():
+            check_safetensors(checkpoint / name)
+    load_normalizer(checkpoint, trust_pickle)
+    return state
 
 
 def load_checkpoint(checkpoint: Path, model, state: dict, trust_pickle: bool = False) -> None:
