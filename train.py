@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import sys
 import time
@@ -41,6 +42,7 @@ from agents.training import (EVAL_LOG, EVAL_METRICS, ProgressDisplay, SimulatedF
                              load_checkpoint, remove_partial_files, save_final, start_wandb,
                              truncate_eval_log)
 from prune_env.config import ConfigError, read_yaml
+from prune_env.context import load_template
 from prune_env.factory import make_env
 from prune_env.files import OutputLockedError, atomic_write_json, atomic_write_text, check_writable_dir, output_lock
 
@@ -72,6 +74,49 @@ def _changed_since(run_dir: Path, config: dict) -> list[str]:
         raise ConfigError(f"--resume: the config differs from the run's {CONFIG_NAME} in {fixed}; these cannot change "
                           "in a resumed run (start a new run_dir instead)")
     return changed
+
+
+ENVS_PER_CORE = 8
+ENV_OVERHEAD_BYTES = 32 * 2**20  # an env beyond its model copy: windows, statistics (2-16 MiB on tiny-llama)
+WORKER_BYTES = 512 * 2**20  # a SubprocVecEnv worker: Python, torch, transformers (395 MiB measured) + margin
+
+
+def available_memory() -> int:
+    """Bytes this machine can still give (MemAvailable; physical memory where /proc/meminfo is missing)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_vec_env_size(n_envs: int, subproc: bool, model_bytes: int, cpus: int, available: int) -> None:
+    """Refuse a vector env the machine cannot run, before any env is built: more than ENVS_PER_CORE envs per
+    core, or more memory than is available (each env owns a copy of the model; a subproc worker also holds
+    its own template and a Python with torch)."""
+    if n_envs > ENVS_PER_CORE * cpus:
+        raise ConfigError(f"algo.n_envs={n_envs} is more than {ENVS_PER_CORE} envs per CPU core ({cpus} cores here: at "
+                         f"most {ENVS_PER_CORE * cpus}): lower algo.n_envs")
+    per_env = model_bytes + ENV_OVERHEAD_BYTES + (model_bytes + WORKER_BYTES if subproc else 0)
+    need = n_envs * per_env + model_bytes  # + the evaluation env's copy
+    if need > available:
+        raise ConfigError(f"algo.n_envs={n_envs} needs about {need / 2**30:.1f} GiB ({per_env / 2**20:.0f} MiB per env "
+                         f"for a {model_bytes / 2**20:.0f} MiB model{' in its own process' if subproc else ''}) but "
+                         f"{available / 2**30:.1f} GiB are available: lower algo.n_envs"
+                         + (" or use algo.vec_env=dummy" if subproc else ""))
+
+
+def _check_vec_env(config: TrainConfig, subproc: bool) -> None:
+    """check_vec_env_size on this machine, with the model's size from the process's template (the envs reuse it)."""
+    check_vec_env_size(config.algo.n_envs, subproc, 0, os.cpu_count() or 1, available_memory())  # cores first
+    try:
+        model, _ = load_template(config.env.model, config.env.device, config.env.dtype)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"could not build the envs: {error}") from error
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    check_vec_env_size(config.algo.n_envs, subproc, model_bytes, os.cpu_count() or 1, available_memory())
 
 
 def train(config: TrainConfig, resume: bool = False, extra_callbacks: tuple = (), trust_pickle: bool = False) -> dict:
@@ -111,6 +156,7 @@ def _train_locked(config: TrainConfig, run_dir: Path, resume: bool, extra_callba
     set_random_seed(algo.seed)
     evaluating = config.eval.every_steps > 0 or config.eval.final
     subproc = algo.vec_env == "subproc" and algo.n_envs > 1
+    _check_vec_env(config, subproc)
     try:
         eval_env = make_env(**config.env_kwargs(evaluation=True)) if evaluating else None
         vec_env = make_vec_env(make_env, n_envs=algo.n_envs, seed=algo.seed,

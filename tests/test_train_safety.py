@@ -300,6 +300,37 @@ def test_an_empty_config_file_is_refused_not_the_default_run(tmp_path: Path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.yaml"]
 
 
+def test_n_envs_beyond_the_cores_is_refused_before_any_env_with_little_memory(tiny_data: dict, tmp_path: Path):
+    """n_envs=20000 built envs until it was killed (1.1 GB after 60 s); now one line, exit 2."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    args = ["--config", SMOKE, *quick_overrides(tiny_data, run_dir), "algo.n_envs=20000"]
+    probe = ("import resource, sys, train; code = train.main(sys.argv[1:]); "
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", probe, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    err = [line for line in proc.stderr.splitlines() if line.startswith("train.py")]
+    assert len(err) == 1 and "algo.n_envs=20000 is more than 8 envs per CPU core" in err[0]
+    assert int(proc.stdout.split()[-1]) < 2 * 1024 * 1024  # KiB: peak RSS under 2 GB
+    assert not run_dir.exists()
+
+
+def test_n_envs_are_counted_against_memory(tmp_path: Path):
+    from prune_env.config import ConfigError
+
+    mib, gib = 2**20, 2**30
+    train.check_vec_env_size(4, False, 540 * mib, cpus=2, available=8 * gib)  # SmolLM2-sized, in one process
+    with pytest.raises(ConfigError, match=r"algo.n_envs=16 needs about 9.5 GiB \(572 MiB per env for a 540 MiB "
+                                          r"model\) but 8.0 GiB are available: lower algo.n_envs$"):
+        train.check_vec_env_size(16, False, 540 * mib, cpus=2, available=8 * gib)
+    with pytest.raises(ConfigError, match="in its own process.*or use algo.vec_env=dummy"):
+        train.check_vec_env_size(4, True, 540 * mib, cpus=2, available=6 * gib)
+    with pytest.raises(ConfigError, match=r"\(2 cores here: at most 16\)"):
+        train.check_vec_env_size(17, False, 0, cpus=2, available=1000 * gib)
+
+
 @pytest.mark.parametrize("value", ["../../escape", "/tmp/escape", "a/../../escape", "."])
 def test_checkpoint_dir_is_confined_to_the_run_folder(value: str, tiny_data: dict, tmp_path: Path, capsys):
     run_dir = tmp_path / "a" / "b" / "run"
@@ -384,3 +415,17 @@ def test_eval_of_a_damaged_policy_is_one_line_exit_2(name: str, quick_run: Path,
     err = capsys.readouterr().err
     assert err.startswith("train.py: error:") and err.count("\n") == 1 and str(run) in err
     assert not marker.exists() and not out.exists()
+
+
+def test_a_surrogate_data_set_with_nan_is_refused_before_anything_is_created(tmp_path: Path, capsys):
+    data = tmp_path / "set.jsonl"
+    header = {"format": "prune-gym-surrogate", "version": 1, "context": {"model": "tiny-llama"},
+              "dense": {"ppl": 20.0, "fact_acc": 0.5}, "unit_numel": [10, 10, 10]}
+    record = {"draw": 0, "allocation": [0.5] * 3, "ppl": float("nan"), "fact_acc": 0.4, "fact_nll": 1.0,
+              "fact_retention": 0.8}
+    data.write_text(json.dumps(header) + "\n" + json.dumps(record) + "\n")
+    run_dir = tmp_path / "run"
+    assert train.main(["--config", SMOKE, "env.fidelity=surrogate", f"env.surrogate={data}", f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert f"env.surrogate: {data}:2: field 'ppl' is NaN" in err and err.count("\n") == 1
+    assert not run_dir.exists()
