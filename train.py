@@ -39,7 +39,7 @@ from agents.safe_load import build_model, load_normalizer, read_policy_file
 from agents.train_config import TrainConfig, resolve_config
 from agents.training import (EVAL_LOG, EVAL_METRICS, ProgressDisplay, SimulatedFailure, TrainingCallback,
                              check_checkpoint, check_checkpoint_dir, latest_checkpoint, list_checkpoints,
-                             load_checkpoint, remove_partial_files, save_final, start_wandb,
+                             load_checkpoint, remove_partial_files, reset_resumed, save_final, start_wandb,
                              truncate_eval_log)
 from prune_env.config import ConfigError, read_yaml
 from prune_env.context import load_template
@@ -176,6 +176,8 @@ def _train_locked(config: TrainConfig, run_dir: Path, resume: bool, extra_callba
                             verbose=config.logging.verbose)
         if latest is not None:
             load_checkpoint(latest, model, state, trust_pickle)
+            if vec_normalize is not None:
+                reset_resumed(model, vec_normalize)
             truncate_eval_log(run_dir, state["eval_history"])
             display.print(f"resuming {algo.name.upper()} from {latest} at num_timesteps={model.num_timesteps}"
                           + (f" (changed since: {', '.join(changed)})" if changed else ""))

@@ -201,6 +201,19 @@ def load_checkpoint(checkpoint: Path, model, state: dict, trust_pickle: bool = F
                          "remove it to resume from the one before")
 
 
+def reset_resumed(model, vec_normalize) -> None:
+    """The first reset of a resumed run with VecNormalize's statistics frozen, so learn() does not reset again:
+    the checkpointed run already counted this observation (the auto-reset one of the step that ended its last
+    episode), and counting it twice made a resumed run differ from an uninterrupted one."""
+    vec_normalize.training = False
+    try:
+        model._last_obs = vec_normalize.reset()
+    finally:
+        vec_normalize.training = True
+    model._last_episode_starts = np.ones((vec_normalize.num_envs,), dtype=bool)
+    model._last_original_obs = vec_normalize.get_original_obs()
+
+
 def save_final(model, run_dir: Path, vec_normalize=None) -> None:
     """final_model.zip (+ vecnormalize.json) written atomically beside config.yaml."""
     save_model(model, run_dir / FINAL_MODEL)

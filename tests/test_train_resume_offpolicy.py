@@ -53,3 +53,24 @@ def test_observation_statistics_are_saved_as_json_and_used_by_the_policy(tiny_da
     final_eval = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
     assert policy.play(env, seed=0)["allocation"] == final_eval["allocation"]  # as evaluated in training
     env.close()
+
+
+@pytest.mark.parametrize("algo", ["ppo", "sac"])
+def test_a_resumed_run_with_normalize_obs_equals_an_uninterrupted_one(algo: str, tiny_data: dict, tmp_path: Path):
+    """The first reset of a resumed run was counted again in VecNormalize's statistics (obs_count 26 vs 25 after
+    24 steps): the statistics, and so the policy, drifted from the uninterrupted run's."""
+    extra = ("algo.normalize_obs=true",) + (("algo.name=ppo", "algo.hyperparams={n_steps: 12, batch_size: 6}")
+                                             if algo == "ppo" else ())
+    assert train.main(sac_overrides(tiny_data, tmp_path / "whole", *extra)) == 0
+    args = sac_overrides(tiny_data, tmp_path / "cut", *extra)
+    with pytest.raises(train.SimulatedFailure):
+        train.train(train.resolve_config(SMOKE, args[2:]), extra_callbacks=(Interrupt(15),))
+    assert [step for step, _ in train.list_checkpoints(tmp_path / "cut" / "checkpoints")] == [12]
+    assert train.main([*args, "--resume"]) == 0
+    whole, cut = (json.loads((tmp_path / run / "vecnormalize.json").read_text()) for run in ("whole", "cut"))
+    assert whole["obs_count"] == cut["obs_count"] and whole == cut
+    env = make_env(**read_run_config(tmp_path / "whole").env_kwargs())
+    first, second = load_policy(tmp_path / "whole", env).model, load_policy(tmp_path / "cut", env).model
+    env.close()
+    for name, tensor in first.policy.state_dict().items():
+        assert tensor.equal(second.policy.state_dict()[name]), name
