@@ -176,8 +176,7 @@ def _train_locked(config: TrainConfig, run_dir: Path, resume: bool, extra_callba
                             verbose=config.logging.verbose)
         if latest is not None:
             load_checkpoint(latest, model, state, trust_pickle)
-            if vec_normalize is not None:
-                reset_resumed(model, vec_normalize)
+            reset_resumed(model, vec_normalize, state.get("envs"))
             truncate_eval_log(run_dir, state["eval_history"])
             display.print(f"resuming {algo.name.upper()} from {latest} at num_timesteps={model.num_timesteps}"
                           + (f" (changed since: {', '.join(changed)})" if changed else ""))

@@ -40,7 +40,7 @@ from agents.safe_load import (LEGACY_REPLAY_BUFFER, LEGACY_RNG, NORMALIZER_FILE,
                               save_replay_buffer, save_rng, trusted_pickle)
 from agents.train_config import TrainConfig
 from prune_env.files import atomic_path, atomic_write_text, staged_directory, to_jsonable
-from prune_env.validation import is_int
+from prune_env.validation import is_finite_number, is_int
 
 STEP_PREFIX = "step_"
 MODEL_FILE, STATE_FILE, EVAL_LOG = "model.zip", "state.json", "eval.jsonl"
@@ -109,7 +109,7 @@ def save_checkpoint(ckpt_dir: Path, model, state: dict, vec_normalize=None, keep
             files.append(NORMALIZER_FILE)
         save_rng(staging / RNG_FILE, model)
         record = {**state, "num_timesteps": step, "files": sorted(files), "saved_at": time.time(),
-                  "ep_info_buffer": list(model.ep_info_buffer or []),
+                  "envs": env_states(model.get_env()), "ep_info_buffer": list(model.ep_info_buffer or []),
                   "ep_success_buffer": list(model.ep_success_buffer or [])}
         (staging / STATE_FILE).write_text(json.dumps(to_jsonable(record), indent=1))
         _fsync_tree(staging)
@@ -119,9 +119,8 @@ def save_checkpoint(ckpt_dir: Path, model, state: dict, vec_normalize=None, keep
 
 
 def check_checkpoint_dir(run_dir: Path, ckpt_dir: Path) -> None:
-    """The checkpoint folder is a folder inside the run folder (a symlink out of it is refused), and holds only
-    complete checkpoints: a step_N folder without its files was damaged, and resuming past it would silently
-    fall back to an older checkpoint or to scratch."""
+    """A folder inside the run folder (no link out of it) holding only complete checkpoints: resuming past a
+    damaged step_N folder would silently fall back to an older checkpoint, or to scratch."""
     if ckpt_dir.exists() and not ckpt_dir.is_dir():
         raise ValueError(f"checkpoint folder {str(ckpt_dir)!r} is a file, not a folder: move it away, or set "
                          "checkpoint.dir to another name")
@@ -151,6 +150,11 @@ def _state_problem(state: dict) -> str | None:
         return "ep_info_buffer is not a list of episode records"
     if not isinstance(successes, list):
         return "ep_success_buffer is not a list"
+    envs = state.get("envs")  # older checkpoints: absent
+    if envs is not None and not (isinstance(envs, list) and all(
+            isinstance(e, dict) and is_finite_number(e.get("target")) and isinstance(e.get("rng"), dict)
+            and e["rng"].get("bit_generator") in BIT_GENERATORS for e in envs)):
+        return "envs is not a list of env targets and generator states"
     if state.get("wandb_id") is not None and not isinstance(state["wandb_id"], str):
         return f"wandb_id={json.dumps(state['wandb_id'])[:60]} is not a run id"
     return None
@@ -201,17 +205,37 @@ def load_checkpoint(checkpoint: Path, model, state: dict, trust_pickle: bool = F
                          "remove it to resume from the one before")
 
 
-def reset_resumed(model, vec_normalize) -> None:
-    """The first reset of a resumed run with VecNormalize's statistics frozen, so learn() does not reset again:
-    the checkpointed run already counted this observation (the auto-reset one of the step that ended its last
-    episode), and counting it twice made a resumed run differ from an uninterrupted one."""
-    vec_normalize.training = False
+BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
+
+
+def env_states(venv) -> list[dict]:
+    """Each training env's episode target and generator state, for state.json (resumed target draws equal)."""
+    return [{"target": float(target), "rng": generator.bit_generator.state}
+            for target, generator in zip(venv.get_attr("target_sparsity"), venv.get_attr("np_random"))]
+
+
+def reset_resumed(model, vec_normalize, envs: list[dict] | None) -> None:
+    """The first reset of a resumed run (learn() then does not reset): each env continues the checkpoint's
+    episode target and generator state (`envs`; None in older checkpoints), and VecNormalize stays frozen: the
+    checkpointed run already counted this observation (the auto-reset of its last step); twice made runs differ."""
+    venv = model.get_env()
+    same = envs is not None and len(envs) == venv.num_envs
+    if same:
+        venv.unwrapped.set_options([{"target_sparsity": env["target"]} for env in envs])
+    if vec_normalize is not None:
+        vec_normalize.training = False
     try:
-        model._last_obs = vec_normalize.reset()
+        model._last_obs = venv.reset()
     finally:
-        vec_normalize.training = True
-    model._last_episode_starts = np.ones((vec_normalize.num_envs,), dtype=bool)
-    model._last_original_obs = vec_normalize.get_original_obs()
+        if vec_normalize is not None:
+            vec_normalize.training = True
+    for index, env in enumerate(envs if same else []):
+        generator = np.random.Generator(getattr(np.random, env["rng"]["bit_generator"])())
+        generator.bit_generator.state = env["rng"]
+        venv.set_attr("np_random", generator, indices=index)
+    model._last_episode_starts = np.ones((venv.num_envs,), dtype=bool)
+    if vec_normalize is not None:
+        model._last_original_obs = vec_normalize.get_original_obs()
 
 
 def save_final(model, run_dir: Path, vec_normalize=None) -> None:
