@@ -12,8 +12,8 @@ achieved sparsity go to TensorBoard (run_dir/tensorboard), wandb (offline by def
 `wandb sync` later), run_dir/eval.jsonl and the console. The run folder and its checkpoints are
 described in agents/training.py; one process at a time may write a run folder (a second one is refused).
 
-Exit status: 0 done, 2 bad command line / config key or value / run folder in use (message on stderr),
-130 interrupted.
+Exit status: 0 done, 2 bad command line / config key or value / run folder in use / damaged run folder or
+data file / more envs than the machine holds (one line on stderr), 130 interrupted.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ Run folder (run_dir):
     wandb/                      offline wandb run(s)
     checkpoints/step_<N>/       model.zip (policy + optimizer), replay_buffer.safetensors (SAC/DQN),
                                 vecnormalize.json (if used), rng.safetensors (python/numpy/torch/action-space
-                                RNG), state.json (counters, eval history, wandb id; written last)
+                                RNG), state.json (counters, eval history, wandb id, each env's episode
+                                target and generator state; written last)
 
 Nothing in it is a pickle (agents/safe_load.py). A checkpoint is written into a hidden staging folder
 and renamed into place only when complete, single files through `atomic_path`; a kill -9 at any
