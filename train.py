@@ -12,14 +12,15 @@ achieved sparsity go to TensorBoard (run_dir/tensorboard), wandb (offline by def
 `wandb sync` later), run_dir/eval.jsonl and the console. The run folder and its checkpoints are
 described in agents/training.py; one process at a time may write a run folder (a second one is refused).
 
-Exit status: 0 done, 2 bad command line / config key or value / run folder in use (message on stderr),
-130 interrupted.
+Exit status: 0 done, 2 bad command line / config key or value / run folder in use / damaged run folder or
+data file / more envs than the machine holds (one line on stderr), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import sys
 import time
@@ -34,12 +35,14 @@ from stable_baselines3.common.utils import configure_logger, set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
 from agents.rl import CONFIG_NAME, FINAL_MODEL, load_policy, read_run_config, resolve_policy_path
-from agents.safe_load import build_model, load_normalizer
+from agents.safe_load import build_model, load_normalizer, read_policy_file
 from agents.train_config import TrainConfig, resolve_config
 from agents.training import (EVAL_LOG, EVAL_METRICS, ProgressDisplay, SimulatedFailure, TrainingCallback,
-                             latest_checkpoint, list_checkpoints, load_checkpoint, read_state, remove_partial_files,
-                             save_final, start_wandb, truncate_eval_log)
-from prune_env.config import ConfigError
+                             check_checkpoint, check_checkpoint_dir, latest_checkpoint, list_checkpoints,
+                             load_checkpoint, remove_partial_files, reset_resumed, save_final, start_wandb,
+                             truncate_eval_log)
+from prune_env.config import ConfigError, read_yaml
+from prune_env.context import load_template
 from prune_env.factory import make_env
 from prune_env.files import OutputLockedError, atomic_write_json, atomic_write_text, check_writable_dir, output_lock
 
@@ -62,15 +65,58 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 
 def _changed_since(run_dir: Path, config: dict) -> list[str]:
     """Keys that differ from the run's config.yaml; keys that must not change in a resumed run raise."""
-    if not (run_dir / CONFIG_NAME).is_file():
+    if not (run_dir / CONFIG_NAME).exists():
         return []
-    old, new = _flatten(yaml.safe_load((run_dir / CONFIG_NAME).read_text()) or {}), _flatten(config)
+    old, new = _flatten(read_yaml(run_dir / CONFIG_NAME, "the run's config")), _flatten(config)
     changed = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
     fixed = [key for key in changed if key.startswith(FIXED_ON_RESUME)]
     if fixed:
         raise ConfigError(f"--resume: the config differs from the run's {CONFIG_NAME} in {fixed}; these cannot change "
                           "in a resumed run (start a new run_dir instead)")
     return changed
+
+
+ENVS_PER_CORE = 8
+ENV_OVERHEAD_BYTES = 32 * 2**20  # an env beyond its model copy: windows, statistics (2-16 MiB on tiny-llama)
+WORKER_BYTES = 512 * 2**20  # a SubprocVecEnv worker: Python, torch, transformers (395 MiB measured) + margin
+
+
+def available_memory() -> int:
+    """Bytes this machine can still give (MemAvailable; physical memory where /proc/meminfo is missing)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_vec_env_size(n_envs: int, subproc: bool, model_bytes: int, cpus: int, available: int) -> None:
+    """Refuse a vector env the machine cannot run, before any env is built: more than ENVS_PER_CORE envs per
+    core, or more memory than is available (each env owns a copy of the model; a subproc worker also holds
+    its own template and a Python with torch)."""
+    if n_envs > ENVS_PER_CORE * cpus:
+        raise ConfigError(f"algo.n_envs={n_envs} is more than {ENVS_PER_CORE} envs per CPU core ({cpus} cores here: at "
+                         f"most {ENVS_PER_CORE * cpus}): lower algo.n_envs")
+    per_env = model_bytes + ENV_OVERHEAD_BYTES + (model_bytes + WORKER_BYTES if subproc else 0)
+    need = n_envs * per_env + model_bytes  # + the evaluation env's copy
+    if need > available:
+        raise ConfigError(f"algo.n_envs={n_envs} needs about {need / 2**30:.1f} GiB ({per_env / 2**20:.0f} MiB per env "
+                         f"for a {model_bytes / 2**20:.0f} MiB model{' in its own process' if subproc else ''}) but "
+                         f"{available / 2**30:.1f} GiB are available: lower algo.n_envs"
+                         + (" or use algo.vec_env=dummy" if subproc else ""))
+
+
+def _check_vec_env(config: TrainConfig, subproc: bool) -> None:
+    """check_vec_env_size on this machine, with the model's size from the process's template (the envs reuse it)."""
+    check_vec_env_size(config.algo.n_envs, subproc, 0, os.cpu_count() or 1, available_memory())  # cores first
+    try:
+        model, _ = load_template(config.env.model, config.env.device, config.env.dtype)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"could not build the envs: {error}") from error
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    check_vec_env_size(config.algo.n_envs, subproc, model_bytes, os.cpu_count() or 1, available_memory())
 
 
 def train(config: TrainConfig, resume: bool = False, extra_callbacks: tuple = (), trust_pickle: bool = False) -> dict:
@@ -88,11 +134,16 @@ def train(config: TrainConfig, resume: bool = False, extra_callbacks: tuple = ()
 
 def _train_locked(config: TrainConfig, run_dir: Path, resume: bool, extra_callbacks: tuple, trust_pickle: bool) -> dict:
     algo, ckpt_dir, config_dict = config.algo, run_dir / config.checkpoint.dir, asdict(config)
+    check_checkpoint_dir(run_dir, ckpt_dir)
     latest = latest_checkpoint(ckpt_dir)
     if not resume and (latest is not None or (run_dir / FINAL_MODEL).exists()):
         raise ConfigError(f"run_dir {str(run_dir)!r} already holds a run: pass --resume to continue it, or set "
                           "run_dir=... for a new one")
     changed = _changed_since(run_dir, config_dict) if resume else []
+    if latest is not None:  # the checkpoint's own files are checked before any env loads the model
+        state = check_checkpoint(latest, trust_pickle)
+        if state["algo"] != algo.name:
+            raise ConfigError(f"checkpoint {latest} was made by {state['algo']!r}, the config says {algo.name!r}")
     display = ProgressDisplay(config.logging.progress_bar)
     for path in remove_partial_files(run_dir, ckpt_dir):
         display.print(f"removed unfinished file {path}")
@@ -105,6 +156,7 @@ def _train_locked(config: TrainConfig, run_dir: Path, resume: bool, extra_callba
     set_random_seed(algo.seed)
     evaluating = config.eval.every_steps > 0 or config.eval.final
     subproc = algo.vec_env == "subproc" and algo.n_envs > 1
+    _check_vec_env(config, subproc)
     try:
         eval_env = make_env(**config.env_kwargs(evaluation=True)) if evaluating else None
         vec_env = make_vec_env(make_env, n_envs=algo.n_envs, seed=algo.seed,
@@ -122,18 +174,15 @@ def _train_locked(config: TrainConfig, run_dir: Path, resume: bool, extra_callba
         tensorboard = str(run_dir / "tensorboard") if config.logging.tensorboard else None
         model = build_model(config, vec_env, seed=algo.seed, device=algo.device, tensorboard_log=tensorboard,
                             verbose=config.logging.verbose)
-        state = {"algo": algo.name, "seed": algo.seed, "last_eval_step": 0, "last_checkpoint_step": 0,
-                 "eval_history": [], "wandb_id": None, "started_at": time.time()}
         if latest is not None:
-            state = read_state(latest)
-            if state.get("algo") != algo.name:
-                raise ConfigError(f"checkpoint {latest} was made by {state.get('algo')!r}, the config says "
-                                  f"{algo.name!r}")
             load_checkpoint(latest, model, state, trust_pickle)
+            reset_resumed(model, vec_normalize, state.get("envs"))
             truncate_eval_log(run_dir, state["eval_history"])
             display.print(f"resuming {algo.name.upper()} from {latest} at num_timesteps={model.num_timesteps}"
                           + (f" (changed since: {', '.join(changed)})" if changed else ""))
         else:
+            state = {"algo": algo.name, "seed": algo.seed, "last_eval_step": 0, "last_checkpoint_step": 0,
+                     "eval_history": [], "wandb_id": None, "started_at": time.time()}
             (run_dir / EVAL_LOG).unlink(missing_ok=True)
         atomic_write_text(run_dir / CONFIG_NAME, yaml.safe_dump(config_dict, sort_keys=False))
         if algo.name == "ppo" and algo.total_timesteps % (model.n_steps * model.n_envs):
@@ -193,6 +242,8 @@ def evaluate_policy_file(policy: str, out: str | None, overrides: list[str], tru
     if config.algo.torch_threads is not None:
         torch.set_num_threads(config.algo.torch_threads)
     env_kwargs = config.env_kwargs(evaluation=True)
+    read_policy_file(policy_path)  # a damaged policy or normaliser is refused before the env loads the model
+    load_normalizer(policy_path.parent, trust_pickle)
     try:
         env = make_env(**env_kwargs)
     except (ValueError, OSError) as error:

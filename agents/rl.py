@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import yaml
 
 from agents.base import Agent
 from agents.safe_load import NormalizerStats, build_model, load_normalizer, load_parameters
 from agents.train_config import DEFAULTS, TrainConfig, config_from_dict
-from prune_env.config import load_config, merge
+from prune_env.config import ConfigError, load_config, merge, read_yaml
 from prune_env.factory import make_env
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -62,10 +61,12 @@ def find_config(policy_path: str | Path) -> Path:
 def read_run_config(policy_path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """The TrainConfig saved with a policy (YAML, safe loader), with key=value overrides applied before the
     checks (e.g. the devices of the machine that plays it); keys an older run did not save take defaults."""
-    saved = yaml.safe_load(find_config(resolve_policy_path(policy_path)).read_text()) or {}
-    if not isinstance(saved, dict):
-        raise ValueError(f"{str(find_config(policy_path))!r} is not a train.py config: it holds no mapping")
-    return config_from_dict(load_config(None, overrides, merge(DEFAULTS, saved)))
+    path = find_config(resolve_policy_path(policy_path))
+    saved = read_yaml(path, "the run's config")
+    try:
+        return config_from_dict(load_config(None, overrides, merge(DEFAULTS, saved)))
+    except ConfigError as error:
+        raise ConfigError(f"{str(path)!r}: {error}") from None
 
 
 @dataclass

@@ -27,7 +27,7 @@ import numpy as np
 
 from agents.train_config import TrainConfig, algo_class
 from prune_env.files import atomic_path, atomic_write_json
-from prune_env.validation import is_int, is_number
+from prune_env.validation import is_finite_number, is_int, is_number
 
 NORMALIZER_FILE = "vecnormalize.json"
 RNG_FILE = "rng.safetensors"
@@ -75,20 +75,45 @@ def read_counters(path: Path) -> dict[str, int | float]:
     return counters
 
 
-def load_parameters(model, path: Path) -> None:
-    """Put the tensors and counters of an SB3 zip into `model` (built from the same config)."""
+def read_policy_file(path: Path, device: str = "cpu") -> tuple[dict, dict, dict]:
+    """(counters, state dicts, tensor variables) of an SB3 zip, or a one-line ValueError naming it: only the
+    `.pth` entries are read, each with torch.load(weights_only=True), so a damaged or tampered entry is refused
+    (callers check a policy with it before an env loads the model)."""
     from stable_baselines3.common.save_util import load_from_zip_file
-    from stable_baselines3.common.utils import get_device
+
+    import torch
 
     counters = read_counters(path)
-    # load_data=False: only the .pth entries are read, each with torch.load(weights_only=True)
-    _, params, variables = load_from_zip_file(path, load_data=False, device=model.device)
+    try:
+        _, params, variables = load_from_zip_file(path, load_data=False, device=device)
+    except Exception as error:  # torch, pickle and zipfile raise many types for a damaged or tampered entry
+        detail = " ".join(str(error).split())[:160]
+        raise ValueError(f"{str(path)!r} has a damaged or tampered tensor entry ({type(error).__name__}: {detail}): "
+                         "give a policy zip written by train.py") from None
+    variables = variables or {}
+    if not all(isinstance(d, dict) for d in params.values()) or \
+            not all(isinstance(t, torch.Tensor) for t in variables.values()):
+        raise ValueError(f"{str(path)!r} has a tensor entry that holds no state dict: give a policy zip written by "
+                         "train.py")
+    return counters, params, variables
+
+
+def load_parameters(model, path: Path) -> None:
+    """Put the tensors and counters of an SB3 zip into `model` (built from the same config)."""
+    from stable_baselines3.common.utils import get_device
+
+    counters, params, variables = read_policy_file(path, model.device)
     state_dicts, variable_names = model._get_torch_save_params()
-    if set(params) != set(state_dicts) or set(variables or {}) != set(variable_names):
-        raise ValueError(f"{str(path)!r} holds {sorted(params)} + {sorted(variables or {})}, but the run's config "
+    if set(params) != set(state_dicts) or set(variables) != set(variable_names):
+        raise ValueError(f"{str(path)!r} holds {sorted(params)} + {sorted(variables)}, but the run's config "
                          f"builds {sorted(state_dicts)} + {sorted(variable_names)}: the policy and its config.yaml "
                          "do not belong together")
-    model.set_parameters(params, exact_match=True, device=get_device(model.device))
+    try:
+        model.set_parameters(params, exact_match=True, device=get_device(model.device))
+    except (RuntimeError, ValueError, KeyError) as error:  # shapes or names of the tensors differ
+        detail = " ".join(str(error).split())[:160]
+        raise ValueError(f"{str(path)!r} does not fit the policy its config.yaml builds ({detail}): the policy and "
+                         "its config.yaml do not belong together") from None
     for name in variable_names:
         target = model
         for part in name.split("."):
@@ -126,10 +151,27 @@ class NormalizerStats:
 
     @classmethod
     def load(cls, path: Path) -> "NormalizerStats":
+        """The statistics in `path`, checked (finite numbers, one mean and variance per observation)."""
         try:
-            return cls(**json.loads(Path(path).read_text()))
-        except (json.JSONDecodeError, TypeError) as error:
-            raise ValueError(f"{str(path)!r} is not VecNormalize statistics written by train.py ({error})") from None
+            stats = cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+            problem = stats._problem()
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, TypeError) as error:
+            problem = " ".join(str(error).split())[:120]
+        if problem:
+            raise ValueError(f"{str(path)!r} is not VecNormalize statistics written by train.py ({problem})")
+        return stats
+
+    def _problem(self) -> str | None:
+        numbers = ("obs_count", "ret_mean", "ret_var", "ret_count", "clip_obs", "clip_reward", "gamma", "epsilon")
+        bad = [name for name in numbers if not is_finite_number(getattr(self, name))]
+        bad += [name for name in ("norm_obs", "norm_reward") if not isinstance(getattr(self, name), bool)]
+        for name in ("obs_mean", "obs_var"):
+            values = getattr(self, name)
+            if not isinstance(values, list) or not values or not all(is_finite_number(v) for v in values):
+                bad.append(name)
+        if not bad and (len(self.obs_mean) != len(self.obs_var) or min(self.obs_var) < 0 or self.ret_var < 0):
+            bad.append("obs_var")
+        return f"bad {', '.join(bad)}" if bad else None
 
     def save(self, path: Path) -> None:
         atomic_write_json(path, asdict(self))
@@ -219,6 +261,18 @@ def restore_legacy_rng(path: Path, model, trust_pickle: bool) -> None:
     torch.set_rng_state(state["torch"])
     if "action_space" in state:
         model.action_space.np_random.bit_generator.state = state["action_space"]
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file whose header parses and whose tensors fit the file, else a one-line ValueError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{str(path)!r} is damaged ({' '.join(str(error).split())[:120]}): remove the checkpoint "
+                         "folder to resume from the one before") from None
 
 
 # ----------------------------------------------------------------------------- replay buffers

@@ -313,6 +313,10 @@ class CheckpointConfig:
         check_number("keep", self.keep, low=1, integer=True)
         if not self.dir:
             raise ValueError("dir is empty: give a folder name relative to run_dir")
+        parts = Path(self.dir).parts
+        if Path(self.dir).is_absolute() or ".." in parts or not parts:
+            raise ValueError(f"dir={self.dir!r} must be a folder inside run_dir (relative, no '..'), such as "
+                             "'checkpoints': a run writes only into its own folder, under its lock")
 
 
 @dataclass
@@ -384,8 +388,15 @@ _SECTIONS = {"env": EnvConfig, "algo": AlgoConfig, "eval": EvalConfig, "checkpoi
 
 
 def resolve_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """DEFAULTS <- YAML <- overrides, every value checked, run_dir filled in (runs/<config name>-<seed>)."""
+    """DEFAULTS <- YAML <- overrides, every value checked, run_dir filled in (runs/<config name>-<seed>), and
+    the surrogate data set read and checked when the run uses one (--eval plays without it)."""
     config = config_from_dict(load_config(path, overrides, DEFAULTS))
+    if "surrogate" in (config.env.fidelity, config.eval.fidelity):  # its data set checked before any model loads
+        from prune_env.surrogate import PACKAGED, read_dataset
+        try:
+            read_dataset(config.env.surrogate or PACKAGED)
+        except (ValueError, OSError) as error:
+            raise ConfigError(f"env.surrogate: {error}") from None
     if config.run_dir is None:
         config.run_dir = str(Path("runs") / f"{Path(path).stem}-{config.algo.seed}")
     return config

@@ -9,7 +9,8 @@ Run folder (run_dir):
     wandb/                      offline wandb run(s)
     checkpoints/step_<N>/       model.zip (policy + optimizer), replay_buffer.safetensors (SAC/DQN),
                                 vecnormalize.json (if used), rng.safetensors (python/numpy/torch/action-space
-                                RNG), state.json (counters, eval history, wandb id; written last)
+                                RNG), state.json (counters, eval history, wandb id, each env's episode
+                                target and generator state; written last)
 
 Nothing in it is a pickle (agents/safe_load.py). A checkpoint is written into a hidden staging folder
 and renamed into place only when complete, single files through `atomic_path`; a kill -9 at any
@@ -35,10 +36,12 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
 from agents.rl import CONFIG_NAME, FINAL_MODEL, play_episode
 from agents.safe_load import (LEGACY_REPLAY_BUFFER, LEGACY_RNG, NORMALIZER_FILE,
-                              REPLAY_BUFFER_FILE, RNG_FILE, NormalizerStats, load_parameters, load_replay_buffer,
-                              restore_legacy_rng, restore_rng, save_replay_buffer, save_rng, trusted_pickle)
+                              REPLAY_BUFFER_FILE, RNG_FILE, NormalizerStats, check_safetensors, load_normalizer,
+                              load_parameters, load_replay_buffer, read_policy_file, restore_legacy_rng, restore_rng,
+                              save_replay_buffer, save_rng, trusted_pickle)
 from agents.train_config import TrainConfig
 from prune_env.files import atomic_path, atomic_write_text, staged_directory, to_jsonable
+from prune_env.validation import is_finite_number, is_int
 
 STEP_PREFIX = "step_"
 MODEL_FILE, STATE_FILE, EVAL_LOG = "model.zip", "state.json", "eval.jsonl"
@@ -107,7 +110,7 @@ def save_checkpoint(ckpt_dir: Path, model, state: dict, vec_normalize=None, keep
             files.append(NORMALIZER_FILE)
         save_rng(staging / RNG_FILE, model)
         record = {**state, "num_timesteps": step, "files": sorted(files), "saved_at": time.time(),
-                  "ep_info_buffer": list(model.ep_info_buffer or []),
+                  "envs": env_states(model.get_env()), "ep_info_buffer": list(model.ep_info_buffer or []),
                   "ep_success_buffer": list(model.ep_success_buffer or [])}
         (staging / STATE_FILE).write_text(json.dumps(to_jsonable(record), indent=1))
         _fsync_tree(staging)
@@ -116,8 +119,71 @@ def save_checkpoint(ckpt_dir: Path, model, state: dict, vec_normalize=None, keep
     return final
 
 
+def check_checkpoint_dir(run_dir: Path, ckpt_dir: Path) -> None:
+    """A folder inside the run folder (no link out of it) holding only complete checkpoints: resuming past a
+    damaged step_N folder would silently fall back to an older checkpoint, or to scratch."""
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise ValueError(f"checkpoint folder {str(ckpt_dir)!r} is a file, not a folder: move it away, or set "
+                         "checkpoint.dir to another name")
+    if not ckpt_dir.resolve().is_relative_to(run_dir.resolve()):
+        raise ValueError(f"checkpoint folder {str(ckpt_dir)!r} resolves to {str(ckpt_dir.resolve())!r}, outside the "
+                         "run folder: a run writes only into its own folder (remove the link)")
+    complete = {path for _, path in list_checkpoints(ckpt_dir)}
+    broken = sorted(str(path) for path in (ckpt_dir.glob(f"{STEP_PREFIX}*") if ckpt_dir.is_dir() else [])
+                    if path not in complete)
+    if broken:
+        raise ValueError(f"{broken[0]} is not a complete checkpoint (a step_N folder with {MODEL_FILE} and "
+                         f"{STATE_FILE}): remove it to resume from the one before")
+
+
+def _state_problem(state: dict) -> str | None:
+    """What in a checkpoint's state.json is not as save_checkpoint writes it (None: nothing)."""
+    for key in ("seed", "last_eval_step", "last_checkpoint_step", "num_timesteps"):
+        if key not in state or not is_int(state[key]) or state[key] < 0:
+            return f"{key} is missing" if key not in state else f"{key}={json.dumps(state[key])[:60]} is not a count"
+    if not isinstance(state.get("algo"), str):
+        return f"algo={json.dumps(state.get('algo'))[:60]} is not an algorithm name"
+    history = state.get("eval_history")
+    if not isinstance(history, list) or not all(isinstance(r, dict) and is_int(r.get("step")) for r in history):
+        return "eval_history is not a list of evaluation records"
+    episodes, successes = state.get("ep_info_buffer", []), state.get("ep_success_buffer", [])  # older: absent
+    if not isinstance(episodes, list) or not all(isinstance(e, dict) for e in episodes):
+        return "ep_info_buffer is not a list of episode records"
+    if not isinstance(successes, list):
+        return "ep_success_buffer is not a list"
+    envs = state.get("envs")  # older checkpoints: absent
+    if envs is not None and not (isinstance(envs, list) and all(
+            isinstance(e, dict) and is_finite_number(e.get("target")) and isinstance(e.get("rng"), dict)
+            and e["rng"].get("bit_generator") in BIT_GENERATORS for e in envs)):
+        return "envs is not a list of env targets and generator states"
+    if state.get("wandb_id") is not None and not isinstance(state["wandb_id"], str):
+        return f"wandb_id={json.dumps(state['wandb_id'])[:60]} is not a run id"
+    return None
+
+
 def read_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / STATE_FILE).read_text())
+    """state.json of a checkpoint, checked, else a one-line ValueError naming it (before any env is built)."""
+    path = checkpoint / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        problem = _state_problem(state) if isinstance(state, dict) else f"a {type(state).__name__}, not an object"
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        problem = f"not JSON ({str(error)[:80]})"
+    if problem:
+        raise ValueError(f"{str(path)!r}: {problem}: remove the checkpoint folder to resume from the one before")
+    return state
+
+
+def check_checkpoint(checkpoint: Path, trust_pickle: bool = False) -> dict:
+    """Its state (read_state), policy tensors, safetensors headers and VecNormalize statistics checked, so a
+    damaged checkpoint is refused in one line before any env loads the model; returns the state."""
+    state = read_state(checkpoint)
+    read_policy_file(checkpoint / MODEL_FILE)
+    for name in (RNG_FILE, REPLAY_BUFFER_FILE):
+        if (checkpoint / name).is_file():
+            check_safetensors(checkpoint / name)
+    load_normalizer(checkpoint, trust_pickle)
+    return state
 
 
 def load_checkpoint(checkpoint: Path, model, state: dict, trust_pickle: bool = False) -> None:
@@ -138,6 +204,39 @@ def load_checkpoint(checkpoint: Path, model, state: dict, trust_pickle: bool = F
     else:
         raise ValueError(f"checkpoint {str(checkpoint)!r} has no {RNG_FILE}: it cannot resume bit for bit; "
                          "remove it to resume from the one before")
+
+
+BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
+
+
+def env_states(venv) -> list[dict]:
+    """Each training env's episode target and generator state, for state.json (resumed target draws equal)."""
+    return [{"target": float(target), "rng": generator.bit_generator.state}
+            for target, generator in zip(venv.get_attr("target_sparsity"), venv.get_attr("np_random"))]
+
+
+def reset_resumed(model, vec_normalize, envs: list[dict] | None) -> None:
+    """The first reset of a resumed run (learn() then does not reset): each env continues the checkpoint's
+    episode target and generator state (`envs`; None in older checkpoints), and VecNormalize stays frozen: the
+    checkpointed run already counted this observation (the auto-reset of its last step); twice made runs differ."""
+    venv = model.get_env()
+    same = envs is not None and len(envs) == venv.num_envs
+    if same:
+        venv.unwrapped.set_options([{"target_sparsity": env["target"]} for env in envs])
+    if vec_normalize is not None:
+        vec_normalize.training = False
+    try:
+        model._last_obs = venv.reset()
+    finally:
+        if vec_normalize is not None:
+            vec_normalize.training = True
+    for index, env in enumerate(envs if same else []):
+        generator = np.random.Generator(getattr(np.random, env["rng"]["bit_generator"])())
+        generator.bit_generator.state = env["rng"]
+        venv.set_attr("np_random", generator, indices=index)
+    model._last_episode_starts = np.ones((venv.num_envs,), dtype=bool)
+    if vec_normalize is not None:
+        model._last_original_obs = vec_normalize.get_original_obs()
 
 
 def save_final(model, run_dir: Path, vec_normalize=None) -> None:

@@ -72,22 +72,41 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+def read_yaml(path: str | Path, what: str) -> dict:
+    """The mapping in a YAML file (safe loader; empty file: {}), or a one-line ConfigError naming the file.
+
+    One reader for every YAML file the project reads (configs, a run's config.yaml), so a missing, binary,
+    malformed or tagged file is refused the same way everywhere."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist" if not path.exists()
+                          else f"{what} {str(path)!r} is not a file")
+    try:
+        loaded = _load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text: give a YAML file") from None
+    except yaml.YAMLError as error:  # PyYAML's message spans lines (problem, context, marks): one line here
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {' '.join(str(error).split())}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {str(path)!r} must hold a mapping at the top level, not a "
+                          f"{type(loaded).__name__}")
+    return loaded
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None, defaults: dict | None = None) -> dict:
     """defaults <- YAML file <- overrides, with every key checked against the defaults' keys.
 
-    An empty dict in the defaults means "free-form mapping" (e.g. algorithm hyperparameters).
+    An empty dict in the defaults means "free-form mapping" (e.g. algorithm hyperparameters). A file with
+    no key is refused: an empty --config is a mistake (a lost file, a wrong path), not a request for defaults.
     """
     config: dict = copy.deepcopy(defaults or {})
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = _load_yaml(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        loaded = read_yaml(path, "config file")
+        if not loaded:
+            raise ConfigError(f"config file {str(path)!r} is empty: give at least one key (e.g. env.model), or "
+                              "leave out --config for the defaults")
         if defaults:
             _check_keys(loaded, defaults, "")
         config = merge(config, loaded)

@@ -28,6 +28,7 @@ import numpy as np
 
 from .files import atomic_write_text
 from .rewards import RewardConfig
+from .validation import is_finite_number, is_int
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import PruningContext
@@ -42,6 +43,10 @@ MATCH_KEYS = ("model", "dtype", "granularity", "method", "pattern", "units", "te
 
 class SurrogateMismatchError(ValueError):
     """The env's model or data are not the ones the surrogate's data set was built from."""
+
+
+class SurrogateDataError(ValueError):
+    """A data set line that cannot be used (not JSON, a field missing, of the wrong type, NaN): `file:line: ...`."""
 
 
 @dataclass
@@ -64,18 +69,111 @@ def read_dataset(path: str | Path) -> Dataset:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"surrogate data set {str(path)!r} does not exist: rebuild it with {REBUILD}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SurrogateDataError(f"{path}: not UTF-8 text: give a data set written by {REBUILD}") from None
     lines = text.split("\n")
     if not text.endswith("\n"):
         lines = lines[:-1]  # a half-written last line (the writer was killed mid-append)
-    lines = [line for line in lines if line]
-    if not lines:
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line]
+    if not numbered:
         raise ValueError(f"surrogate data set {str(path)!r} is empty: rebuild it with {REBUILD}")
-    header = json.loads(lines[0])
+    header = _parse_line(path, *numbered[0])
     if header.get("format") != FORMAT or header.get("version") != VERSION:
         raise ValueError(f"{str(path)!r} is not a {FORMAT} version {VERSION} data set "
-                         f"(header {str(lines[0])[:80]!r}): rebuild it with {REBUILD}")
-    return Dataset(header, [json.loads(line) for line in lines[1:]])
+                         f"(header {str(numbered[0][1])[:80]!r}): rebuild it with {REBUILD}")
+    units = _check_header(header, f"{path}:{numbered[0][0]}")
+    records = []
+    for number, line in numbered[1:]:
+        records.append(_parse_line(path, number, line))
+        if units is None and "allocation" in records[-1]:
+            raise SurrogateDataError(f"{path}:{number}: a record with an allocation, but the header has no "
+                                     f"'unit_numel': rebuild the data set with {REBUILD}")
+        _check_record(records[-1], units, f"{path}:{number}")
+    return Dataset(header, records)
+
+
+RECORD_METRICS = ("ppl", "fact_acc", "fact_nll", "fact_retention")
+"""What each record carries (with its allocation) once the header gives the unit sizes: what the fit regresses."""
+RECORD_NUMBERS = ("target", "quality", "achieved_sparsity", "seconds")
+"""Optional record fields that must be finite numbers when present (held-out figures and reports read them)."""
+
+
+def _parse_line(path: Path, number: int, line: str) -> dict:
+    try:
+        value = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise SurrogateDataError(f"{path}:{number}: not JSON ({str(error)[:80]}): remove the line or rebuild "
+                                 f"with {REBUILD}") from None
+    if not isinstance(value, dict):
+        raise SurrogateDataError(f"{path}:{number}: a {type(value).__name__}, not a JSON object: remove the line "
+                                 f"or rebuild with {REBUILD}")
+    return value
+
+
+def _bad(where: str, field: str, value, wanted: str) -> SurrogateDataError:
+    problem = ("is missing" if value is None else "is NaN" if isinstance(value, float) and value != value
+               else f"is {json.dumps(value)[:60]}, not {wanted}")
+    return SurrogateDataError(f"{where}: field {field!r} {problem}: fix or remove the line, or rebuild with {REBUILD}")
+
+
+def _numbers(where: str, field: str, values, length: int | None = None, positive: bool = False) -> None:
+    """`values`: a list of finite numbers (of `length` entries, each > 0 if `positive`)."""
+    if not isinstance(values, list) or (length is not None and len(values) != length) or not values:
+        wanted = f"a list of {length} numbers (one per unit)" if length else "a non-empty list of numbers"
+        raise _bad(where, field, values, wanted)
+    for i, value in enumerate(values):
+        if not is_finite_number(value) or (positive and value <= 0):
+            raise _bad(where, f"{field}[{i}]", value, "a positive number" if positive else "a finite number")
+
+
+def _check_header(header: dict, where: str) -> int | None:
+    """The header's fields that the fit and the env read; returns the number of units (None: not given)."""
+    if not isinstance(header.get("context"), dict):
+        raise _bad(where, "context", header.get("context"), "a mapping (the env description it was built for)")
+    units = None
+    if "unit_numel" in header:
+        _numbers(where, "unit_numel", header["unit_numel"], positive=True)
+        units = len(header["unit_numel"])
+    dense = header.get("dense")
+    if dense is not None or units is not None:
+        if not isinstance(dense, dict):
+            raise _bad(where, "dense", dense, "a mapping of the dense model's metrics")
+        for key in ("ppl", "fact_acc") if units is not None else ():
+            if key not in dense:
+                raise _bad(where, f"dense.{key}", None, "a number")
+        for key, value in dense.items():
+            if not is_finite_number(value) or (key == "ppl" and value <= 0):
+                raise _bad(where, f"dense.{key}", value, "a positive number" if key == "ppl" else "a finite number")
+    if header.get("profile") is not None:
+        if not isinstance(header["profile"], dict):
+            raise _bad(where, "profile", header["profile"], "a mapping")
+        for key in ("z_wanda", "z_grad"):
+            _numbers(where, f"profile.{key}", header["profile"].get(key), units)
+    if "reward" in header:
+        if not isinstance(header["reward"], dict):
+            raise _bad(where, "reward", header["reward"], "a mapping (the reward config)")
+        for key in ("ppl_weight", "fact_weight"):  # what the held-out figures and the spread read
+            if key in header["reward"] and not is_finite_number(header["reward"][key]):
+                raise _bad(where, f"reward.{key}", header["reward"][key], "a finite number")
+    return units
+
+
+def _check_record(record: dict, units: int | None, where: str) -> None:
+    """One record: the fit's fields required when the header gives `units` (None: unknown, as when appending);
+    every known field present is typed and finite."""
+    if "draw" in record and (not is_int(record["draw"]) or record["draw"] < 0):
+        raise _bad(where, "draw", record["draw"], "a draw number (an integer >= 0)")
+    if units is not None or "allocation" in record:
+        _numbers(where, "allocation", record.get("allocation"), units)
+        if not all(0.0 <= value <= 1.0 for value in record["allocation"]):
+            raise _bad(where, "allocation", record["allocation"], "ratios in [0, 1]")
+    for key in RECORD_METRICS + RECORD_NUMBERS:
+        if key in record or (units is not None and key in RECORD_METRICS):
+            value = record.get(key)
+            if not is_finite_number(value) or (key == "ppl" and value <= 0):
+                raise _bad(where, key, value, "a positive number" if key == "ppl" else "a finite number")
 
 
 def append_record(path: str | Path, record: dict) -> None:
@@ -84,6 +182,7 @@ def append_record(path: str | Path, record: dict) -> None:
     A file whose last line was cut short (a kill mid-write) is first trimmed back to its last complete
     line, so a resumed build never glues a record onto a fragment."""
     path = Path(path)
+    _check_record(record, None, f"{path} (new record)")
     with open(path, "rb+") as handle:
         data = handle.read()
         if data and not data.endswith(b"\n"):

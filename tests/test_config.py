@@ -129,7 +129,8 @@ def test_bad_files(tmp_path, content, message):
 def test_missing_and_empty_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "absent.yaml", None, DEFAULTS)
-    assert load_config(write(tmp_path, ""), None, DEFAULTS) == DEFAULTS
+    with pytest.raises(ConfigError, match="is empty"):  # issue #24: an empty --config was silently the defaults
+        load_config(write(tmp_path, ""), None, DEFAULTS)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -153,3 +154,30 @@ def test_merge_is_deep_and_copies():
     merged["a"]["c"].append(3)
     merged["e"]["f"] = 9
     assert update == {"a": {"c": [2]}, "e": {"f": 1}} and base == {"a": {"b": 1, "c": [1]}, "d": 1}
+
+
+# ----------------------------------------------------------------------------- issue #24, round two
+@pytest.mark.parametrize("content", ["", "\n", "# only a comment\n", "{}\n", "---\n"])
+def test_empty_or_keyless_config_files_are_refused(tmp_path, content):
+    """An empty --config is a lost or wrong file, not a request for the defaults (train.py once started the
+    default SmolLM2 run from one)."""
+    path = write(tmp_path, content)
+    for defaults in (DEFAULTS, None):
+        with pytest.raises(ConfigError, match=f"config file '{path}' is empty"):
+            load_config(path, ["seed=3"], defaults)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("run_dir: !!python/object/apply:os.system ['touch marker']\n", "could not determine a constructor"),
+    ("env: [unclosed\n", "expected ',' or ']'"),
+    (b"\x00\xff: [\n", "is not UTF-8 text"),
+    ("- a\n", "mapping at the top level, not a list"),
+])
+def test_yaml_file_errors_are_one_line_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError) as error:
+        load_config(path, None, DEFAULTS)
+    text = str(error.value)
+    assert str(path) in text and message in text and "\n" not in text
+    assert not (tmp_path / "marker").exists()

@@ -193,3 +193,71 @@ def test_spread_calibration_finds_the_round_the_fit_was_optimistic_about(tmp_pat
 def test_spread_calibration_needs_a_reanchoring_round(tmp_path):
     with pytest.raises(ValueError, match="no re-anchoring round"):
         load_script("visited_fidelity").spread_calibration(write(synthetic(), tmp_path / "d.jsonl"))
+
+
+# --------------------------------------------------------------------------- issue #24: the data set is checked
+
+
+def _edit(path: Path, line: int, change) -> Path:
+    """Line `line` (1 = header) of a data set file replaced by change(parsed line) (a dict or raw text)."""
+    lines = path.read_text().splitlines()
+    new = change(json.loads(lines[line - 1]))
+    lines[line - 1] = new if isinstance(new, str) else json.dumps(new)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("line, change, message", [
+    (3, lambda r: {**r, "ppl": float("nan")}, "field 'ppl' is NaN"),
+    (3, lambda r: {k: v for k, v in r.items() if k != "ppl"}, "field 'ppl' is missing"),
+    (4, lambda r: {**r, "fact_acc": float("inf")}, "field 'fact_acc' is Infinity, not a finite number"),
+    (5, lambda r: {**r, "fact_nll": "1.0"}, "field 'fact_nll' is \"1.0\", not a finite number"),
+    (2, lambda r: {**r, "allocation": r["allocation"][:-1]}, "field 'allocation' is ["),
+    (2, lambda r: {**r, "allocation": [*r["allocation"][:-1], float("nan")]}, "field 'allocation[7]' is NaN"),
+    (2, lambda r: {**r, "allocation": [1.5] * 8}, "not ratios in [0, 1]"),
+    (6, lambda r: {**r, "draw": -1}, "field 'draw' is -1"),
+    (6, lambda r: {**r, "quality": None}, "field 'quality' is missing"),
+    (7, lambda r: '{"draw": 5, "allocation": [0.1,', "not JSON"),
+    (7, lambda r: "[1, 2]", "a list, not a JSON object"),
+    (1, lambda h: {**h, "unit_numel": [100] * 7 + [-1]}, "field 'unit_numel[7]' is -1"),
+    (1, lambda h: {**h, "dense": {**h["dense"], "ppl": float("nan")}}, "field 'dense.ppl' is NaN"),
+    (1, lambda h: {k: v for k, v in h.items() if k != "dense"}, "field 'dense' is missing"),
+    (1, lambda h: {**h, "context": "synthetic"}, "field 'context' is \"synthetic\""),
+    (1, lambda h: {**h, "profile": {"z_wanda": [0.0] * 8, "z_grad": [0.0] * 3}}, "field 'profile.z_grad'"),
+])
+def test_bad_lines_are_refused_naming_the_file_and_line(tmp_path, line, change, message):
+    """A data set with NaN was trained on (then crashed with a tensor dump); a missing field was a KeyError."""
+    path = _edit(write(synthetic(n_records=12), tmp_path / "set.jsonl"), line, change)
+    with pytest.raises(ValueError) as error:
+        load_surrogate(path, CONTEXT)
+    assert type(error.value).__name__ == "SurrogateDataError"
+    text = str(error.value)
+    assert text.startswith(f"{path}:{line}: ") and message in text and "\n" not in text
+
+
+def test_a_header_without_unit_sizes_cannot_carry_allocations(tmp_path):
+    path = _edit(write(synthetic(n_records=4), tmp_path / "set.jsonl"), 1,
+                 lambda h: {k: v for k, v in h.items() if k != "unit_numel"})
+    with pytest.raises(ValueError, match=f"{path}:2: a record with an allocation, but the header has no 'unit_numel'"):
+        read_dataset(path)
+
+
+def test_binary_data_set_and_nan_records_to_append_are_refused(tmp_path):
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage\n")
+    with pytest.raises(ValueError, match=f"{binary}: not UTF-8 text"):
+        read_dataset(binary)
+    path = write(synthetic(n_records=4), tmp_path / "set.jsonl")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"\(new record\): field 'ppl' is NaN"):
+        append_record(path, {"draw": 4, "ppl": float("nan")})
+    assert path.read_bytes() == before
+
+
+def test_the_packaged_data_set_reads_unchanged():
+    from prune_env.surrogate import PACKAGED
+
+    lines = PACKAGED.read_text().splitlines()
+    data = read_dataset(PACKAGED)
+    assert data.header == json.loads(lines[0]) and data.records == [json.loads(line) for line in lines[1:]]
+    assert len(data.records) == len(lines) - 1 > 800

@@ -53,3 +53,48 @@ def test_observation_statistics_are_saved_as_json_and_used_by_the_policy(tiny_da
     final_eval = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
     assert policy.play(env, seed=0)["allocation"] == final_eval["allocation"]  # as evaluated in training
     env.close()
+
+
+@pytest.mark.parametrize("algo", ["ppo", "sac"])
+def test_a_resumed_run_with_normalize_obs_equals_an_uninterrupted_one(algo: str, tiny_data: dict, tmp_path: Path):
+    """The first reset of a resumed run was counted again in VecNormalize's statistics (obs_count 26 vs 25 after
+    24 steps): the statistics, and so the policy, drifted from the uninterrupted run's."""
+    extra = ("algo.normalize_obs=true",) + (("algo.name=ppo", "algo.hyperparams={n_steps: 12, batch_size: 6}")
+                                             if algo == "ppo" else ())
+    assert train.main(sac_overrides(tiny_data, tmp_path / "whole", *extra)) == 0
+    args = sac_overrides(tiny_data, tmp_path / "cut", *extra)
+    with pytest.raises(train.SimulatedFailure):
+        train.train(train.resolve_config(SMOKE, args[2:]), extra_callbacks=(Interrupt(15),))
+    assert [step for step, _ in train.list_checkpoints(tmp_path / "cut" / "checkpoints")] == [12]
+    assert train.main([*args, "--resume"]) == 0
+    whole, cut = (json.loads((tmp_path / run / "vecnormalize.json").read_text()) for run in ("whole", "cut"))
+    assert whole["obs_count"] == cut["obs_count"] and whole == cut
+    env = make_env(**read_run_config(tmp_path / "whole").env_kwargs())
+    first, second = load_policy(tmp_path / "whole", env).model, load_policy(tmp_path / "cut", env).model
+    env.close()
+    for name, tensor in first.policy.state_dict().items():
+        assert tensor.equal(second.policy.state_dict()[name]), name
+
+
+def test_a_resumed_run_draws_the_targets_an_uninterrupted_one_draws(tiny_data: dict, tmp_path: Path):
+    """env.target_sparsity_range: the resumed envs were re-seeded, so their episode targets (and the policy)
+    differed from the uninterrupted run's; each env's target and generator state now travel in state.json."""
+    extra = ("algo.name=ppo", "algo.hyperparams={n_steps: 12, batch_size: 6}", "env.env_id=prune_env/LayerPrune-v1",
+             "env.target_sparsity_range=[0.3, 0.6]")
+    assert train.main(sac_overrides(tiny_data, tmp_path / "whole", *extra)) == 0
+    for name, keep_envs in (("cut", True), ("older", False)):
+        args = sac_overrides(tiny_data, tmp_path / name, *extra)
+        with pytest.raises(train.SimulatedFailure):
+            train.train(train.resolve_config(SMOKE, args[2:]), extra_callbacks=(Interrupt(15),))
+        (checkpoint,) = [path for _, path in train.list_checkpoints(tmp_path / name / "checkpoints")]
+        state = json.loads((checkpoint / "state.json").read_text())
+        assert len(state["envs"]) == 1 and 0.3 <= state["envs"][0]["target"] <= 0.6
+        if not keep_envs:  # a checkpoint of an older train.py: resumes, re-seeded as before
+            del state["envs"]
+            (checkpoint / "state.json").write_text(json.dumps(state))
+        assert train.main([*args, "--resume"]) == 0
+    env = make_env(**read_run_config(tmp_path / "whole").env_kwargs())
+    whole, cut, older = (load_policy(tmp_path / name, env).model for name in ("whole", "cut", "older"))
+    env.close()
+    assert all(tensor.equal(cut.policy.state_dict()[name]) for name, tensor in whole.policy.state_dict().items())
+    assert not all(tensor.equal(older.policy.state_dict()[name]) for name, tensor in whole.policy.state_dict().items())

@@ -288,3 +288,144 @@ def test_pickled_files_of_older_runs_load_only_with_trust_pickle(tmp_path: Path)
     with pytest.warns(UserWarning, match="trust_pickle"):
         restore_legacy_rng(tmp_path / "rng.pt", model, trust_pickle=True)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == draw
+
+
+# ----------------------------------------------------------------------------- issue #24, round two
+def test_an_empty_config_file_is_refused_not_the_default_run(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default run_dir would be runs/empty-0 here
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    assert train.main(["--config", "empty.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "config file 'empty.yaml' is empty" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.yaml"]
+
+
+def test_n_envs_beyond_the_cores_is_refused_before_any_env_with_little_memory(tiny_data: dict, tmp_path: Path):
+    """n_envs=20000 built envs until it was killed (1.1 GB after 60 s); now one line, exit 2."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    args = ["--config", SMOKE, *quick_overrides(tiny_data, run_dir), "algo.n_envs=20000"]
+    probe = ("import resource, sys, train; code = train.main(sys.argv[1:]); "
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", probe, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    err = [line for line in proc.stderr.splitlines() if line.startswith("train.py")]
+    assert len(err) == 1 and "algo.n_envs=20000 is more than 8 envs per CPU core" in err[0]
+    assert int(proc.stdout.split()[-1]) < 2 * 1024 * 1024  # KiB: peak RSS under 2 GB
+    assert not run_dir.exists()
+
+
+def test_n_envs_are_counted_against_memory(tmp_path: Path):
+    from prune_env.config import ConfigError
+
+    mib, gib = 2**20, 2**30
+    train.check_vec_env_size(4, False, 540 * mib, cpus=2, available=8 * gib)  # SmolLM2-sized, in one process
+    with pytest.raises(ConfigError, match=r"algo.n_envs=16 needs about 9.5 GiB \(572 MiB per env for a 540 MiB "
+                                          r"model\) but 8.0 GiB are available: lower algo.n_envs$"):
+        train.check_vec_env_size(16, False, 540 * mib, cpus=2, available=8 * gib)
+    with pytest.raises(ConfigError, match="in its own process.*or use algo.vec_env=dummy"):
+        train.check_vec_env_size(4, True, 540 * mib, cpus=2, available=6 * gib)
+    with pytest.raises(ConfigError, match=r"\(2 cores here: at most 16\)"):
+        train.check_vec_env_size(17, False, 0, cpus=2, available=1000 * gib)
+
+
+@pytest.mark.parametrize("value", ["../../escape", "/tmp/escape", "a/../../escape", "."])
+def test_checkpoint_dir_is_confined_to_the_run_folder(value: str, tiny_data: dict, tmp_path: Path, capsys):
+    run_dir = tmp_path / "a" / "b" / "run"
+    assert train.main(["--config", SMOKE, *quick_overrides(tiny_data, run_dir), f"checkpoint.dir={value}"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint: dir={value!r} must be a folder inside run_dir" in err and err.count("\n") == 1
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def _tamper_policy_entry(path: Path) -> None:
+    with zipfile.ZipFile(path) as archive:
+        entries = {name: archive.read(name) for name in archive.namelist()}
+    entries["policy.pth"] = entries["policy.pth"][:200]  # cut short: torch cannot read it
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in entries.items():
+            archive.writestr(name, content)
+
+
+def _truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+YAML_TAG = "run_dir: !!python/object/apply:os.system ['touch {marker}']\n"
+CORRUPTIONS = {  # name -> (damage(run, checkpoint, marker), the file the message names)
+    "state.json not JSON": (lambda r, c, m: (c / "state.json").write_text("{garbage"), "state.json': not JSON"),
+    "state.json a list": (lambda r, c, m: (c / "state.json").write_text("[1, 2]"), "state.json': a list"),
+    "state.json wrong types": (lambda r, c, m: (c / "state.json").write_text(json.dumps(
+        {**json.loads((c / "state.json").read_text()), "eval_history": 5})), "state.json': eval_history is not"),
+    "state.json without counters": (lambda r, c, m: (c / "state.json").write_text("{}"), "seed is missing"),
+    "config.yaml binary": (lambda r, c, m: (r / "config.yaml").write_bytes(b"\x00\xff: ["),
+                           "config.yaml' is not UTF-8"),
+    "config.yaml a list": (lambda r, c, m: (r / "config.yaml").write_text("[1, 2]\n"), "config.yaml' must hold"),
+    "config.yaml YAML tag": (lambda r, c, m: (r / "config.yaml").write_text(YAML_TAG.format(marker=m)),
+                             "config.yaml' is not valid YAML"),
+    "checkpoints a file": (lambda r, c, m: (shutil.rmtree(r / "checkpoints"), (r / "checkpoints").write_text("x")),
+                           "checkpoints' is a file, not a folder"),
+    "checkpoints a link out": (lambda r, c, m: (shutil.rmtree(r / "checkpoints"),
+                                                (r / "checkpoints").symlink_to(m.parent, target_is_directory=True)),
+                               "outside the run folder"),
+    "step folder without state": (lambda r, c, m: (c / "state.json").unlink(), "is not a complete checkpoint"),
+    "rng.safetensors header cut": (lambda r, c, m: _truncate(c / "rng.safetensors", 100),
+                                   "rng.safetensors' is damaged"),
+    "rng.safetensors data cut": (lambda r, c, m: _truncate(c / "rng.safetensors", (c / "rng.safetensors").stat().st_size
+                                                           - 50), "rng.safetensors' is damaged"),
+    "model.zip tampered .pth": (lambda r, c, m: _tamper_policy_entry(c / "model.zip"),
+                                "model.zip' has a damaged or tampered tensor entry"),
+}
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_a_damaged_run_folder_is_refused_in_one_line_and_left_as_it_was(name: str, quick_run: Path, tiny_data: dict,
+                                                                       tmp_path: Path, capsys):
+    """Each once ended in a traceback (some without the file name); a `checkpoints` file trained from scratch first."""
+    run, marker = copy_run(quick_run, tmp_path), tmp_path / "marker"
+    (checkpoint,) = [path for _, path in train.list_checkpoints(run / "checkpoints")]
+    damage, message = CORRUPTIONS[name]
+    damage(run, checkpoint, marker)
+    before = snapshot(run)
+    args = ["--config", SMOKE, *quick_overrides(tiny_data, run), "algo.total_timesteps=24", "--resume"]
+    assert train.main(args) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.count("\n") == 1 and captured.err.startswith("train.py: error:")
+    assert "from scratch" not in captured.out and not marker.exists()
+    after = snapshot(run)
+    after.pop(".prune-gym.lock", None)
+    assert after == before
+
+
+@pytest.mark.parametrize("name", ["config.yaml YAML tag", "model.zip tampered .pth", "vecnormalize.json NaN"])
+def test_eval_of_a_damaged_policy_is_one_line_exit_2(name: str, quick_run: Path, tmp_path: Path, capsys):
+    run, marker, out = copy_run(quick_run, tmp_path), tmp_path / "marker", tmp_path / "alloc.json"
+    if name == "config.yaml YAML tag":
+        (run / "config.yaml").write_text(YAML_TAG.format(marker=marker))
+    elif name == "model.zip tampered .pth":
+        _tamper_policy_entry(run / "final_model.zip")
+    else:
+        stats = {"obs_mean": [0.0] * 9, "obs_var": [float("nan")] * 9, "obs_count": 3.0, "ret_mean": 0.0,
+                 "ret_var": 1.0, "ret_count": 1.0, "clip_obs": 10.0, "clip_reward": 10.0, "gamma": 0.99,
+                 "epsilon": 1e-8, "norm_obs": True, "norm_reward": False}
+        (run / "vecnormalize.json").write_text(json.dumps(stats))
+    assert train.main(["--eval", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error:") and err.count("\n") == 1 and str(run) in err
+    assert not marker.exists() and not out.exists()
+
+
+def test_a_surrogate_data_set_with_nan_is_refused_before_anything_is_created(tmp_path: Path, capsys):
+    data = tmp_path / "set.jsonl"
+    header = {"format": "prune-gym-surrogate", "version": 1, "context": {"model": "tiny-llama"},
+              "dense": {"ppl": 20.0, "fact_acc": 0.5}, "unit_numel": [10, 10, 10]}
+    record = {"draw": 0, "allocation": [0.5] * 3, "ppl": float("nan"), "fact_acc": 0.4, "fact_nll": 1.0,
+              "fact_retention": 0.8}
+    data.write_text(json.dumps(header) + "\n" + json.dumps(record) + "\n")
+    run_dir = tmp_path / "run"
+    assert train.main(["--config", SMOKE, "env.fidelity=surrogate", f"env.surrogate={data}", f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert f"env.surrogate: {data}:2: field 'ppl' is NaN" in err and err.count("\n") == 1
+    assert not run_dir.exists()
