@@ -20,10 +20,13 @@ register(id="prune_env/LayerPrune-v0", entry_point="prune_env.env:LayerPruneEnv"
          reward_threshold=UNIFORM_WANDA_RETURN)
 register(id="prune_env/LayerPrune-v1", entry_point="prune_env.env:LayerPruneEnv",
          reward_threshold=UNIFORM_WANDA_RETURN, kwargs={"kind_encoding": "role"})
+# v0 and v1 keep their published reward (no unmet-budget penalty: never pruning wins them); v2 pays for it
 register(id="prune_env/IterativePrune-v0", entry_point="prune_env.iterative_env:IterativePruneEnv",
-         max_episode_steps=100)
+         max_episode_steps=100, kwargs={"unmet_penalty": 0.0})
 register(id="prune_env/IterativePrune-v1", entry_point="prune_env.iterative_env:IterativePruneEnv",
+         max_episode_steps=100, kwargs={"bins": 8, "unmet_penalty": 0.0})
+register(id="prune_env/IterativePrune-v2", entry_point="prune_env.iterative_env:IterativePruneEnv",
          max_episode_steps=100, kwargs={"bins": 8})
 
 __all__ = ["register"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"  # the one version number (pyproject reads it)
