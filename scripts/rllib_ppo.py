@@ -67,8 +67,10 @@ def run(env_config: dict, runners: int, iterations: int, batch: int, seed: int =
             sampled = int(result["env_runners"]["num_env_steps_sampled_lifetime"])
             learner = result["learners"]["default_policy"]
             seconds = float(result["time_this_iter_s"])
+            sampling = float(result.get("timers", {}).get("env_runner_sampling_timer", math.nan))
             records.append({"iteration": index + 1, "runners": runners, "env_steps": sampled - before,
                             "seconds": round(seconds, 3), "steps_per_s": round((sampled - before) / seconds, 1),
+                            "sampling_s": round(sampling, 3),
                             "policy_loss": float(learner["policy_loss"]), "vf_loss": float(learner["vf_loss"]),
                             "episode_return_mean": float(result["env_runners"].get("episode_return_mean", math.nan))})
             before = sampled
