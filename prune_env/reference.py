@@ -28,6 +28,17 @@ def task_key(model: str, method: str, granularity: str, fidelity: str) -> str:
     return f"{model}/{method}/{granularity}/{fidelity}"
 
 
+def task_for(context, fidelity: str, reward_config) -> str | None:
+    """The table's task of an env's PruningContext, fidelity and RewardConfig; None when the reward or the
+    data are not the defaults the table was played with (then no reference applies)."""
+    from .context import DataConfig
+    from .rewards import RewardConfig
+
+    if reward_config != RewardConfig() or context.data != DataConfig() or context.pattern is not None:
+        return None
+    return task_key(context.spec, context.method, context.granularity, fidelity)
+
+
 @lru_cache(maxsize=4)
 def load_table(path: str | None = None) -> dict:
     """The table: {"tasks": {task: {target (str): {"uniform", "best_rule", "best_known", "returns"}}}, ...}."""

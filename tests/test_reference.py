@@ -88,3 +88,14 @@ def test_one_version_number_and_the_table_is_package_data():
     config = read_configuration(ROOT / "pyproject.toml", expand=True)
     assert config["project"]["version"] == prune_env.__version__
     assert "reference_scores.json" in config["tool"]["setuptools"]["package-data"]["prune_env"]
+
+
+def test_task_for_needs_the_default_reward_and_data(tiny_data):
+    from prune_env.context import PruningContext
+    from prune_env.rewards import RewardConfig
+
+    ctx = PruningContext("tiny-llama", data=tiny_data)
+    assert reference.task_for(ctx, "exact", RewardConfig()) is None  # the tiny data are not the defaults
+    ctx.data = type(ctx.data)()  # only the description is read: the defaults' key
+    assert reference.task_for(ctx, "proxy", RewardConfig()) == "tiny-llama/wanda/block/proxy"
+    assert reference.task_for(ctx, "exact", RewardConfig(fact_weight=2.0)) is None
