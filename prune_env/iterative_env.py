@@ -1,4 +1,4 @@
-"""IterativePrune-v0: raise the sparsity of chosen units one increment at a time, reverting harmful steps."""
+"""IterativePrune: raise the sparsity of chosen units one increment at a time, reverting harmful steps."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from gymnasium import spaces
 from .base_env import Z_CLIP, PruneEnvBase, check_whole, clip_observation
 from .registry import observation_feature
 from .context import Metrics, PruningContext
-from .rewards import scalar_quality
+from .rewards import objectives, scalar_quality
 from .scoring import unit_wanda_percentile, zscore
 from .snapshot import RankedMasks
 from .validation import check_number
@@ -20,6 +20,8 @@ from .validation import check_number
 UNIT_FEATURES = 5  # z_wanda, z_grad, sparsity, depth, param_share
 GLOBAL_FEATURES = 6  # global sparsity, target, budget left, log ppl ratio, fact acc drop, rollback rate
 TARGET_TOL = 1e-9
+REWARD_MODES = ("scalar", "vector")
+UNMET_PENALTY = 20.0  # per unit of sparsity left unmet at truncation (v2's default; v0/v1 register 0)
 
 
 def _apportion(total: int, weights: list[float], caps: list[int]) -> list[int]:
@@ -65,6 +67,7 @@ class _Checkpoint:
     nominal: list[float]
     metrics: Metrics
     quality: float
+    objectives: np.ndarray
     s_wanda: list[float]
     rollbacks: int
     done: bool
@@ -125,8 +128,24 @@ class IterativePruneEnv(PruneEnvBase):
     (`rewards.quality` against the dense metrics, weights 1 and 1 by default). An accepted step pays
     quality(new) - quality(previous accepted state); a step that changes nothing pays 0; a reverted
     step pays -rollback_penalty (default 0.1). quality(dense) = 0, so the undiscounted return of an
-    episode telescopes to quality(final model) - rollback_penalty * rollbacks. `shaping_weight` is
-    not used by this environment.
+    episode telescopes to quality(final model) - rollback_penalty * rollbacks - unmet penalty.
+    `shaping_weight` is not used by this environment.
+
+    Unmet budget (v2; `unmet_penalty`, default 20, 0 in v0/v1): an episode truncated short of its target
+    pays `unmet_penalty * (target - global sparsity)` at its last step (1.0 per missing 0.05 increment), so
+    never pruning (-20 * target) and stopping early pay clearly more than pruning to the target costs;
+    v0/v1 pay nothing for it and are won by never pruning (return 0). A penalty, not a terminal
+    budget-match: a match would make stopping worth exactly a one-shot uniform prune, bypassing the
+    rollback rule the loop is about. Measured once (v2, SmolLM2-135M, data={"eval_tokens": 1024,
+    "n_facts": 32}, OMP_NUM_THREADS=1; docs/results/reference-scores/README.md): target 0.3: do-nothing
+    -6.00, stop-early (half the target, then nothing) -3.04, uniform increments (all ones) -0.15 (on
+    target in 6 steps); target 0.5: -10.00, -5.07, uniform increments -3.43 (all ones until the step
+    0.35 -> 0.40 is reverted, ppl +12.5%, then nothing: repeating it is reverted every time).
+    With `reward_mode="vector"` the reward is a numpy vector in `reward_space` (`Box(-inf, inf, (2 +
+    n_terms,))`, as in LayerPrune): the change of the unweighted objectives [-log(ppl / ppl_dense),
+    fact_acc - fact_acc_dense, term_1, ...]; the rollback and unmet penalties go to entry 0 (LayerPrune
+    puts its shaping there), so `LinearizeReward(env, [1, 1, ...])` is the scalar reward when the
+    weights are 1. `info["unmet_penalty"]` is the penalty paid at that step.
 
     `info` every step (and at reset): `ppl`, `fact_acc`, `fact_nll`, `fact_retention` of the current
     accepted state (after a rollback: the restored state), `quality`, `achieved_sparsity`, `allocation`
@@ -161,19 +180,23 @@ class IterativePruneEnv(PruneEnvBase):
     (0.10; math.inf never reverts), max_steps (100), reward (dict of RewardConfig, incl.
     rollback_penalty and user `terms`), data (dict of DataConfig), device ("cpu"), dtype ("float32"),
     render_mode (None | "ansi" | "rgb_array"), context (None | PruningContext), target_sparsity_range
-    (None | (lo, hi)), bins (None (v0) | K (v1: 8)), extra_features (list of registered feature names).
+    (None | (lo, hi)), bins (None (v0) | K (v1, v2: 8)), extra_features (list of registered feature names),
+    unmet_penalty (20.0; v0/v1 register 0.0), reward_mode ("scalar" | "vector").
     Registered with `max_episode_steps=100` (the default max_steps): with `gym.make(..., max_steps=N)`
     for N > 100 pass `max_episode_steps=N` too, or the TimeLimit wrapper truncates at 100.
 
     ## Example
     ```python
     import gymnasium as gym
-    env = gym.make("prune_env:prune_env/IterativePrune-v1", model="tiny-llama", target_sparsity=0.3)
+    env = gym.make("prune_env:prune_env/IterativePrune-v2", model="tiny-llama", target_sparsity=0.3)
     obs, info = env.reset(seed=0)
     obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
     ```
 
     ## Version History
+    * v2: v1's spaces; a truncated episode pays `unmet_penalty` (20) per unit of sparsity left unmet, so
+      never pruning no longer wins (v0/v1 return 0 for it). A new id, not a changed v1: Gymnasium bumps
+      the version whenever returns change, and published v0/v1 numbers stay reproducible.
     * v1: fixed-size spaces (K = 8 depth bins), independent of the model's depth and family.
     * v0: initial version (observation 5n + 6, action MultiBinary(n)).
 
@@ -187,7 +210,12 @@ class IterativePruneEnv(PruneEnvBase):
                  data: dict | None = None, device: str = "cpu", dtype: str = "float32",
                  render_mode: str | None = None, context: PruningContext | None = None,
                  target_sparsity_range: tuple[float, float] | None = None, bins: int | None = None,
-                 extra_features: list[str] | None = None, **kwargs):
+                 extra_features: list[str] | None = None, unmet_penalty: float = UNMET_PENALTY,
+                 reward_mode: str = "scalar", **kwargs):
+        if reward_mode not in REWARD_MODES:
+            raise ValueError(f"unknown reward_mode {reward_mode!r}: use one of {', '.join(REWARD_MODES)}")
+        self.reward_mode = reward_mode
+        self.unmet_penalty = float(check_number("unmet_penalty", unmet_penalty, low=0.0))
         max_sparsity = float(check_number("max_sparsity", max_sparsity, low=0.0, high=1.0, low_open=True,
                                           high_open=True))
         increment = float(check_number("increment", increment, low=0.0, high=1.0, low_open=True, high_open=True))
@@ -213,11 +241,12 @@ class IterativePruneEnv(PruneEnvBase):
         per_unit = UNIT_FEATURES + len(self._features)
         self.observation_space = spaces.Box(-Z_CLIP, Z_CLIP, (per_unit * width + GLOBAL_FEATURES,),
                                             dtype=np.float32)
+        self.reward_space = spaces.Box(-np.inf, np.inf, (len(self.reward_config.names()),), dtype=np.float64)
         self._steps: int | None = None  # None: reset() not called yet
         self._zeros = [[0] * len(unit.linears) for unit in self.units]
         self._nominal = [0.0] * n
         self._metrics = self.context.dense
-        self._quality = 0.0
+        self._quality, self._objectives = 0.0, np.zeros(self.reward_space.shape)
         self._s_wanda = list(self.context.dense_wanda)
         self._z_wanda = list(self.context.z_wanda)
         self._rollbacks, self._done = 0, False
@@ -230,10 +259,10 @@ class IterativePruneEnv(PruneEnvBase):
         self._zeros = [[0] * len(unit.linears) for unit in self.units]
         self._nominal = [0.0] * len(self.units)
         self._metrics = self.context.dense
-        self._quality = self._quality_of(self._metrics)
+        self._quality, self._objectives = self._quality_of(self._metrics)
         self._s_wanda = list(self.context.dense_wanda)
         self._z_wanda = zscore(self._s_wanda)
-        return self._observation(), self._info(rolled_back=False, increase=0.0, changed=[])
+        return self._observation(), self._info(rolled_back=False, increase=0.0, changed=[], unmet=0.0)
 
     @torch.no_grad()
     def step(self, action):
@@ -245,7 +274,8 @@ class IterativePruneEnv(PruneEnvBase):
         self._steps += 1
         proposal, nominal = self._propose(selected)
         changed = [u for u in range(len(self.units)) if proposal[u] != self._zeros[u]]
-        rolled_back, increase, reward = False, 0.0, 0.0
+        rolled_back, increase, scalar = False, 0.0, 0.0
+        vector = np.zeros(self.reward_space.shape, dtype=np.float64)  # penalties go to entry 0, as in LayerPrune
         if changed:
             self._apply({u: proposal[u] for u in changed})
             metrics = self.context.evaluate()
@@ -253,27 +283,33 @@ class IterativePruneEnv(PruneEnvBase):
             if not math.isfinite(metrics.ppl) or not increase <= self.rollback_threshold:
                 self._apply({u: self._zeros[u] for u in changed})
                 self._rollbacks += 1
-                rolled_back, reward = True, -self.reward_config.rollback_penalty
+                rolled_back, scalar = True, -self.reward_config.rollback_penalty
+                vector[0] = scalar
             else:
                 for u in changed:
                     self._zeros[u], self._nominal[u] = list(proposal[u]), nominal[u]
                     self._s_wanda[u] = unit_wanda_percentile(self.units[u].linears, self.context.stats.act_norm)
                 self._z_wanda = zscore(self._s_wanda)
-                new_quality = self._quality_of(metrics)
-                reward = new_quality - self._quality
-                self._metrics, self._quality = metrics, new_quality
+                new_quality, new_objectives = self._quality_of(metrics)
+                vector += new_objectives - self._objectives
+                scalar = new_quality - self._quality  # exactly the scalar quality's change (no re-weighting)
+                self._metrics, self._quality, self._objectives = metrics, new_quality, new_objectives
         terminated = self._pruned() >= self._needed()
         truncated = not terminated and self._steps >= self.max_steps
         self._done = terminated or truncated
-        info = self._info(rolled_back=rolled_back, increase=float(increase), changed=changed)
-        return self._observation(), float(reward), terminated, truncated, info
+        unmet = self.unmet_penalty * max(0.0, self.target_sparsity - self.global_sparsity) if truncated else 0.0
+        vector[0] -= unmet
+        reward = vector if self.reward_mode == "vector" else float(scalar - unmet)
+        info = self._info(rolled_back=rolled_back, increase=float(increase), changed=changed, unmet=unmet)
+        return self._observation(), reward, terminated, truncated, info
 
     # -- checkpoint / rollback ---------------------------------------------------------------------
     def checkpoint(self) -> _Checkpoint:
         if self._steps is None:
             raise RuntimeError("call reset() before checkpoint()")
         return _Checkpoint(self._steps, self.target_sparsity, [list(z) for z in self._zeros], list(self._nominal),
-                           self._metrics, self._quality, list(self._s_wanda), self._rollbacks, self._done)
+                           self._metrics, self._quality, self._objectives.copy(), list(self._s_wanda),
+                           self._rollbacks, self._done)
 
     def rollback(self, checkpoint: _Checkpoint) -> None:
         """Return to `checkpoint`: masks, weights (bit-exactly), metrics, step count and rollback count."""
@@ -284,6 +320,7 @@ class IterativePruneEnv(PruneEnvBase):
         self._zeros = [list(z) for z in checkpoint.zeros]
         self._nominal = list(checkpoint.nominal)
         self._metrics, self._quality = checkpoint.metrics, checkpoint.quality
+        self._objectives = checkpoint.objectives.copy()
         self._s_wanda = list(checkpoint.s_wanda)
         self._z_wanda = zscore(self._s_wanda)
         self._rollbacks, self._done = checkpoint.rollbacks, checkpoint.done
@@ -370,18 +407,20 @@ class IterativePruneEnv(PruneEnvBase):
     def _allocation(self) -> list[float]:
         return [sum(z) / unit.numel for z, unit in zip(self._zeros, self.units)]
 
-    def _quality_of(self, metrics: Metrics) -> float:
+    def _quality_of(self, metrics: Metrics) -> tuple[float, np.ndarray]:
+        """The scalar quality and the unweighted objectives of a state (both 0 for the dense model)."""
         state = {**metrics.as_dict(), "achieved_sparsity": self.global_sparsity}
-        return scalar_quality(state, self._allocation(), self, self.reward_config)
+        allocation, config = self._allocation(), self.reward_config
+        return scalar_quality(state, allocation, self, config), objectives(state, allocation, self, config)
 
     def _render_z_wanda(self) -> list[float]:
         return list(self._z_wanda)
 
-    def _info(self, rolled_back: bool, increase: float, changed: list[int]) -> dict:
+    def _info(self, rolled_back: bool, increase: float, changed: list[int], unmet: float) -> dict:
         return {**self._metrics.as_dict(), "quality": self._quality, "achieved_sparsity": self.global_sparsity,
                 "allocation": self._allocation(), "rolled_back": rolled_back, "rollbacks": self._rollbacks,
                 "ppl_increase": increase, "changed": list(changed), "step": self._steps,
-                "target_sparsity": self.target_sparsity}
+                "target_sparsity": self.target_sparsity, "unmet_penalty": unmet}
 
     def _observation(self) -> np.ndarray:
         n, total = len(self.units), self.context.total_numel

@@ -276,3 +276,85 @@ def test_profile_table_and_live_z_wanda(env):
                 env.context.dense.fact_acc - info["fact_acc"], 0.0]
     np.testing.assert_allclose(obs[15:], expected, atol=1e-6)
     assert (env.target_sparsity, env.max_sparsity, env.increment) == (0.5, 0.9, 0.05)
+
+
+# ----------------------------------------------------------------------------- rewards that pay for the target
+
+
+def returns(env, actions, target):
+    steps = run(env, actions, seed=0, options={"target_sparsity": target})
+    return sum(step[1] for step in steps[1:]), steps[-1]
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5])
+def test_do_nothing_and_stop_early_pay_for_the_unmet_budget(data, target):
+    env = make(data, rollback_threshold=math.inf, max_steps=12)  # 12 steps: uniform increments reach 0.5 in 10
+    ones, zeros = np.ones(3, dtype=np.int8), np.zeros(3, dtype=np.int8)
+    uniform, (*_, terminated, _, info) = returns(env, [ones] * 12, target)
+    assert terminated and info["unmet_penalty"] == 0.0
+    nothing, (_, reward, terminated, truncated, info) = returns(env, [zeros] * 12, target)
+    assert truncated and not terminated and info["achieved_sparsity"] == 0.0
+    assert reward == nothing == pytest.approx(-env.unmet_penalty * target, abs=1e-12)
+    early, (*_, truncated, info) = returns(env, [ones] * 2 + [zeros] * 10, target)
+    unmet = target - info["achieved_sparsity"]
+    assert truncated and unmet >= target - 2 * env.increment - 1e-6
+    assert info["unmet_penalty"] == pytest.approx(env.unmet_penalty * unmet, abs=1e-12)
+    assert early == pytest.approx(info["quality"] - info["unmet_penalty"], abs=1e-12)  # still telescopes
+    assert nothing < uniform - 1.0 and early < uniform - 1.0  # each pays clearly more than pruning costs here
+
+
+def test_registered_versions_and_the_penalty_option(data):
+    import gymnasium as gym
+
+    zeros = np.zeros(8, dtype=np.int8)
+    for version, penalty in (("v1", 0.0), ("v2", 20.0)):
+        env = gym.make(f"prune_env/IterativePrune-{version}", model="tiny-llama", data=data, max_steps=1,
+                       target_sparsity=0.4)
+        assert env.unwrapped.unmet_penalty == penalty
+        env.reset(seed=0)
+        assert env.step(zeros)[1] == pytest.approx(-penalty * 0.4)  # v1 keeps its published reward
+    assert gym.spec("prune_env/IterativePrune-v0").kwargs["unmet_penalty"] == 0.0
+    for bad in (-1.0, float("nan"), "1"):
+        with pytest.raises(ValueError, match="unmet_penalty"):
+            make(data, unmet_penalty=bad)
+    with pytest.raises(ValueError, match="reward_mode 'vectors'.*scalar, vector"):
+        make(data, reward_mode="vectors")
+
+
+def test_vector_reward_scalarises_to_the_scalar_reward(data):
+    from gymnasium.utils.env_checker import check_env
+
+    from prune_env.wrappers import LinearizeReward
+
+    kwargs = dict(rollback_threshold=1e-9, increment=0.2, max_steps=8, reward={"rollback_penalty": 0.3})
+    vector_env = make(data, reward_mode="vector", **kwargs)
+    check_env(vector_env, skip_render_check=True)
+    assert vector_env.reward_space.shape == (2,)
+    rng = np.random.default_rng(0)  # the rollback test's actions: they raise perplexity at some step
+    actions = [rng.integers(0, 2, 3) for _ in range(8)]
+    scalar_steps = run(make(data, **kwargs), actions, seed=0, options={"target_sparsity": 0.8})
+    linear = LinearizeReward(vector_env, [1.0, 1.0])
+    linear.reset(seed=0, options={"target_sparsity": 0.8})
+    vectors = []
+    for action, expected in zip(actions, scalar_steps[1:]):
+        _, reward, terminated, truncated, info = linear.step(action)
+        vectors.append(info["vector_reward"])
+        assert reward == pytest.approx(expected[1], abs=1e-12) and (terminated, truncated) == expected[2:4]
+    assert scalar_steps[-1][3] and any(step[4]["rolled_back"] for step in scalar_steps[1:])  # both penalties paid
+    final = scalar_steps[-1][4]
+    assert np.sum(vectors, axis=0)[1] == pytest.approx(final["fact_acc"] - vector_env.reference.fact_acc, abs=1e-12)
+
+
+def test_layer_prune_do_nothing_and_stop_early_still_end_on_the_target(data):
+    """LayerPrune's action wall: asking for 0 everywhere (or after a few units) still ends on the target."""
+    import gymnasium as gym
+
+    env = gym.make("prune_env/LayerPrune-v1", model="tiny-llama", data=data, fidelity="proxy")
+    for prefix in (0, 1):
+        env.reset(seed=0, options={"target_sparsity": 0.5})
+        done, step = False, 0
+        while not done:
+            ratio = 0.5 if step < prefix else 0.0
+            _, _, done, _, info = env.step(env.unwrapped.action_for_ratio(ratio))
+            step += 1
+        assert abs(info["achieved_sparsity"] - 0.5) <= len(env.unwrapped.units) / env.unwrapped.context.total_numel
