@@ -230,13 +230,15 @@ class PruningContext:
                                self.data.fact_batch_size)
         return self.metrics(ppl, facts, dense_exact)
 
-    def metrics(self, ppl: float, facts: FactScores, dense_exact: list[bool] | None | str = "dense") -> Metrics:
-        """Metrics of scored facts: this context's facts, or their first len(facts) (the proxy's slice).
+    def metrics(self, ppl: float, facts: FactScores, dense_exact: list[bool] | None | str = "dense",
+                questions: list[Fact] | None = None) -> Metrics:
+        """Metrics of the scored `questions`: by default this context's facts, or their first len(facts)
+        (the proxy's slice); the balanced metric needs each fact's relation and answer.
 
         dense_exact None means "the dense model itself": retention 1.0 (balanced: over what it knows)."""
         reference = self.dense.greedy_exact if dense_exact == "dense" else dense_exact
         kept = retention(reference, facts.greedy_exact) if reference is not None else 1.0
-        questions = self.facts[:len(facts.greedy_exact)]
+        questions = self.facts[:len(facts.greedy_exact)] if questions is None else questions
         own = reference is None
         balanced, by_relation = balanced_retention(questions, facts.greedy_exact if own else reference,
                                                    facts.greedy_exact)

@@ -134,6 +134,9 @@ def test_context_metrics_carry_the_balanced_fields(tiny_data):
     head = FactScores(accuracy=0.0, nll=1.0, greedy_exact=pruned_exact[:4], correct=correct[:4])
     assert ctx.metrics(10.0, head, dense_exact[:4]).fact_retention_balanced == \
         balanced_retention(facts[:4], dense_exact[:4], pruned_exact[:4])[0]
+    other = [dataclasses.replace(f, relation="other") for f in facts[:4]]  # facts the caller names
+    assert ctx.metrics(10.0, head, dense_exact[:4], questions=other).retention_by_relation == \
+        balanced_retention(other, dense_exact[:4], pruned_exact[:4])[1]
     ctx.dense = dataclasses.replace(ctx.dense, greedy_exact=dense_exact)  # a dense model that knows some facts
     assert ctx.knowledge_baseline == majority_baseline(facts, dense_exact)
     assert ctx.knowledge_baseline is ctx.knowledge_baseline  # computed once per context
