@@ -5,7 +5,9 @@ same windows and facts, so each resample draws one set of window indices (for pe
 set of fact indices (for accuracy and retention) and scores both agents on it: the interval is of the
 paired difference. Seeds are paired too (agent seed s against baseline seed s) and the statistic is
 averaged over them; the intervals resample data, not seeds (the report's ± std shows the seeds).
-numpy only; a fixed seed makes every interval reproducible.
+The answer-balanced retention (prune_env/knowledge.py) is recomputed on each resample from the fact
+counts it drew, with the same weighted mean the env reports. numpy; a fixed seed makes every interval
+reproducible.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from prune_env.knowledge import BalancedIndex
 
 N_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -44,6 +48,7 @@ class Comparison:
     ppl_ratio: Interval  # agent ppl / baseline ppl
     acc_diff: Interval  # agent accuracy - baseline accuracy
     retention_diff: Interval | None  # None without dense greedy-exact flags, or when none is set
+    balanced_retention_diff: Interval | None = None  # also None without the facts' relations and answers
 
 
 def has_paired_data(record: dict) -> bool:
@@ -57,8 +62,12 @@ def _interval(samples: np.ndarray, estimate: float, null: float, lower_is_better
 
 
 def paired_bootstrap(agent: list[dict], baseline: list[dict], dense_exact: list[bool] | None = None,
-                     n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> Comparison:
-    """Intervals of `agent` records against `baseline` records (paired lists, one per seed)."""
+                     n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                     labels: tuple[list[str], list[str]] | None = None) -> Comparison:
+    """Intervals of `agent` records against `baseline` records (paired lists, one per seed).
+
+    `labels` = (relation, answer) of every fact (results.json's dense_per_fact) adds the interval of the
+    answer-balanced retention difference, on the same resampled facts as the others."""
     if not agent or len(agent) != len(baseline):
         raise ValueError(f"paired_bootstrap needs one baseline record per agent record, got {len(agent)} "
                          f"and {len(baseline)}")
@@ -97,4 +106,13 @@ def paired_bootstrap(agent: list[dict], baseline: list[dict], dense_exact: list[
                 return kept / known[index].sum(-1)
 
         retention = _interval(kept_gap(facts), float(kept_gap(np.arange(n_facts))), 0.0, False)
-    return Comparison(ppl, acc, retention)
+    balanced = None
+    if retention is not None and labels is not None:
+        index = BalancedIndex.of(*labels)
+        if index.groups.shape[0] != n_facts:
+            raise ValueError(f"labels name {index.groups.shape[0]} facts but the records have {n_facts} facts")
+        counts = np.stack([np.bincount(row, minlength=n_facts) for row in facts])
+        drawn, _ = index.means(exact, known, counts)  # (2, seeds, resamples)
+        full, _ = index.means(exact, known)  # (2, seeds)
+        balanced = _interval((drawn[0] - drawn[1]).mean(0), float((full[0] - full[1]).mean(0)), 0.0, False)
+    return Comparison(ppl, acc, retention, balanced)

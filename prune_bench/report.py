@@ -10,7 +10,7 @@ import numpy as np
 from prune_env.files import atomic_write_text
 
 from .intervals import N_RESAMPLES, Comparison, Interval, has_paired_data, paired_bootstrap
-from .store import METRICS
+from .store import BALANCED, METRICS
 
 BASELINE = "uniform"
 OLD_RECORD = "no interval (old record)"
@@ -46,6 +46,13 @@ def summarise(data: dict) -> list[dict]:
         for key in (*METRICS, "achieved_sparsity"):
             if ok:
                 row[key] = _stats([r[key] for r in ok])
+        for key in BALANCED:  # absent in records written before the balanced metric: no cell then
+            if ok and all(r.get(key) is not None for r in ok):
+                row[key] = _stats([r[key] for r in ok])
+        if ok and all(r.get("retention_by_relation") is not None for r in ok):
+            names = sorted({name for r in ok for name in r["retention_by_relation"]})
+            row["retention_by_relation"] = {name: _stats([r["retention_by_relation"].get(name, float("nan"))
+                                                          for r in ok]) for name in names}
         computed = [r["seconds"] for r in ok if r.get("reused_from_seed") is None]
         if computed:
             row["seconds"] = _stats(computed)
@@ -71,8 +78,9 @@ def compare(data: dict, agent_records: list[dict], baseline_records: list[dict])
         return "no interval (no ok uniform record of the same seed)"
     if not all(has_paired_data(r) for pair in pairs for r in pair):
         return OLD_RECORD
-    dense = (data.get("dense_per_fact") or {}).get("greedy_exact")
-    return paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs], dense)
+    per_fact = data.get("dense_per_fact") or {}
+    labels = (per_fact["relation"], per_fact["answer"]) if "relation" in per_fact and "answer" in per_fact else None
+    return paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs], per_fact.get("greedy_exact"), labels=labels)
 
 
 def _fallback_moves(rec: dict) -> str:
@@ -107,16 +115,49 @@ def interval_lines(data: dict, rows: list[dict], target: float) -> list[str]:
         return []
     lines = [f"Paired bootstrap vs {baseline} ({N_RESAMPLES} resamples of windows and facts, 95 %): "
              "**beats** only where the interval excludes no difference.", "",
-             "| agent | ppl ratio (agent/uniform) | fact acc diff | retention diff |", "|---|---|---|---|"]
+             "| agent | ppl ratio (agent/uniform) | fact acc diff | retention diff | balanced retention diff |",
+             "|---|---|---|---|---|"]
     for row in rows:
         if row["target"] != target or row["agent"] == baseline or not row["records"]:
             continue
         result = compare(data, row["records"], base_row["records"])
         if isinstance(result, str):
-            lines.append(f"| {_label(row)} | {result} | | |")
+            lines.append(f"| {_label(row)} | {result} | | | |")
         else:
             lines.append(f"| {_label(row)} | {format_interval(result.ppl_ratio, 4)} | {format_interval(result.acc_diff)} "
-                         f"| {format_interval(result.retention_diff)} |")
+                         f"| {format_interval(result.retention_diff)} | {format_interval(result.balanced_retention_diff)} |")
+    return lines + [""]
+
+
+def _baseline_note(data: dict) -> str:
+    value = (data.get("knowledge_baseline") or {}).get("fact_retention_balanced")
+    return "majority baseline " + (f"{value:.3f}" if value is not None else "-")
+
+
+def knowledge_lines(data: dict) -> list[str]:
+    """What the balanced retention is and the majority baselines it must clear (files that have them)."""
+    base = data.get("knowledge_baseline")
+    if not base:
+        return []
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    return [f"- knowledge: balanced retention weighs every distinct answer of a relation the same and every relation "
+            f"the same (prune_env/knowledge.py); the majority baseline is what always answering each relation's most "
+            f"frequent dense-known answer scores: balanced {fmt(base.get('fact_retention_balanced'))}, plain "
+            f"{fmt(base.get('fact_retention'))}"]
+
+
+def relation_lines(data: dict, rows: list[dict], target: float) -> list[str]:
+    """Balanced retention per relation (mean ± std over seeds), the majority baseline in the header."""
+    base = (data.get("knowledge_baseline") or {}).get("retention_by_relation") or {}
+    mine = [r for r in rows if r["target"] == target and r.get("retention_by_relation")]
+    names = sorted(set(base) | {name for r in mine for name in r["retention_by_relation"]})
+    if not mine or not names:
+        return []
+    head = " | ".join(f"{name} ({'-' if base.get(name) is None else format(base[name], '.3f')})" for name in names)
+    lines = ["Balanced retention per relation (majority baseline in brackets):", "", f"| agent | {head} |",
+             "|---|" + "---|" * len(names)]
+    lines += [f"| {_label(r)} | " + " | ".join(_fmt(r["retention_by_relation"].get(name)) for name in names) + " |"
+              for r in mine]
     return lines + [""]
 
 
@@ -143,18 +184,22 @@ def write_report(data: dict, out: str | Path, allocation_target: float | None = 
              f"torch {data['machine'].get('torch')}, transformers {data['machine'].get('transformers')}, "
              f"device {data['machine'].get('device')}",
              f"- dense: ppl {dense.get('ppl', float('nan')):.3f}, fact acc {dense.get('fact_acc', float('nan')):.3f}",
-             "", "Cells show mean ± sample std over the ok seeds.", ""]
+             *knowledge_lines(data), "", "Cells show mean ± sample std over the ok seeds.", ""]
     for target in targets:
         lines += [f"## Target sparsity {target:g}", "",
-                  "| agent | ok/failed | ppl | fact acc | retention | fact nll | achieved | seconds |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| agent | ok/failed | ppl | fact acc | retention | balanced retention ({_baseline_note(data)}) "
+                  "| balanced acc | fact nll | achieved | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for agent in agents:
             r = by.get((agent, target))
             if r is not None:
                 lines.append(f"| {_label(r)} | {r['n_ok']}/{r['n_failed']} | {_fmt(r.get('ppl'))} | "
-                             f"{_fmt(r.get('fact_acc'))} | {_fmt(r.get('fact_retention'))} | {_fmt(r.get('fact_nll'))} "
-                             f"| {_fmt(r.get('achieved_sparsity'), 4)} | {_fmt(r.get('seconds'), 1)} |")
+                             f"{_fmt(r.get('fact_acc'))} | {_fmt(r.get('fact_retention'))} | "
+                             f"{_fmt(r.get('fact_retention_balanced'))} | {_fmt(r.get('fact_acc_balanced'))} | "
+                             f"{_fmt(r.get('fact_nll'))} | {_fmt(r.get('achieved_sparsity'), 4)} | "
+                             f"{_fmt(r.get('seconds'), 1)} |")
         lines.append("")
+        lines += relation_lines(data, rows, target)
         notes = [FALLBACK_NOTE.format(agent=r["agent"], n=r["all_fallback"], ok=r["n_ok"])
                  for r in rows if r["target"] == target and r["all_fallback"]]
         lines += [*notes, ""] if notes else []

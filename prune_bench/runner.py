@@ -88,7 +88,10 @@ class Runner:
             "schema_version": SCHEMA_VERSION, "model": ctx.spec,
             "operator": {"method": ctx.method, "pattern": ctx.pattern, "granularity": ctx.granularity},
             "data": ctx.describe(), "env_data": {**self.config.to_dict()["data"], "reward_slices": self.reward_slices},
-            "dense": ctx.dense.as_dict(), "dense_per_fact": {"greedy_exact": list(ctx.dense.greedy_exact)},
+            "dense": ctx.dense.as_dict(), "dense_per_fact": {"greedy_exact": list(ctx.dense.greedy_exact),
+                                                             "relation": [f.relation for f in ctx.facts],
+                                                             "answer": [f.answer for f in ctx.facts]},
+            "knowledge_baseline": ctx.knowledge_baseline.as_dict(),
             "units": [{"name": u.name, "numel": u.numel} for u in ctx.units],
             "machine": {**machine_info(ctx.device), "backend": self.config.backend},
         })
@@ -137,14 +140,16 @@ class Runner:
             t0 = time.perf_counter()
             metrics, per_window, per_fact = self.evaluate()
             record["timings"]["evaluate"] = time.perf_counter() - t0
-            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+            bad = [k for k, v in metrics.items()
+                   if not all(math.isfinite(x) for x in (v.values() if isinstance(v, dict) else [v]))]
             if bad:
                 raise FloatingPointError(f"non-finite metric(s) {bad}: {metrics}")
             record.update(metrics, per_window=per_window, per_fact=per_fact, status="ok", error=None)
         except Exception as error:  # a failing cell never stops the others (KeyboardInterrupt does)
             record.update(status="failed", error=f"{type(error).__name__}: {error}",
                           traceback=traceback.format_exc(limit=20), ppl=None, fact_acc=None, fact_nll=None,
-                          fact_retention=None, per_window=None, per_fact=None)
+                          fact_retention=None, fact_retention_balanced=None, fact_acc_balanced=None,
+                          retention_by_relation=None, per_window=None, per_fact=None)
             if impl is not None:
                 _agent_info(record, impl)
         finally:

@@ -10,7 +10,10 @@ Top level:
                     region, facts source / n / offset, units, device, dtype)
     env_data        the env DataConfig (dict) the held-out regions were derived from, with `reward_slices`
     dense           dense metrics on the held-out data {ppl, fact_acc, fact_nll, fact_retention}
-    dense_per_fact  {"greedy_exact": [bool per held-out fact]} (retention intervals; absent in old files)
+    dense_per_fact  {"greedy_exact": [bool], "relation": [str], "answer": [str]} per held-out fact (intervals;
+                    absent in old files, relation/answer optional: the balanced retention interval)
+    knowledge_baseline  optional: what always answering each relation's most frequent dense-known answer
+                    scores (prune_env.knowledge.MajorityBaseline.as_dict)
     units           [{"name", "numel"}] in allocation order
     machine         {platform, python, cpu_count, torch, transformers, device, cuda_device, backend}
     config          the full benchmark config
@@ -23,6 +26,8 @@ Top level:
         target_sparsity   float in (0, 1)
         achieved_sparsity float (zeros / prunable weights after the prune) or null
         ppl, fact_acc, fact_nll, fact_retention   floats (null when failed)
+        fact_retention_balanced, fact_acc_balanced, retention_by_relation  optional (absent in old records):
+                          answer-balanced floats in [0, 1] and {relation: float} (prune_env/knowledge.py)
         per_window        {"nll": [summed NLL], "tokens": [count]} per held-out window, or null (failed,
                           or absent in records written before intervals existed)
         per_fact          {"correct": [bool], "greedy_exact": [bool]} per held-out fact, or null / absent
@@ -59,6 +64,7 @@ from prune_env.validation import is_finite_number, is_int
 
 SCHEMA_VERSION = 1
 METRICS = ("ppl", "fact_acc", "fact_nll", "fact_retention")
+BALANCED = ("fact_retention_balanced", "fact_acc_balanced")  # optional: older records lack them
 REDACTED = "***"
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|password|secret|authorization|access_token|auth_token|bearer_token)$",
                          re.IGNORECASE)
@@ -94,6 +100,7 @@ def redact_secrets(value: Any) -> Any:
 def new_record(agent: str, agent_config: dict, target: float, seed: int) -> dict:
     return {"agent": agent, "agent_config": agent_config, "seed": int(seed), "target_sparsity": float(target),
             "achieved_sparsity": None, "ppl": None, "fact_acc": None, "fact_nll": None, "fact_retention": None,
+            "fact_retention_balanced": None, "fact_acc_balanced": None, "retention_by_relation": None,
             "per_window": None, "per_fact": None, "allocation": None, "seconds": 0.0, "timings": {},
             "status": "failed", "error": None, "llm_model": None, "iterations": None, "rollbacks": None,
             "reused_from_seed": None}
@@ -126,6 +133,9 @@ def validate_results(data: Any) -> None:
     dense = data.get("dense_per_fact")
     if dense is not None:
         errors.extend(_flags_errors("dense_per_fact", dense, ("greedy_exact",), sizes["facts"]))
+        errors.extend(_labels_errors(dense, sizes["facts"]))
+    if data.get("knowledge_baseline") is not None and not isinstance(data["knowledge_baseline"], dict):
+        errors.append("top-level field 'knowledge_baseline' must be an object")
     seen: dict[tuple, int] = {}
     for i, rec in enumerate(data.get("records") if isinstance(data.get("records"), list) else []):
         errors.extend(_record_errors(i, rec, sizes, seen))
@@ -153,6 +163,35 @@ def _flags_errors(where: str, value: Any, keys: tuple[str, ...], n: int | None) 
             errors.append(f"{where}.{key} must be a list of true/false")
         elif n is not None and len(flags) != n:
             errors.append(f"{where}.{key} has {len(flags)} entries but there are {n} held-out facts")
+    return errors
+
+
+def _labels_errors(dense: Any, n: int | None) -> list[str]:
+    """The optional per-fact relation and answer names of dense_per_fact (both or neither)."""
+    if not isinstance(dense, dict) or ("relation" not in dense and "answer" not in dense):
+        return []
+    errors = []
+    for key in ("relation", "answer"):
+        names = dense.get(key)
+        if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
+            errors.append(f"dense_per_fact.{key} must be a list of strings (one per held-out fact)")
+        elif n is not None and len(names) != n:
+            errors.append(f"dense_per_fact.{key} has {len(names)} entries but there are {n} held-out facts")
+    return errors
+
+
+def _balanced_errors(where: str, rec: dict) -> list[str]:
+    """The optional answer-balanced metrics: numbers in [0, 1] when ok, else null; absent in old records."""
+    errors = []
+    ok = rec["status"] == "ok"
+    for key in BALANCED:
+        value = rec.get(key)
+        if key in rec and (value is not None or ok) and not (is_finite_number(value) and 0.0 <= value <= 1.0):
+            errors.append(f"{where}: {key!r} must be a number in [0, 1]{'' if ok else ' or null'}, got {value!r}")
+    by_relation = rec.get("retention_by_relation")
+    if by_relation is not None and not (isinstance(by_relation, dict) and all(
+            isinstance(k, str) and is_finite_number(v) and 0.0 <= v <= 1.0 for k, v in by_relation.items())):
+        errors.append(f"{where}: 'retention_by_relation' must map relation names to numbers in [0, 1] or be null")
     return errors
 
 
@@ -207,6 +246,7 @@ def _record_errors(i: int, rec: Any, sizes: dict, seen: dict) -> list[str]:
                                     sizes["facts"]))
     if rec.get("llm") is not None:
         errors.extend(_llm_errors(where, rec["llm"]))
+    errors.extend(_balanced_errors(where, rec))
     if rec["status"] == "ok":
         if rec["error"] is not None:
             errors.append(f"{where}: an ok record must have error null, got {rec['error']!r}")

@@ -21,6 +21,7 @@ import os
 import random
 import tempfile
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -31,6 +32,7 @@ from .data import split_corpus, tokenize_corpus
 from .evaluation import FactScores, check_fact_lengths, evaluate_facts, perplexity, retention
 from .facts import Fact, load_facts
 from .files import atomic_write_text, cache_root, read_cache
+from .knowledge import MajorityBaseline, balanced_accuracy, balanced_retention, majority_baseline
 from .masking import parse_pattern
 from .models import (LinearRef, check_memory, check_sequence_length, linear_layers, load_model, load_tokenizer,
                      read_header)
@@ -88,10 +90,19 @@ class Unit:
 
 @dataclass
 class Metrics:
+    """One model state's quality. The balanced fields are the knowledge metric that repeating a frequent
+    answer cannot game (prune_env/knowledge.py): retention and accuracy with every (relation, answer)
+    weighing the same within its relation and every relation the same; `retention_by_relation` is the
+    balanced retention of each relation the dense model knows a fact of. Required (no defaults), so a
+    dense cache written before they existed fails to load and is rebuilt rather than read without them."""
+
     ppl: float
     fact_acc: float
     fact_nll: float
     fact_retention: float
+    fact_retention_balanced: float
+    fact_acc_balanced: float
+    retention_by_relation: dict[str, float]
     greedy_exact: list[bool] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
@@ -291,11 +302,29 @@ class PruningContext:
                                self.data.fact_batch_size)
         return self.metrics(ppl, facts, dense_exact)
 
-    def metrics(self, ppl: float, facts: FactScores, dense_exact: list[bool] | None | str = "dense") -> Metrics:
+    def metrics(self, ppl: float, facts: FactScores, dense_exact: list[bool] | None | str = "dense",
+                questions: list[Fact] | None = None) -> Metrics:
+        """Metrics of the scored `questions`: by default this context's facts, or their first len(facts)
+        (the proxy's slice); the balanced metric needs each fact's relation and answer.
+
+        dense_exact None means "the dense model itself": retention 1.0 (balanced: over what it knows)."""
         reference = self.dense.greedy_exact if dense_exact == "dense" else dense_exact
         kept = retention(reference, facts.greedy_exact) if reference is not None else 1.0
+        questions = self.facts[:len(facts.greedy_exact)] if questions is None else questions
+        own = reference is None
+        balanced, by_relation = balanced_retention(questions, facts.greedy_exact if own else reference,
+                                                   facts.greedy_exact)
         return Metrics(ppl=ppl, fact_acc=facts.accuracy, fact_nll=facts.nll,
-                       fact_retention=kept if not math.isnan(kept) else 0.0, greedy_exact=facts.greedy_exact)
+                       fact_retention=kept if not math.isnan(kept) else 0.0,
+                       fact_retention_balanced=balanced if not math.isnan(balanced) else float(own),
+                       fact_acc_balanced=balanced_accuracy(questions, facts.correct) if questions else 0.0,
+                       retention_by_relation=by_relation, greedy_exact=facts.greedy_exact)
+
+    @cached_property
+    def knowledge_baseline(self) -> MajorityBaseline:
+        """The majority-answer baselines of this context's facts and dense answers, computed once: what
+        always answering each relation's most frequent known answer scores (prune_env/knowledge.py)."""
+        return majority_baseline(self.facts, self.dense.greedy_exact)
 
     def describe(self) -> dict:
         return {"model": self.spec, "device": self.device, "dtype": self.dtype, "granularity": self.granularity,

