@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-demo: setup   # LayerPrune-v0 on SmolLM2-135M played by uniform Wanda, zscore-greedy and the committed PPO policy
+demo: setup   # LayerPrune-v1 on SmolLM2-135M played by uniform Wanda, zscore-greedy and the committed PPO policy
 	$(PY) scripts/demo.py --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: setup

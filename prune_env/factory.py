@@ -7,6 +7,7 @@ continuous envs the way every SB3 policy of this project was trained (actions in
 from __future__ import annotations
 
 import gymnasium as gym
+import numpy as np
 
 
 ENV_ID = "prune_env/LayerPrune-v0"
@@ -25,5 +26,7 @@ def make_env(env_id: str = ENV_ID, torch_threads: int | None = None, rescale: bo
         torch.set_num_threads(torch_threads)
     env = gym.make(env_id, **env_kwargs)
     if rescale and isinstance(env.action_space, gym.spaces.Box):
-        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
+        # bounds in the space's own dtype: Python floats make Gymnasium warn that it lowers their precision
+        space = env.action_space
+        env = gym.wrappers.RescaleAction(env, np.full(space.shape, -1.0, space.dtype), np.full(space.shape, 1.0, space.dtype))
     return env

@@ -1,11 +1,13 @@
-"""The front door: LayerPrune-v0 on the embedded SmolLM2-135M, played by three agents, in a few minutes.
+"""The front door: LayerPrune-v1 on the embedded SmolLM2-135M, played by three agents, in a few minutes.
 
     python scripts/demo.py [--target 0.5] [--out runs/demo-<time>]
 
 Uniform Wanda (every block at the target), the zscore-greedy rule (the paper's profile) and the committed
 PPO policy (trained on the surrogate reward for every target in 0.3-0.6, docs/results/ppo-surrogate) each
 play one exact episode of the same environment (same model, operator, calibration and
-reward slices). The script prints a table of perplexity, fact accuracy and fact retention and writes it
+reward slices). The env is the current id, LayerPrune-v1 (at block granularity its observations are
+v0's, and the committed policy was trained on v1; playing v0 would make Gymnasium warn that it is out of
+date). The script prints a table of perplexity, fact accuracy and fact retention and writes it
 with each agent's allocation to `<out>/demo.json` and `<out>/demo.md`. These are the env's own reward slices
 (4,096 handbook tokens, 200 facts), not the held-out evaluation of the benchmark.
 """
@@ -24,6 +26,7 @@ from agents.base import build_agent, play
 from prune_env.files import atomic_write_json, atomic_write_text, output_lock
 from prune_env.rewards import RewardConfig, quality
 
+ENV_ID = "prune_env/LayerPrune-v1"
 POLICY = "docs/results/ppo-surrogate/seed-0"
 AGENTS = [{"name": "uniform"}, {"name": "zscore-greedy"}, {"name": "rl", "path": POLICY, "label": "PPO policy"}]
 
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with output_lock(args.out, "demo output folder") as out:
         print(f"loading {args.model} and its sensitivity profile ...", flush=True)
-        env = gym.make("prune_env/LayerPrune-v0", model=args.model, target_sparsity=args.target, fidelity="exact")
+        env = gym.make(ENV_ID, model=args.model, target_sparsity=args.target, fidelity="exact")
         context = env.unwrapped.context
         dense = env.unwrapped.reference
         rows = [{"agent": "dense", "ppl": dense.ppl, "fact_acc": dense.fact_acc, "fact_retention": 1.0,
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"retention {info['fact_retention']:.3f} ({rows[-1]['seconds']:.0f} s)", flush=True)
         env.close()
 
-        lines = [f"LayerPrune-v0, {args.model}, Wanda, block granularity, target {args.target:g}, exact fidelity "
+        lines = [f"{ENV_ID.split('/')[1]}, {args.model}, Wanda, block granularity, target {args.target:g}, exact fidelity "
                  f"({context.data.eval_tokens} handbook tokens, {context.data.n_facts} facts)", "",
                  "| agent | ppl | fact acc | fact retention | achieved sparsity | reward (quality) |",
                  "|---|---|---|---|---|---|"]

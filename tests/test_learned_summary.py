@@ -100,7 +100,7 @@ def test_cli_writes_the_table_and_refuses_a_file_that_is_not_results(tmp_path: P
 
 
 def test_committed_summaries_are_what_the_script_makes_of_the_committed_results(tmp_path: Path):
-    """The README's verdict tables quote summary.md: it must be regenerated whenever results.json changes."""
+    """The study READMEs' verdict tables quote summary.md: it must be regenerated whenever results.json changes."""
     module = _module()
     for grid in ("learned-smollm2", "learned-smollm2-unseen"):
         folder = ROOT / "docs" / "results" / grid
