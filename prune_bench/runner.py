@@ -195,12 +195,13 @@ def check_export(directory: str | Path, device: str = "cpu", rtol: float = 1e-4)
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from prune_env.models import DTYPES
+    from prune_env.models import DTYPES, refuse_remote_code
 
     directory = Path(directory)
     meta = json.loads((directory / "meta.json").read_text())
+    refuse_remote_code(directory / "model", str(directory))  # an exported folder never runs its own code
     model = AutoModelForCausalLM.from_pretrained(directory / "model", dtype=DTYPES[meta["dtype"]],
-                                                 local_files_only=True).to(device).eval()
+                                                 local_files_only=True, trust_remote_code=False).to(device).eval()
     windows = load_file(str(directory / "evaluation.safetensors"))["windows"]
     ppl = perplexity(model, windows, meta["batch_size"])
     masks = load_file(str(directory / "masks.safetensors"))
