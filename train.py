@@ -42,7 +42,7 @@ from agents.training import (EVAL_LOG, EVAL_METRICS, ProgressDisplay, SimulatedF
                              load_checkpoint, remove_partial_files, reset_resumed, save_final, start_wandb,
                              truncate_eval_log)
 from prune_env.config import ConfigError, read_yaml
-from prune_env.context import load_template
+from prune_env.models import DTYPES, read_header
 from prune_env.factory import make_env
 from prune_env.files import OutputLockedError, atomic_write_json, atomic_write_text, check_writable_dir, output_lock
 
@@ -109,13 +109,13 @@ def check_vec_env_size(n_envs: int, subproc: bool, model_bytes: int, cpus: int, 
 
 
 def _check_vec_env(config: TrainConfig, subproc: bool) -> None:
-    """check_vec_env_size on this machine, with the model's size from the process's template (the envs reuse it)."""
+    """check_vec_env_size on this machine, with the model's size from its header (no weights loaded)."""
     check_vec_env_size(config.algo.n_envs, subproc, 0, os.cpu_count() or 1, available_memory())  # cores first
     try:
-        model, _ = load_template(config.env.model, config.env.device, config.env.dtype)
+        header = read_header(config.env.model)
     except (ValueError, OSError) as error:
         raise ConfigError(f"could not build the envs: {error}") from error
-    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    model_bytes = header.n_params * torch.empty((), dtype=DTYPES[config.env.dtype]).element_size()
     check_vec_env_size(config.algo.n_envs, subproc, model_bytes, os.cpu_count() or 1, available_memory())
 
 
