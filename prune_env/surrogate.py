@@ -144,6 +144,8 @@ def _check_header(header: dict, where: str) -> int | None:
             if key not in dense:
                 raise _bad(where, f"dense.{key}", None, "a number")
         for key, value in dense.items():
+            if key == "retention_by_relation":  # per-relation detail (knowledge.py), not regressed
+                continue
             if not is_finite_number(value) or (key == "ppl" and value <= 0):
                 raise _bad(where, f"dense.{key}", value, "a positive number" if key == "ppl" else "a finite number")
     if header.get("profile") is not None:
