@@ -9,20 +9,12 @@ import torch
 
 from prune_env.env import LayerPruneEnv
 from prune_env.surrogate import append_record, load_surrogate, start_dataset
+from tests.tiny_surrogate import write_tiny_dataset
 
 
 def test_surrogate_episode_is_forward_free_and_predicts(tiny_data, tmp_path):
-    exact = LayerPruneEnv(model="tiny-llama", data=tiny_data)
     path = tmp_path / "tiny.jsonl"
-    start_dataset(path, {"context": exact.context.describe(), "dense": exact.context.dense.as_dict(),
-                         "unit_numel": [u.numel for u in exact.units]})
-    rng = np.random.default_rng(0)
-    for _ in range(6):
-        exact.reset(seed=0)
-        for value in rng.random(len(exact.units)):
-            *_, info = exact.step(np.array([value], dtype=np.float32))
-        append_record(path, {key: info[key] for key in ("allocation", "ppl", "fact_acc", "fact_nll",
-                                                        "fact_retention")})
+    exact = write_tiny_dataset(path, tiny_data)
     env = LayerPruneEnv(model="tiny-llama", data=tiny_data, fidelity="surrogate", surrogate=str(path))
     model = env.context.model
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -5,31 +5,19 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 
 from tests.script_modules import load_script
+from tests.tiny_surrogate import write_tiny_dataset
 
 pytest.importorskip("ray.rllib", reason='RLlib needs the rllib extra: pip install -e ".[rllib]"')
 
 
 @pytest.fixture(scope="module")
 def tiny_surrogate(tiny_data, tmp_path_factory):
-    """A surrogate data set of six exact tiny-model episodes (what tests/test_env_surrogate.py builds)."""
-    from prune_env.env import LayerPruneEnv
-    from prune_env.surrogate import append_record, start_dataset
-
-    exact = LayerPruneEnv(model="tiny-llama", data=tiny_data)
+    """A surrogate data set of six exact tiny-model episodes (tests/tiny_surrogate.py)."""
     path = tmp_path_factory.mktemp("rllib") / "tiny.jsonl"
-    start_dataset(path, {"context": exact.context.describe(), "dense": exact.context.dense.as_dict(),
-                         "unit_numel": [u.numel for u in exact.units]})
-    rng = np.random.default_rng(0)
-    for _ in range(6):
-        exact.reset(seed=0)
-        for value in rng.random(len(exact.units)):
-            *_, info = exact.step(np.array([value], dtype=np.float32))
-        append_record(path, {key: info[key] for key in ("allocation", "ppl", "fact_acc", "fact_nll",
-                                                        "fact_retention")})
+    write_tiny_dataset(path, tiny_data)
     return str(path)
 
 
