@@ -307,8 +307,9 @@ def test_n_envs_beyond_the_cores_is_refused_before_any_env_with_little_memory(ti
 
     run_dir = tmp_path / "run"
     args = ["--config", SMOKE, *quick_overrides(tiny_data, run_dir), "algo.n_envs=20000"]
-    probe = ("import resource, sys, train; code = train.main(sys.argv[1:]); "
-             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+    # VmHWM, not ru_maxrss: a vfork'd child's ru_maxrss starts at its parent's peak (here the whole test session's)
+    probe = ("import re, sys, train; code = train.main(sys.argv[1:]); "
+             "print(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1]); sys.exit(code)")
     proc = subprocess.run([sys.executable, "-c", probe, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     err = [line for line in proc.stderr.splitlines() if line.startswith("train.py")]
