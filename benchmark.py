@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from prune_bench.config import DEFAULT_CONFIG, load_benchmark_config
+from prune_bench.bench_config import DEFAULT_CONFIG, load_benchmark_config
 from prune_bench.driver import report_only, run_benchmark
 from prune_bench.runner import check_export
 from prune_env.files import OutputLockedError

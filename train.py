@@ -10,7 +10,7 @@ Training runs on the cheap `proxy` fidelity; every `eval.every_steps` steps a se
 plays one deterministic episode of the current policy. Its reward, ppl, fact_acc, fact_retention and
 achieved sparsity go to TensorBoard (run_dir/tensorboard), wandb (offline by default: run_dir/wandb,
 `wandb sync` later), run_dir/eval.jsonl and the console. The run folder and its checkpoints are
-described in agents/training.py; one process at a time may write a run folder (a second one is refused).
+described in training/run.py; one process at a time may write a run folder (a second one is refused).
 
 Exit status: 0 done, 2 bad command line / config key or value / run folder in use / damaged run folder or
 data file / more envs than the machine holds (one line on stderr), 130 interrupted.
@@ -35,15 +35,15 @@ from stable_baselines3.common.utils import configure_logger, set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
 from agents.rl import CONFIG_NAME, FINAL_MODEL, load_policy, read_run_config, resolve_policy_path
-from agents.safe_load import build_model, load_normalizer, read_policy_file
-from agents.train_config import TrainConfig, resolve_config
-from agents.training import (EVAL_LOG, EVAL_METRICS, ProgressDisplay, SimulatedFailure, TrainingCallback,
+from training.safe_load import build_model, load_normalizer, read_policy_file
+from training.train_config import TrainConfig, resolve_config
+from training.run import (EVAL_LOG, EVAL_METRICS, ProgressDisplay, SimulatedFailure, TrainingCallback,
                              check_checkpoint, check_checkpoint_dir, latest_checkpoint, list_checkpoints,
                              load_checkpoint, remove_partial_files, reset_resumed, save_final, start_wandb,
                              truncate_eval_log)
-from prune_env.config import ConfigError, read_yaml
+from prune_env.config_files import ConfigError, read_yaml
 from prune_env.models import DTYPES, read_header
-from prune_env.factory import make_env
+from prune_env.envs.factory import make_env
 from prune_env.files import OutputLockedError, atomic_write_json, atomic_write_text, check_writable_dir, output_lock
 
 ROOT = Path(__file__).resolve().parent

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from agents.allocators import MAX_RATIO, finite_vector, positive_sizes
+from agents.rules import MAX_RATIO, finite_vector, positive_sizes
 from prune_env.validation import check_target
 
 __all__ = ["alphapruning_ratios", "hill_alpha"]

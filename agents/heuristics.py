@@ -3,7 +3,7 @@
 Each agent reads what it needs from a `PruningContext` (the *dense* weights `ctx.masked.dense`, the
 dense calibration activation norms `ctx.stats.act_norm`, the profile `ctx.z_wanda` / `ctx.z_grad`,
 the units and their sizes) and returns one ratio per unit through the pure rules of
-agents/allocators.py, so every allocation meets the parameter-weighted target exactly.
+agents/rules.py, so every allocation meets the parameter-weighted target exactly.
 
 Units: OWL and AlphaPruning are defined per decoder block / per linear layer. With block granularity
 a unit is a block. With linear granularity OWL gives every linear its block's ratio (OWL is a
@@ -17,7 +17,7 @@ import json
 import numpy as np
 import torch
 
-from agents.allocators import (
+from agents.rules import (
     match_budget,
     owl_outlier_ratio,
     owl_ratios_from_lod,
@@ -55,7 +55,7 @@ def block_lod(ctx, m: float = 5.0) -> tuple[list[int], list[float], list[int]]:
     """(block indices, LOD per block, parameters per block): the share of each block's Wanda scores
     |W| * ||X||_2 (dense weights, dense calibration norms, all its linears concatenated) above m times
     their mean. One block at a time, so only one block's scores are ever in memory."""
-    from prune_env.masking import wanda_scores
+    from prune_env.pruning.masking import wanda_scores
 
     blocks: dict[int, list] = {}
     for ref in ctx.refs:
@@ -108,7 +108,7 @@ _ALPHA_MEMORY: dict[str, list[float]] = {}
 def _alpha_key(ctx, bins: int, xmin_window: str) -> str:
     """Model identity for the alpha cache: spec, dtype, the linear names and a cheap weight fingerprint
     (sum and sum of squares of every dense matrix), so a different checkpoint never hits the cache."""
-    from prune_env.scoring import cache_key
+    from prune_env.pruning.scoring import cache_key
 
     prints = []
     for ref in ctx.refs:
@@ -124,7 +124,7 @@ def linear_alphas(ctx, bins: int = 100, xmin_window: str = "reference", cache: b
     SVDs are the slow part, so results are cached in memory and, with `cache`, on disk as
     <cache>/prune-gym/profiles/alphas-<key>.json (written atomically)."""
     from prune_env.files import atomic_write_text
-    from prune_env.scoring import cache_dir
+    from prune_env.pruning.scoring import cache_dir
 
     key = _alpha_key(ctx, bins, xmin_window)
     if key in _ALPHA_MEMORY:

@@ -2,7 +2,7 @@
 
 A saved policy is the SB3 zip (`final_model.zip` or a checkpoint's `model.zip`) with the run's
 config.yaml beside it or up to two folders above it (checkpoints live in run_dir/checkpoints/step_N/).
-It is loaded without unpickling anything (agents/safe_load.py): the algorithm and policy are rebuilt
+It is loaded without unpickling anything (training/safe_load.py): the algorithm and policy are rebuilt
 from config.yaml in the spaces of the env it will play, and only tensors are read from the zip::
 
     agent = RLAgent("runs/ppo-0")                 # a run folder or a policy zip
@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from agents.base import Agent
-from agents.safe_load import NormalizerStats, build_model, load_normalizer, load_parameters
-from agents.train_config import DEFAULTS, TrainConfig, config_from_dict
-from prune_env.config import ConfigError, load_config, merge, read_yaml
-from prune_env.factory import make_env
+from training.safe_load import NormalizerStats, build_model, load_normalizer, load_parameters
+from training.train_config import DEFAULTS, TrainConfig, config_from_dict
+from prune_env.config_files import ConfigError, load_config, merge, read_yaml
+from prune_env.envs.factory import make_env
 
 if TYPE_CHECKING:  # pragma: no cover
     from prune_env.context import PruningContext

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from agents.allocators import match_budget
+from agents.rules import match_budget
 from agents.base import Agent, play
-from prune_env.config import dataclass_from_dict
-from prune_env.factory import ENV_ID, make_env
+from prune_env.config_files import dataclass_from_dict
+from prune_env.envs.factory import ENV_ID, make_env
 from prune_env.validation import check_number
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from agents.llm.config import check_backend
-from prune_env.config import dataclass_from_dict, load_config
+from agents.llm.options import check_backend
+from prune_env.config_files import dataclass_from_dict, load_config
 from prune_env.context import GRANULARITIES, DataConfig
-from prune_env.masking import parse_pattern
-from prune_env.pruner import check_method
+from prune_env.pruning.masking import parse_pattern
+from prune_env.pruning.sequential import check_method
 from prune_env.validation import check_choice, check_device, check_dtype, check_number, check_target
 
 ROOT = Path(__file__).resolve().parent.parent

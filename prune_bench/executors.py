@@ -15,7 +15,7 @@ from typing import Any
 from agents.base import Agent
 from prune_env.validation import check_device
 
-from .config import ROOT, BenchmarkConfig
+from .bench_config import ROOT, BenchmarkConfig
 from .runner import Runner
 from .store import Cell, Store, new_record
 

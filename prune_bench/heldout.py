@@ -19,10 +19,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from prune_env.context import DataConfig
-from prune_env.corpus import load_text
-from prune_env.data import split_corpus, tokenize_corpus
+from prune_env.data.corpus import load_text
+from prune_env.data.windows import split_corpus, tokenize_corpus
 
-from .config import BenchmarkConfig
+from .bench_config import BenchmarkConfig
 
 
 @dataclass

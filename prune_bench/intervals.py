@@ -5,7 +5,7 @@ same windows and facts, so each resample draws one set of window indices (for pe
 set of fact indices (for accuracy and retention) and scores both agents on it: the interval is of the
 paired difference. Seeds are paired too (agent seed s against baseline seed s) and the statistic is
 averaged over them; the intervals resample data, not seeds (the report's ± std shows the seeds).
-The answer-balanced retention (prune_env/knowledge.py) is recomputed on each resample from the fact
+The answer-balanced retention (prune_env/data/knowledge.py) is recomputed on each resample from the fact
 counts it drew, with the same weighted mean the env reports. numpy; a fixed seed makes every interval
 reproducible.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prune_env.knowledge import BalancedIndex
+from prune_env.data.knowledge import BalancedIndex
 
 N_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0

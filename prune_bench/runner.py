@@ -22,13 +22,13 @@ import torch
 
 from agents.base import Agent, build_agent, check_allocation
 from prune_env.context import PruningContext, load_template
-from prune_env.corpus import load_text
-from prune_env.data import tokenize_corpus
-from prune_env.evaluation import evaluate_facts, perplexity, window_nll
+from prune_env.data.corpus import load_text
+from prune_env.data.windows import tokenize_corpus
+from prune_env.data.evaluation import evaluate_facts, perplexity, window_nll
 from prune_env.files import atomic_write_json, staged_directory, to_jsonable
 from prune_env.validation import check_device
 
-from .config import BenchmarkConfig
+from .bench_config import BenchmarkConfig
 from .heldout import heldout_data
 from .store import SCHEMA_VERSION, new_record, redact_secrets
 
@@ -164,7 +164,7 @@ class Runner:
         then `check_export` it. Written to a staging folder and renamed (never half-written)."""
         from safetensors.torch import save_file
 
-        from prune_env.export import save_pruned
+        from prune_env.pruning.export import save_pruned
 
         ctx = self.ctx
         try:

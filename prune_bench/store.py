@@ -13,7 +13,7 @@ Top level:
     dense_per_fact  {"greedy_exact": [bool], "relation": [str], "answer": [str]} per held-out fact (intervals;
                     absent in old files, relation/answer optional: the balanced retention interval)
     knowledge_baseline  optional: what always answering each relation's most frequent dense-known answer
-                    scores (prune_env.knowledge.MajorityBaseline.as_dict)
+                    scores (prune_env.data.knowledge.MajorityBaseline.as_dict)
     units           [{"name", "numel"}] in allocation order
     machine         {platform, python, cpu_count, torch, transformers, device, cuda_device, backend}
     config          the full benchmark config
@@ -27,7 +27,7 @@ Top level:
         achieved_sparsity float (zeros / prunable weights after the prune) or null
         ppl, fact_acc, fact_nll, fact_retention   floats (null when failed)
         fact_retention_balanced, fact_acc_balanced, retention_by_relation  optional (absent in old records):
-                          answer-balanced floats in [0, 1] and {relation: float} (prune_env/knowledge.py)
+                          answer-balanced floats in [0, 1] and {relation: float} (prune_env/data/knowledge.py)
         per_window        {"nll": [summed NLL], "tokens": [count]} per held-out window, or null (failed,
                           or absent in records written before intervals existed)
         per_fact          {"correct": [bool], "greedy_exact": [bool]} per held-out fact, or null / absent

@@ -1,6 +1,6 @@
 """One-shot pruning CLI: prune a model, evaluate dense and pruned, save metrics, model and masks.
 
-    python -m prune_env.prune --model smollm2-135m --method wanda --sparsity 0.5 --out runs/wanda50
+    python -m prune_env.cli --model smollm2-135m --method wanda --sparsity 0.5 --out runs/wanda50
 
 Every input is checked before the model loads, and --out is proved writable and locked for the whole
 run (a second run on the same folder is refused at once). The results are written into a hidden
@@ -19,14 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from .allocation import load_allocation
+from .pruning.allocation_files import load_allocation
 from .context import DataConfig, PruningContext
-from .corpus import load_text
-from .export import save_pruned
-from .facts import load_facts
+from .data.corpus import load_text
+from .pruning.export import save_pruned
+from .data.facts import load_facts
 from .files import LOCK_NAME, OutputLockedError, atomic_write_json, output_lock
-from .masking import parse_pattern
-from .methods import method_names
+from .pruning.masking import parse_pattern
+from .pruning.methods import method_names
 from .models import read_header
 from .validation import check_device, check_number, check_ratio
 
@@ -36,7 +36,7 @@ _DATA = DataConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m prune_env.prune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m prune_env.cli", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="alias, local folder, .gguf file or hub id")
     parser.add_argument("--method", default="wanda", choices=method_names())
     parser.add_argument("--sparsity", type=float, default=None,

@@ -25,20 +25,20 @@ from functools import cached_property
 
 import torch
 
-from .calibration import TokenBatch
-from .config import dataclass_from_dict
-from .corpus import load_text
-from .data import split_corpus, tokenize_corpus
-from .evaluation import FactScores, check_fact_lengths, evaluate_facts, perplexity, retention
-from .facts import Fact, load_facts
+from .pruning.calibration import TokenBatch
+from .config_files import dataclass_from_dict
+from .data.corpus import load_text
+from .data.windows import split_corpus, tokenize_corpus
+from .data.evaluation import FactScores, check_fact_lengths, evaluate_facts, perplexity, retention
+from .data.facts import Fact, load_facts
 from .files import atomic_write_text, cache_root, read_cache
-from .knowledge import MajorityBaseline, balanced_accuracy, balanced_retention, majority_baseline
-from .masking import parse_pattern
+from .data.knowledge import MajorityBaseline, balanced_accuracy, balanced_retention, majority_baseline
+from .pruning.masking import parse_pattern
 from .models import (LinearRef, check_memory, check_sequence_length, linear_layers, load_model, load_tokenizer,
                      read_header)
-from .pruner import PruneResult, calibration_batches, check_method, prune_model
-from .snapshot import MaskedModel
-from .scoring import LinearStats, cache_dir, cache_key, compute_linear_stats, unit_gradient, unit_wanda_percentile, zscore
+from .pruning.sequential import PruneResult, calibration_batches, check_method, prune_model
+from .pruning.snapshot import MaskedModel
+from .pruning.scoring import LinearStats, cache_dir, cache_key, compute_linear_stats, unit_gradient, unit_wanda_percentile, zscore
 
 GRANULARITIES = ("block", "linear")
 _TEMPLATES: dict[tuple[str, str, str], "Template"] = {}
@@ -91,7 +91,7 @@ class Unit:
 @dataclass
 class Metrics:
     """One model state's quality. The balanced fields are the knowledge metric that repeating a frequent
-    answer cannot game (prune_env/knowledge.py): retention and accuracy with every (relation, answer)
+    answer cannot game (prune_env/data/knowledge.py): retention and accuracy with every (relation, answer)
     weighing the same within its relation and every relation the same; `retention_by_relation` is the
     balanced retention of each relation the dense model knows a fact of. Required (no defaults), so a
     dense cache written before they existed fails to load and is rebuilt rather than read without them."""
@@ -323,7 +323,7 @@ class PruningContext:
     @cached_property
     def knowledge_baseline(self) -> MajorityBaseline:
         """The majority-answer baselines of this context's facts and dense answers, computed once: what
-        always answering each relation's most frequent known answer scores (prune_env/knowledge.py)."""
+        always answering each relation's most frequent known answer scores (prune_env/data/knowledge.py)."""
         return majority_baseline(self.facts, self.dense.greedy_exact)
 
     def describe(self) -> dict:

@@ -37,13 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agents.allocators import random_ratios  # noqa: E402
-from prune_env.calibration import TokenBatch  # noqa: E402
-from prune_env.evaluation import evaluate_facts, fact_batches, perplexity  # noqa: E402
-from prune_env.pruner import prune_model  # noqa: E402
-from prune_env.scoring import compute_linear_stats  # noqa: E402
+from agents.rules import random_ratios
+from prune_env.pruning.calibration import TokenBatch
+from prune_env.data.evaluation import evaluate_facts, fact_batches, perplexity
+from prune_env.pruning.sequential import prune_model
+from prune_env.pruning.scoring import compute_linear_stats
 
 
 def timed(fn):

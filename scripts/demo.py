@@ -24,7 +24,7 @@ import gymnasium as gym
 import prune_env  # noqa: F401  (registers the environments)
 from agents.base import build_agent, play
 from prune_env.files import atomic_write_json, atomic_write_text, output_lock
-from prune_env.rewards import RewardConfig, quality
+from prune_env.envs.rewards import RewardConfig, quality
 
 ENV_ID = "prune_env/LayerPrune-v1"
 POLICY = "docs/results/ppo-surrogate/seed-0"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DESIGN = ROOT / "docs" / "DESIGN.md"
-PACKAGES = ("prune_env", "agents", "prune_bench")
+PACKAGES = ("prune_env", "agents", "prune_bench", "training")
 LOOSE = ("train.py", "benchmark.py", "scripts/*.py", "examples/*.py")
 ROW = re.compile(r"^\| `(?P<path>[^`]+\.py)` \| (?P<lines>\d+) \| (?P<owns>.*) \|$")
 

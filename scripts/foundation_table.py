@@ -2,7 +2,7 @@
 
     python scripts/foundation_table.py [--out docs/results/foundation]
 
-Each row is one `python -m prune_env.prune` run with the README's data, passed explicitly (SLICES: 20,480
+Each row is one `python -m prune_env.cli` run with the README's data, passed explicitly (SLICES: 20,480
 evaluation tokens, calibration 16 x 512, all 917 facts) since the CLI's own defaults are DataConfig's smaller
 episode slices; the script collects their metrics.json into table.md and table.json.
 """
@@ -38,7 +38,7 @@ def main() -> int:
     for label, extra in RUNS:
         run_dir = out / "runs" / label.replace(" ", "_").replace("%", "").replace(":", "-").lower()
         if not (run_dir / "metrics.json").exists():
-            cmd = [sys.executable, "-m", "prune_env.prune", "--model", args.model, *extra, *SLICES,
+            cmd = [sys.executable, "-m", "prune_env.cli", "--model", args.model, *extra, *SLICES,
                    "--no-save-model", "--out", str(run_dir)]
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)

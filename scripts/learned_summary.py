@@ -21,11 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from prune_bench.intervals import Interval, paired_bootstrap  # noqa: E402
-from prune_bench.report import format_interval  # noqa: E402
-from prune_bench.store import ResultsError, load_results  # noqa: E402
+from prune_bench.intervals import Interval, paired_bootstrap
+from prune_bench.report import format_interval
+from prune_bench.store import ResultsError, load_results
 
 
 def verdict(interval: Interval | None, digits: int = 3) -> str:

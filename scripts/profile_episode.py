@@ -16,9 +16,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import prune_env.pruner as pruner_module  # noqa: E402  (the sequential pass the env drives)
+import prune_env.pruning.sequential as pruner_module  # (the sequential pass the env drives)
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""Regenerate the reference scores (prune_env/reference_scores.json): every rule and the committed PPO
+"""Regenerate the reference scores (prune_env/envs/reference_scores.json): every rule and the committed PPO
 policies on LayerPrune-v1, SmolLM2-135M, Wanda, block granularity, default reward and data, targets 0.3-0.6.
 
     OMP_NUM_THREADS=1 python scripts/reference_scores.py                      # surrogate, then exact
@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 TARGETS = (0.3, 0.4, 0.5, 0.6)
 RULES = ("uniform", "owl", "alphapruning", "zscore-greedy", "ramp", "protect-first")
@@ -36,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fidelity", nargs="+", choices=FIDELITIES, default=list(FIDELITIES))
     parser.add_argument("--episodes", type=Path, default=EPISODES, help="one JSON line per episode (resumable)")
-    parser.add_argument("--out", type=Path, default=None, help="the table (default: prune_env/reference_scores.json)")
+    parser.add_argument("--out", type=Path, default=None, help="the table (default: prune_env/envs/reference_scores.json)")
     parser.add_argument("--table-only", action="store_true", help="rebuild the table from --episodes, play nothing")
     return parser.parse_args(argv)
 
@@ -50,7 +48,7 @@ def read_episodes(path: Path) -> list[dict]:
 def ppo_allocation(ctx, policy_dir: str, target: float, cache: dict) -> list[float]:
     """The policy's deterministic allocation, chosen on the surrogate env it was trained on."""
     from agents.rl import load_policy
-    from prune_env.factory import make_env
+    from prune_env.envs.factory import make_env
 
     if "env" not in cache:
         cache["env"] = make_env("prune_env/LayerPrune-v1", fidelity="surrogate", action_mode="budget", context=ctx)
@@ -64,7 +62,7 @@ def play_all(fidelities: list[str], episodes: Path) -> None:
 
     from agents.base import build_agent, play
     from prune_env.context import PruningContext
-    from prune_env.reference import task_key
+    from prune_env.envs.reference import task_key
     from prune_env.surrogate import append_record
 
     done = {(e["task"], e["target"], e["agent"]) for e in read_episodes(episodes)}
@@ -123,7 +121,7 @@ def build_table(records: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from prune_env import reference
+    from prune_env.envs import reference
     from prune_env.files import atomic_write_json
 
     if not args.table_only:

@@ -16,13 +16,11 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 ENV_NAME = "prune_env_layerprune_v1"
 DEFAULT_ENV = {"fidelity": "surrogate", "action_mode": "budget", "target_sparsity_range": (0.3, 0.6)}
@@ -30,7 +28,7 @@ DEFAULT_ENV = {"fidelity": "surrogate", "action_mode": "budget", "target_sparsit
 
 def make_layer_prune(env_config: dict):
     """RLlib's env creator: `make_env` (actions rescaled to [-1, 1]) with the run's env keywords."""
-    from prune_env.factory import make_env
+    from prune_env.envs.factory import make_env
 
     return make_env("prune_env/LayerPrune-v1", torch_threads=1, **dict(env_config))
 
@@ -88,7 +86,7 @@ def vec_env_rate(kind: str, n_envs: int, steps: int, env_config: dict) -> float:
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
-    from prune_env.factory import make_env
+    from prune_env.envs.factory import make_env
 
     vec = make_vec_env(make_env, n_envs=n_envs, seed=0, vec_env_cls=SubprocVecEnv if kind == "subproc" else DummyVecEnv,
                        env_kwargs={"env_id": "prune_env/LayerPrune-v1", "torch_threads": 1, **env_config})

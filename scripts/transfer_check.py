@@ -31,14 +31,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from stable_baselines3 import PPO
 
-from stable_baselines3 import PPO  # noqa: E402
-
-from prune_env.factory import make_env  # noqa: E402
-from prune_env.files import atomic_write_json, atomic_write_text, check_writable_dir, output_lock  # noqa: E402
-from prune_env.models import decoder_blocks  # noqa: E402
-from prune_env.registry import register_reward_term  # noqa: E402
+from prune_env.envs.factory import make_env
+from prune_env.files import atomic_write_json, atomic_write_text, check_writable_dir, output_lock
+from prune_env.models import decoder_blocks
+from prune_env.envs.plugins import register_reward_term
 
 TARGET = 0.5
 DATA = {"calib_samples": 4, "calib_seq_len": 64, "eval_tokens": 512, "eval_seq_len": 256, "n_facts": 16,

@@ -109,7 +109,7 @@ def tiny_data(text_file: Path, facts_file: Path) -> dict:
 @pytest.fixture(scope="session")
 def calib_ids(text_file: Path) -> torch.Tensor:
     """(4, 32) token windows of the generated text under the tiny tokenizer."""
-    from prune_env.data import tokenize_corpus
+    from prune_env.data.windows import tokenize_corpus
     from prune_env.tiny import tiny_tokenizer
 
     ids = tokenize_corpus(text_file.read_text(encoding="utf-8"), tiny_tokenizer())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.allocators import (
+from agents.rules import (
     MAX_RATIO,
     match_budget,
     owl_outlier_ratio,

@@ -9,15 +9,15 @@ import math
 import pytest
 import torch
 
-from prune_bench.config import BenchmarkConfig, defaults
+from prune_bench.bench_config import BenchmarkConfig, defaults
 from prune_bench.driver import run_benchmark
 from prune_bench.intervals import paired_bootstrap
 from prune_bench.report import OLD_RECORD, compare, write_report
 from prune_bench.store import ResultsError, validate_results
-from prune_env.config import merge
-from prune_env.data import tokenize_corpus
-from prune_env.facts import RELATIONS, Fact
-from prune_env.knowledge import balanced_retention
+from prune_env.config_files import merge
+from prune_env.data.windows import tokenize_corpus
+from prune_env.data.facts import RELATIONS, Fact
+from prune_env.data.knowledge import balanced_retention
 from prune_env.tiny import tiny_model
 
 

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from prune_bench.config import DEFAULT_CONFIG, load_benchmark_config
+from prune_bench.bench_config import DEFAULT_CONFIG, load_benchmark_config
 from prune_bench.heldout import heldout_data
 from prune_bench.runner import build_agents
 from prune_bench.store import Store, check_resumable, load_results, plan_cells
 from prune_env.context import select_facts
-from prune_env.corpus import load_text
-from prune_env.data import split_corpus, tokenize_corpus
-from prune_env.facts import load_facts
+from prune_env.data.corpus import load_text
+from prune_env.data.windows import split_corpus, tokenize_corpus
+from prune_env.data.facts import load_facts
 from prune_env.models import resolve_model_spec
 
 pytestmark = pytest.mark.slow

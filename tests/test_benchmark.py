@@ -13,12 +13,12 @@ import pytest
 import torch
 
 import benchmark
-from prune_bench.config import DEFAULT_CONFIG, BenchmarkConfig, defaults, load_benchmark_config
+from prune_bench.bench_config import DEFAULT_CONFIG, BenchmarkConfig, defaults, load_benchmark_config
 from prune_bench.driver import run_benchmark
 from prune_bench.heldout import heldout_data
 from prune_bench.runner import Runner, check_export
 from prune_bench.store import ResultsError, validate_results
-from prune_env.config import merge
+from prune_env.config_files import merge
 from agents.base import Agent
 from prune_env.context import PruningContext
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from prune_env.config import ConfigError, load_config, merge, parse_override
+from prune_env.config_files import ConfigError, load_config, merge, parse_override
 
 DEFAULTS = {
     "seed": 0,

@@ -1,4 +1,4 @@
-"""Tests for prune_env.corpus (text sources) and prune_env.data (tokenization, calibration/evaluation split)."""
+"""Tests for prune_env.data.corpus (text sources) and prune_env.data.windows (tokenization, calibration/evaluation split)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from prune_env import corpus
-from prune_env.corpus import SourceUnavailableError, handbook_text_from_html, load_text
-from prune_env.data import TextSlices, split_corpus, tokenize_corpus
+from prune_env.data import corpus
+from prune_env.data.corpus import SourceUnavailableError, handbook_text_from_html, load_text
+from prune_env.data.windows import TextSlices, split_corpus, tokenize_corpus
 from prune_env.files import cache_root
 
 

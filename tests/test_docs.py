@@ -100,7 +100,7 @@ def test_the_policy_env_factory_warns_nothing():
     """make_env is how every policy plays (the demo's PPO row too): its [-1, 1] rescaling must not warn."""
     import warnings
 
-    from prune_env.factory import make_env
+    from prune_env.envs.factory import make_env
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -15,7 +15,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 import prune_env  # noqa: F401  (registers the environments)
 from prune_env.context import PruningContext
-from prune_env.env import LayerPruneEnv
+from prune_env.envs.layer import LayerPruneEnv
 
 ENV_ID = "prune_env/LayerPrune-v0"
 ACTIONS = ([0.1, 0.1, 0.9], [0.9, 0.9, 0.1])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prune_env.context import PruningContext
-from prune_env.env import LayerPruneEnv
+from prune_env.envs.layer import LayerPruneEnv
 from prune_env.models import weight_matrix
 
 

@@ -16,11 +16,11 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 import prune_env  # noqa: F401  (registers the environments)
-from prune_env.masking import score_mask
-from prune_env.methods import register_method
+from prune_env.pruning.masking import score_mask
+from prune_env.pruning.methods import register_method
 from prune_env.models import weight_matrix
-from prune_env.registry import register_observation_feature, register_reward_term
-from prune_env.wrappers import LinearizeReward
+from prune_env.envs.plugins import register_observation_feature, register_reward_term
+from prune_env.envs.wrappers import LinearizeReward
 
 ENV_ID = "prune_env/LayerPrune-v0"
 
@@ -150,7 +150,7 @@ def test_reference_and_profile_are_public(tiny_data):
 
 
 def test_reward_space_is_reachable_through_the_wrappers(tiny_data):
-    from prune_env.factory import make_env
+    from prune_env.envs.factory import make_env
 
     expected = gym.spaces.Box(-np.inf, np.inf, (2,), np.float64)
     made = gym.make(ENV_ID, model="tiny-llama", data=tiny_data, reward_mode="vector")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from prune_env.env import LayerPruneEnv
+from prune_env.envs.layer import LayerPruneEnv
 from prune_env.surrogate import append_record, load_surrogate, start_dataset
 from tests.tiny_surrogate import write_tiny_dataset
 
@@ -72,7 +72,7 @@ def light_data_set(tiny_data, tmp_path_factory):
 
 
 def test_a_described_data_set_builds_the_env_without_a_model(light_data_set, tiny_data):
-    from prune_env.fidelities import SurrogateContext
+    from prune_env.envs.fidelities import SurrogateContext
 
     path, exact = light_data_set
     env = LayerPruneEnv(model="tiny-llama", data=tiny_data, fidelity="surrogate", surrogate=str(path))
@@ -107,7 +107,7 @@ def test_a_variance_penalty_sees_the_allocation_on_the_surrogate(light_data_set,
     nonzero value as the exact env for the same allocation."""
     import uuid
 
-    from prune_env.registry import register_reward_term
+    from prune_env.envs.plugins import register_reward_term
 
     name = f"variance-{uuid.uuid4().hex[:8]}"
     register_reward_term(name, lambda metrics, allocation, env: -float(np.var(allocation)))
@@ -137,12 +137,12 @@ def test_light_envs_pickle_close_and_cost_no_model(light_data_set, tiny_data):
     code = """
 import json, os, pickle, resource, sys
 import numpy as np
-import prune_env.env
+import prune_env.envs.layer
 from prune_env import context
 kb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 fds = lambda: len(os.listdir("/proc/self/fd"))
 base_kb, base_fds = kb(), fds()
-envs = [prune_env.env.LayerPruneEnv(model="tiny-llama", data=json.loads(sys.argv[1]), fidelity="surrogate",
+envs = [prune_env.envs.layer.LayerPruneEnv(model="tiny-llama", data=json.loads(sys.argv[1]), fidelity="surrogate",
                                     surrogate=sys.argv[2]) for _ in range(4)]
 def episode(env):
     env.reset(seed=0)

@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from prune_env.calibration import advance, record_inputs
-from prune_env.data import tokenize_corpus
-from prune_env.evaluation import (
+from prune_env.pruning.calibration import advance, record_inputs
+from prune_env.data.windows import tokenize_corpus
+from prune_env.data.evaluation import (
     FactScores,
     choice_scores,
     evaluate_facts,
@@ -20,7 +20,7 @@ from prune_env.evaluation import (
     retention,
     window_batches,
 )
-from prune_env.facts import Fact
+from prune_env.data.facts import Fact
 from prune_env.tiny import FAMILIES, tiny_model, tiny_tokenizer
 
 from conftest import FACT_ROWS

@@ -1,4 +1,4 @@
-"""Tests for prune_env.facts: offline cloze facts, JSONL loading, stratified limits."""
+"""Tests for prune_env.data.facts: offline cloze facts, JSONL loading, stratified limits."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from prune_env.corpus import SourceUnavailableError
-from prune_env.facts import RELATIONS, Fact, build_offline_facts, load_facts, relation_counts
+from prune_env.data.corpus import SourceUnavailableError
+from prune_env.data.facts import RELATIONS, Fact, build_offline_facts, load_facts, relation_counts
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_freebaseqa_fails_fast_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_a_fact_longer_than_the_context_is_refused_by_its_number() -> None:
-    from prune_env.evaluation import check_fact_lengths
+    from prune_env.data.evaluation import check_fact_lengths
     from prune_env.tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
@@ -171,7 +171,7 @@ def test_a_fact_longer_than_the_context_is_refused_by_its_number() -> None:
 
 def test_a_long_fact_is_batched_alone_and_the_scores_do_not_change(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fact batches stay under FACT_BATCH_ELEMENTS (rows x width^2); short facts batch exactly as before."""
-    from prune_env import evaluation
+    from prune_env.data import evaluation
     from prune_env.tiny import tiny_model
 
     model, tokenizer = tiny_model("llama")
@@ -195,7 +195,7 @@ def test_offline_balanced_caps_answers_and_adds_unique_relations() -> None:
     answer, 3 same-relation distractors, and the seed changes distractors only; "offline" is unchanged."""
     from collections import Counter
 
-    from prune_env.facts import BALANCED_RELATIONS, MAX_PER_ANSWER, UNIQUE_RELATIONS
+    from prune_env.data.facts import BALANCED_RELATIONS, MAX_PER_ANSWER, UNIQUE_RELATIONS
 
     facts = load_facts("offline-balanced")
     assert [r for r in BALANCED_RELATIONS if r in {f.relation for f in facts}] == list(BALANCED_RELATIONS)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from agents import heuristics
-from agents.allocators import match_budget
+from agents.rules import match_budget
 from agents.alphapruning import hill_alpha
 from agents.base import AGENTS, Agent, build_agent, check_allocation, play
 from agents.heuristics import (
@@ -104,7 +104,7 @@ def test_alphapruning_matches_the_reference_mapping(setup):
 
 
 def test_alphapruning_caches_alphas(setup, monkeypatch):
-    from prune_env.scoring import cache_dir
+    from prune_env.pruning.scoring import cache_dir
 
     ctx = setup["linear"]
     heuristics._ALPHA_MEMORY.clear()

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from prune_env import corpus
-from prune_env.corpus import SourceUnavailableError, load_text
-from prune_env.facts import load_facts
+from prune_env.data import corpus
+from prune_env.data.corpus import SourceUnavailableError, load_text
+from prune_env.data.facts import load_facts
 from prune_env.files import read_cache, read_cache_json
 
 GARBAGE = b"\x89PNG\r\n\x1a\n\x00\xff\xfe\xfa binary garbage \xc3\x28\n"
@@ -100,7 +100,7 @@ def test_overlong_facts_line_is_refused_while_reading(tmp_path: Path) -> None:
     """A line is read at most 64 KiB at a time: a 20 MB line costs kilobytes, not its size (once 21.9 GB)."""
     import tracemalloc
 
-    from prune_env.facts import MAX_LINE_BYTES
+    from prune_env.data.facts import MAX_LINE_BYTES
 
     facts = tmp_path / "facts.jsonl"
     good = json.dumps({"prompt": "The capital of France is", "answer": "Paris"})

@@ -126,7 +126,7 @@ def test_auto_map_folder_is_refused_without_a_prompt_and_its_code_never_runs(tmp
     marker = tmp_path / "payload-ran"
     folder = _payload_folder(tmp_path / "custom", marker)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "prune_env.prune", "--model", str(folder), "--out",
+    done = subprocess.run([sys.executable, "-m", "prune_env.cli", "--model", str(folder), "--out",
                            str(tmp_path / "out")], input="y\n", capture_output=True, text=True, timeout=300,
                           cwd=ROOT, env=env)  # "y" would answer transformers' "run custom code? [y/N]"
     assert done.returncode == 2, done.stderr[-2000:]

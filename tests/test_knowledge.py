@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from prune_env.context import PruningContext
-from prune_env.evaluation import FactScores, retention
-from prune_env.facts import Fact, load_facts
-from prune_env.scoring import cache_dir
-from prune_env.knowledge import (BalancedIndex, balanced_accuracy, balanced_retention, majority_baseline,
+from prune_env.data.evaluation import FactScores, retention
+from prune_env.data.facts import Fact, load_facts
+from prune_env.pruning.scoring import cache_dir
+from prune_env.data.knowledge import (BalancedIndex, balanced_accuracy, balanced_retention, majority_baseline,
                                  majority_flags)
 
 

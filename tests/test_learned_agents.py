@@ -11,7 +11,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import train
-from prune_env.env import LayerPruneEnv
+from prune_env.envs.layer import LayerPruneEnv
 from prune_env.surrogate import load_surrogate, read_dataset
 from script_modules import load_script
 
@@ -204,7 +204,7 @@ def test_a_surrogate_trained_policy_plays_on_data_its_surrogate_was_not_fitted_o
     from agents.base import build_agent
     from agents.rl import load_policy, read_run_config
     from prune_env.context import DataConfig, PruningContext
-    from prune_env.factory import make_env
+    from prune_env.envs.factory import make_env
 
     data_set, run_dir = _surrogate_policy(tmp_path, smoke_data, rounds=1)
     same = PruningContext("tiny-llama", data=DataConfig.from_dict(smoke_data))

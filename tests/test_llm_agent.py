@@ -17,7 +17,7 @@ from llm_fakes import FakeIterativeEnv, ScriptedBackend, move, read_jsonl
 from agents.base import build_agent
 from agents.llm import ChatBackend, LLMAgent, LLMBackendError, LocalBackendConfig, LocalChatBackend
 from agents.llm.parsing import parse_move
-from prune_env.config import ConfigError
+from prune_env.config_files import ConfigError
 
 
 def test_rollback_in_memory_and_repeat_rejected(tmp_path):
@@ -194,7 +194,7 @@ def test_bad_config_is_refused_when_the_agent_is_built(config, message):
 
 
 def test_a_served_model_needs_an_id_and_a_valid_url_from_config_or_environment(monkeypatch):
-    from agents.llm.config import check_backend
+    from agents.llm.options import check_backend
 
     for name in ("OPENAI_MODEL", "PRUNE_GYM_LLM_MODEL", "OPENAI_BASE_URL"):
         monkeypatch.delenv(name, raising=False)

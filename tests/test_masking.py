@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from prune_env.calibration import BlockCall, ReplayState, advance, collect_stats, record_inputs, run_block
-from prune_env.masking import magnitude_mask, parse_pattern, sparsegpt_prune, wanda_mask
+from prune_env.pruning.calibration import BlockCall, ReplayState, advance, collect_stats, record_inputs, run_block
+from prune_env.pruning.masking import magnitude_mask, parse_pattern, sparsegpt_prune, wanda_mask
 from prune_env.models import decoder_blocks, linear_layers, weight_matrix
-from prune_env.pruner import block_stats, calibration_batches, prune_model
-from prune_env.snapshot import MaskedModel, PackedMasks, RankedMasks
+from prune_env.pruning.sequential import block_stats, calibration_batches, prune_model
+from prune_env.pruning.snapshot import MaskedModel, PackedMasks, RankedMasks
 from prune_env.tiny import tiny_model
 
 LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "model.layers.2.mlp.up_proj")
@@ -381,7 +381,7 @@ def test_parse_pattern_accepts():
 
 def test_selection_fast_path_equals_stable_sort_including_ties():
     """The kthvalue fast path must remove exactly what a stable per-row argsort removes."""
-    from prune_env.masking import _lowest_per_row, _row_counts
+    from prune_env.pruning.masking import _lowest_per_row, _row_counts
 
     g = torch.Generator().manual_seed(0)
     for trial in range(200):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from prune_env.calibration import TokenBatch, advance, final_hidden, record_inputs
+from prune_env.pruning.calibration import TokenBatch, advance, final_hidden, record_inputs
 from prune_env.models import (
     ALIASES,
     GEMMA3_ALIAS,

@@ -1,4 +1,4 @@
-"""The one-shot CLI (python -m prune_env.prune) on tiny-llama: outputs checked against the saved model,
+"""The one-shot CLI (python -m prune_env.cli) on tiny-llama: outputs checked against the saved model,
 and bad input that fails with a clear message and leaves nothing behind."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prune_env import prune
-from prune_env.data import split_corpus, tokenize_corpus
+from prune_env import cli
+from prune_env.data.windows import split_corpus, tokenize_corpus
 from prune_env.models import linear_layers, weight_matrix
 from prune_env.tiny import tiny_model, tiny_tokenizer
 
@@ -41,7 +41,7 @@ def hand_perplexity(model, windows: torch.Tensor) -> float:
 
 def test_cli_writes_metrics_masks_and_model(tmp_path, text_file, facts_file, capsys):
     out = tmp_path / "runs" / "wanda50"
-    assert prune.main(cli_args(text_file, facts_file, out, "--sparsity", "0.5")) == 0
+    assert cli.main(cli_args(text_file, facts_file, out, "--sparsity", "0.5")) == 0
     assert "wrote" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["masks.safetensors", "metrics.json", "model"]
     assert [p.name for p in out.parent.iterdir()] == ["wanda50"]  # no staging folder left beside it
@@ -84,7 +84,7 @@ def test_cli_allocation_and_no_model(tmp_path, text_file, facts_file):
     allocation = tmp_path / "alloc.json"
     allocation.write_text(json.dumps({"block.0": 0.2, "model.layers.2.mlp.up_proj": 0.7}))
     out = tmp_path / "mag"
-    code = prune.main(cli_args(text_file, facts_file, out, "--method", "magnitude", "--allocation",
+    code = cli.main(cli_args(text_file, facts_file, out, "--method", "magnitude", "--allocation",
                                str(allocation), "--no-save-model"))
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["masks.safetensors", "metrics.json"]
@@ -198,7 +198,7 @@ def test_cli_bad_input(tmp_path, text_file, facts_file, capsys, monkeypatch, cas
         raise AssertionError(f"{case}: the model was loaded before the input was refused")
 
     if case in BAD:
-        monkeypatch.setattr(prune, "PruningContext", no_model)
+        monkeypatch.setattr(cli, "PruningContext", no_model)
     else:
         from prune_env import context
 
@@ -206,7 +206,7 @@ def test_cli_bad_input(tmp_path, text_file, facts_file, capsys, monkeypatch, cas
     out = tmp_path / "runs" / "result"
     args = cli_args(text_file, facts_file, out) + extra(inputs)  # later flags override the defaults
     capsys.readouterr()  # drop what building the inputs printed
-    assert prune.main(args) == 2
+    assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err  # one line
     assert re.search(message, err), err
@@ -218,7 +218,7 @@ def test_cli_refuses_non_empty_out(tmp_path, text_file, facts_file, capsys):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert prune.main(cli_args(text_file, facts_file, out)) == 2
+    assert cli.main(cli_args(text_file, facts_file, out)) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
@@ -231,7 +231,7 @@ def test_cli_failure_while_writing_leaves_nothing(tmp_path, text_file, facts_fil
 
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     out = tmp_path / "runs" / "result"
-    assert prune.main(cli_args(text_file, facts_file, out)) == 2
+    assert cli.main(cli_args(text_file, facts_file, out)) == 2
     assert "disk full" in capsys.readouterr().err
     assert not out.exists() and list((tmp_path / "runs").iterdir()) == []
 
@@ -239,7 +239,7 @@ def test_cli_failure_while_writing_leaves_nothing(tmp_path, text_file, facts_fil
 def test_cli_as_a_module_subprocess(tmp_path, text_file, facts_file):
     out = tmp_path / "sub"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "prune_env.prune",
+    done = subprocess.run([sys.executable, "-m", "prune_env.cli",
                            *cli_args(text_file, facts_file, out, "--sparsity", "0.3", "--no-save-model")],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -260,7 +260,7 @@ def test_cli_memory_probes_end_in_a_one_line_error_with_a_small_peak(tmp_path, t
     """Peak RSS of the CLI process (a generous bound: the imports alone take ~400 MB)."""
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    command = [sys.executable, "-m", "prune_env.prune", *cli_args(text_file, facts_file, tmp_path / "out"),
+    command = [sys.executable, "-m", "prune_env.cli", *cli_args(text_file, facts_file, tmp_path / "out"),
                *MEMORY_PROBES[case](inputs)]
     probe = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
              "sys.stdout.write(f'{done.returncode} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}\\n'); "
@@ -281,7 +281,7 @@ def test_cli_memory_probes_end_in_a_one_line_error_with_a_small_peak(tmp_path, t
 def test_cli_defaults_are_the_data_config_defaults():
     from prune_env.context import DataConfig
 
-    args = prune.build_parser().parse_args(["--out", "x"])
+    args = cli.build_parser().parse_args(["--out", "x"])
     data = DataConfig()
     assert (args.eval_text, args.facts, args.eval_tokens, args.n_facts, args.calib_samples, args.calib_seq_len,
             args.seed) == (data.text, data.facts, data.eval_tokens, data.n_facts, data.calib_samples,
@@ -292,11 +292,11 @@ def test_cli_unwritable_out_fails_before_loading_the_model(tmp_path, text_file, 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(prune, "PruningContext", no_model)
+    monkeypatch.setattr(cli, "PruningContext", no_model)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     out = blocker / "result"  # a folder can never be made under a file (the root user is refused too)
-    assert prune.main(cli_args(text_file, facts_file, out)) == 2
+    assert cli.main(cli_args(text_file, facts_file, out)) == 2
     err = capsys.readouterr().err
     assert "--out" in err and str(out) in err and "not writable" in err
     assert blocker.read_text() == "x"
@@ -308,11 +308,11 @@ def test_cli_refuses_an_out_another_run_holds(tmp_path, text_file, facts_file, c
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded although --out is in use")
 
-    monkeypatch.setattr(prune, "PruningContext", no_model)
+    monkeypatch.setattr(cli, "PruningContext", no_model)
     out = tmp_path / "shared"
     with output_lock(out, "--out"):  # another run holds it (flock is per open file, so this process counts)
         (out / ".staging-other").mkdir()  # and is writing its results
-        assert prune.main(cli_args(text_file, facts_file, out)) == 2
+        assert cli.main(cli_args(text_file, facts_file, out)) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "in use by pid" in err
         assert sorted(p.name for p in out.iterdir()) == [".prune-gym.lock", ".staging-other"]
@@ -320,17 +320,17 @@ def test_cli_refuses_an_out_another_run_holds(tmp_path, text_file, facts_file, c
 
 def test_cli_second_run_keeps_the_first_runs_results(tmp_path, text_file, facts_file, capsys):
     out = tmp_path / "once"
-    assert prune.main(cli_args(text_file, facts_file, out, "--method", "magnitude", "--no-save-model")) == 0
+    assert cli.main(cli_args(text_file, facts_file, out, "--method", "magnitude", "--no-save-model")) == 0
     first = {p.name: p.read_bytes() for p in out.iterdir()}
     assert sorted(first) == ["masks.safetensors", "metrics.json"]  # no lock or staging left behind
-    assert prune.main(cli_args(text_file, facts_file, out, "--method", "wanda", "--no-save-model")) == 2
+    assert cli.main(cli_args(text_file, facts_file, out, "--method", "wanda", "--no-save-model")) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
 
 
 def test_cli_pattern_records_its_own_target(tmp_path, text_file, facts_file):
     out = tmp_path / "nm"
-    assert prune.main(cli_args(text_file, facts_file, out, "--method", "magnitude", "--pattern", "1:4",
+    assert cli.main(cli_args(text_file, facts_file, out, "--method", "magnitude", "--pattern", "1:4",
                                "--no-save-model")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["target_sparsity"] == 0.25 and metrics["pattern"] == "1:4"
@@ -343,5 +343,5 @@ def test_cli_clears_a_killed_runs_leftovers(tmp_path, text_file, facts_file):
     (out / ".prune-gym.lock").write_text("pid 1\n")  # nobody holds it: the run was killed
     (out / ".staging-dead").mkdir()
     (out / ".staging-dead" / "masks.safetensors").write_bytes(b"partial")
-    assert prune.main(cli_args(text_file, facts_file, out, "--method", "magnitude", "--no-save-model")) == 0
+    assert cli.main(cli_args(text_file, facts_file, out, "--method", "magnitude", "--no-save-model")) == 0
     assert sorted(p.name for p in out.iterdir()) == ["masks.safetensors", "metrics.json"]

@@ -1,4 +1,4 @@
-"""Reference scores (prune_env/reference.py, scripts/reference_scores.py) and the one version number."""
+"""Reference scores (prune_env/envs/reference.py, scripts/reference_scores.py) and the one version number."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prune_env import reference
+from prune_env.envs import reference
 from tests.script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def test_one_version_number_and_the_table_is_package_data():
 
 def test_task_for_needs_the_default_reward_and_data(tiny_data):
     from prune_env.context import PruningContext
-    from prune_env.rewards import RewardConfig
+    from prune_env.envs.rewards import RewardConfig
 
     ctx = PruningContext("tiny-llama", data=tiny_data)
     assert reference.task_for(ctx, "exact", RewardConfig()) is None  # the tiny data are not the defaults

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from agents.rl import load_policy, play_episode, read_run_config
-from prune_env.factory import make_env
+from prune_env.envs.factory import make_env
 
 COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results" / "ppo-smollm2-50" / "final_model.zip"
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prune_env.calibration import TokenBatch
+from prune_env.pruning.calibration import TokenBatch
 from prune_env.models import linear_layers
-from prune_env.scoring import _gradient_means
+from prune_env.pruning.scoring import _gradient_means
 from prune_env.tiny import tiny_model
 
 
@@ -50,7 +50,7 @@ def test_gradient_means_leave_the_callers_gradients_in_place():
 def test_corrupt_caches_are_rebuilt_with_a_warning(tmp_path, monkeypatch, text_file):
     """A damaged profile or dense-metric cache file is named, deleted and rebuilt, never a blocker."""
     from prune_env.context import PruningContext
-    from prune_env.scoring import cache_dir
+    from prune_env.pruning.scoring import cache_dir
 
     monkeypatch.setenv("PRUNE_GYM_CACHE", str(tmp_path))
     data = {"text": str(text_file), "calib_samples": 2, "calib_seq_len": 32, "eval_tokens": 128,

@@ -11,8 +11,8 @@ import torch
 from agents.base import Agent, build_agent, check_allocation, play
 from agents.search import SearchAgent, SearchConfig, search_allocation
 from prune_env.context import PruningContext
-from prune_env.env import LayerPruneEnv
-from prune_env.factory import make_env
+from prune_env.envs.layer import LayerPruneEnv
+from prune_env.envs.factory import make_env
 
 OPTIMIZERS = ("cmaes", "random")
 
@@ -212,10 +212,10 @@ def test_env_bounds_are_the_search_bounds(contexts):
 
 
 def test_a_benchmark_cell(tmp_path, text_file):
-    from prune_bench.config import BenchmarkConfig, defaults
+    from prune_bench.bench_config import BenchmarkConfig, defaults
     from prune_bench.driver import run_benchmark
     from prune_bench.store import validate_results
-    from prune_env.config import merge
+    from prune_env.config_files import merge
 
     old_threads = torch.get_num_threads()
     base = {"model": "tiny-llama", "device": "cpu", "threads": 1, "targets": [0.5], "seeds": [0],

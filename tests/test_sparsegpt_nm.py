@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prune_env.masking import sparsegpt_prune
+from prune_env.pruning.masking import sparsegpt_prune
 
 
 def reference_sparsegpt_nm(weight: torch.Tensor, hessian: torch.Tensor, n: int, m: int,

@@ -16,9 +16,9 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 import train
 from agents.rl import RLAgent, load_policy, read_run_config
-from prune_env.allocation import parse_allocation
-from prune_env.config import ConfigError
-from prune_env.factory import make_env
+from prune_env.pruning.allocation_files import parse_allocation
+from prune_env.config_files import ConfigError
+from prune_env.envs.factory import make_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -140,7 +140,7 @@ def test_saved_policy_gives_a_stable_allocation_and_eval_writes_it(smoke_run: Pa
     assert record["granularity"] == "block" and record["model"] == "tiny-llama"
     last_eval = json.loads((smoke_run / "eval.jsonl").read_text().splitlines()[-1])
     assert record["ppl"] == pytest.approx(last_eval["ppl"])
-    ratios = parse_allocation(record, context.refs)  # what python -m prune_env.prune --allocation reads
+    ratios = parse_allocation(record, context.refs)  # what python -m prune_env.cli --allocation reads
     assert len(ratios) == len(context.refs)
 
     # the registry's RL agent plays the same episode on a lent context and gives the model back dense
@@ -196,8 +196,8 @@ def test_shipped_configs_resolve(name: str | None, algo: str):
 
 def test_one_policy_for_every_target_draws_training_targets(tiny_data, tmp_path):
     """env.target_sparsity_range: training episodes draw their target; the evaluation episode keeps env.target."""
-    from agents.train_config import resolve_config
-    from prune_env.factory import make_env
+    from training.train_config import resolve_config
+    from prune_env.envs.factory import make_env
 
     config = resolve_config(SMOKE, [*smoke_overrides(tiny_data, tmp_path / "run"), "env.target_sparsity_range=[0.3, 0.6]",
                                     "env.env_id=prune_env/LayerPrune-v1"])

@@ -10,7 +10,7 @@ import pytest
 
 import train
 from agents.rl import load_policy, read_run_config
-from prune_env.factory import make_env
+from prune_env.envs.factory import make_env
 from test_train import SMOKE, Interrupt
 
 

@@ -22,9 +22,9 @@ import pytest
 
 import train
 from agents.rl import load_policy, read_run_config
-from agents.safe_load import (NormalizerStats, UnsafeFileError, load_replay_buffer, restore_rng, save_replay_buffer,
+from training.safe_load import (NormalizerStats, UnsafeFileError, load_replay_buffer, restore_rng, save_replay_buffer,
                               save_rng)
-from prune_env.factory import make_env
+from prune_env.envs.factory import make_env
 from prune_env.files import output_lock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,7 +268,7 @@ def test_pickled_files_of_older_runs_load_only_with_trust_pickle(tmp_path: Path)
     import torch
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
-    from agents.safe_load import load_normalizer, restore_legacy_rng
+    from training.safe_load import load_normalizer, restore_legacy_rng
 
     venv = VecNormalize(DummyVecEnv([lambda: gym.make("Pendulum-v1")]), norm_obs=True, norm_reward=False)
     venv.reset()
@@ -319,7 +319,7 @@ def test_n_envs_beyond_the_cores_is_refused_before_any_env_with_little_memory(ti
 
 
 def test_n_envs_are_counted_against_memory(tmp_path: Path):
-    from prune_env.config import ConfigError
+    from prune_env.config_files import ConfigError
 
     mib, gib = 2**20, 2**30
     train.check_vec_env_size(4, False, 540 * mib, cpus=2, available=8 * gib)  # SmolLM2-sized, in one process

@@ -3,7 +3,7 @@ loads and plays full episodes on tiny models of another depth (tiny-llama-5, tin
 (tiny-gpt2) in the model-independent ids LayerPrune-v1 (block and linear granularity) and IterativePrune-v1.
 
 Each saved policy is loaded twice: by SB3's `PPO.load(path, env=...)`, which refuses a zip whose saved spaces
-differ from the env's, and by the project's pickle-free `agents.safe_load.load_parameters` into a network built
+differ from the env's, and by the project's pickle-free `training.safe_load.load_parameters` into a network built
 in the new env's spaces (it refuses tensors of another shape); both must act identically. The v0 control shows
 the check is not vacuous: an IterativePrune-v0 policy of tiny-llama does not load on tiny-llama-5.
 """
@@ -17,10 +17,10 @@ import pytest
 import torch
 from stable_baselines3 import PPO
 
-from agents.safe_load import load_parameters
-from prune_env.factory import make_env
+from training.safe_load import load_parameters
+from prune_env.envs.factory import make_env
 from prune_env.models import decoder_blocks
-from prune_env.registry import register_reward_term
+from prune_env.envs.plugins import register_reward_term
 from prune_env.tiny import DEFAULT_BLOCKS, parse_tiny_name, tiny_model
 
 TARGET = 0.5

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prune_env.env import LayerPruneEnv
+from prune_env.envs.layer import LayerPruneEnv
 from prune_env.surrogate import append_record, start_dataset
 
 

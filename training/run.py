@@ -12,7 +12,7 @@ Run folder (run_dir):
                                 RNG), state.json (counters, eval history, wandb id, each env's episode
                                 target and generator state; written last)
 
-Nothing in it is a pickle (agents/safe_load.py). A checkpoint is written into a hidden staging folder
+Nothing in it is a pickle (training/safe_load.py). A checkpoint is written into a hidden staging folder
 and renamed into place only when complete, single files through `atomic_path`; a kill -9 at any
 moment leaves the previous checkpoints intact, and `remove_partial_files` (called on --resume)
 deletes what a killed run left half-written. Checkpoints are taken at the first rollout boundary after
@@ -35,11 +35,11 @@ from stable_baselines3.common.logger import KVWriter
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
 from agents.rl import CONFIG_NAME, FINAL_MODEL, play_episode
-from agents.safe_load import (LEGACY_REPLAY_BUFFER, LEGACY_RNG, NORMALIZER_FILE,
+from training.safe_load import (LEGACY_REPLAY_BUFFER, LEGACY_RNG, NORMALIZER_FILE,
                               REPLAY_BUFFER_FILE, RNG_FILE, NormalizerStats, check_safetensors, load_normalizer,
                               load_parameters, load_replay_buffer, read_policy_file, restore_legacy_rng, restore_rng,
                               save_replay_buffer, save_rng, trusted_pickle)
-from agents.train_config import TrainConfig
+from training.train_config import TrainConfig
 from prune_env.files import atomic_path, atomic_write_text, staged_directory, to_jsonable
 from prune_env.validation import is_finite_number, is_int
 

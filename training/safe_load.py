@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.train_config import TrainConfig, algo_class
+from training.train_config import TrainConfig, algo_class
 from prune_env.files import atomic_path, atomic_write_json
 from prune_env.validation import is_finite_number, is_int, is_number
 

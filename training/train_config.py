@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from prune_env.config import ConfigError, dataclass_from_dict, load_config
+from prune_env.config_files import ConfigError, dataclass_from_dict, load_config
 from prune_env.context import GRANULARITIES, DataConfig
-from prune_env.env import ACTION_MODES, ACTION_TYPES, FIDELITIES
-from prune_env.masking import parse_pattern
-from prune_env.methods import check_method
-from prune_env.rewards import RewardConfig
+from prune_env.envs.layer import ACTION_MODES, ACTION_TYPES, FIDELITIES
+from prune_env.pruning.masking import parse_pattern
+from prune_env.pruning.methods import check_method
+from prune_env.envs.rewards import RewardConfig
 from prune_env.validation import (DTYPE_NAMES, check_choice, check_device, check_flag, check_number, check_ratio,
                                   check_target)
 

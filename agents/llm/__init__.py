@@ -7,8 +7,8 @@ ChatBackend interface, the local transformers model), `openai_http` (the bounded
 """
 
 from agents.llm.agent import LLMAgent
-from agents.llm.config import AgentOptions, backend_config, build_backend
-from agents.llm.backends import ChatBackend, LLMBackendError, LocalBackendConfig, LocalChatBackend
+from agents.llm.options import AgentOptions, backend_config, build_backend
+from agents.llm.chat import ChatBackend, LLMBackendError, LocalBackendConfig, LocalChatBackend
 from agents.llm.openai_http import HTTPBackendConfig, OpenAIChatBackend
 
 __all__ = ["AgentOptions", "ChatBackend", "HTTPBackendConfig", "LLMAgent", "LLMBackendError", "LocalBackendConfig",

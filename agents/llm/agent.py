@@ -28,17 +28,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agents.allocators import match_budget
+from agents.rules import match_budget
 from agents.base import Agent
-from agents.llm.backends import ChatBackend, LLMBackendError, LocalBackendConfig, LocalChatBackend
+from agents.llm.chat import ChatBackend, LLMBackendError, LocalBackendConfig, LocalChatBackend
 from agents.llm.candidates import (budget_match, candidate_allocations, candidate_moves, fallback_move,
                                    zscore_allocation)
-from agents.llm.config import AgentOptions, backend_config, build_backend
+from agents.llm.options import AgentOptions, backend_config, build_backend
 from agents.llm.memory import Memory, MemoryEntry, Transcript
 from agents.llm.parsing import (ALLOCATION_SCHEMA, MOVE_SCHEMA, finite_or_none, parse_allocation, parse_move,
                                 row_index)
 from agents.llm.prompts import allocation_messages, profile_table, reask_messages, system_prompt, user_prompt
-from prune_env.config import ConfigError, dataclass_from_dict
+from prune_env.config_files import ConfigError, dataclass_from_dict
 from prune_env.files import safe_name, to_jsonable
 from prune_env.validation import check_choice
 

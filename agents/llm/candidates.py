@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 
-from agents.allocators import match_budget, zscore_greedy_pick
+from agents.rules import match_budget, zscore_greedy_pick
 from agents.llm.memory import Memory
 from agents.llm.parsing import ALLOC_MAX_RATIO, EPS, row_index
 
@@ -18,7 +18,7 @@ __all__ = ["budget_match", "candidate_allocations", "candidate_moves", "fallback
 def zscore_greedy(table: list[dict], max_sparsity: float, k: int, blocked: set[str] | None = None) -> list[str]:
     """The `k` units with the lowest `z_wanda + z_grad` below the cap (ties: lower index).
 
-    `agents.allocators.zscore_greedy_pick` with the blocked units passed as capped.
+    `agents.rules.zscore_greedy_pick` with the blocked units passed as capped.
     """
     blocked = blocked or set()
     zw = [float(r["z_wanda"]) for r in table]
@@ -72,7 +72,7 @@ def candidate_moves(table: list[dict], max_sparsity: float, k: int, memory: Memo
 def budget_match(ratios: list[float], numel: list[float], target: float,
                  max_ratio: float = ALLOC_MAX_RATIO) -> list[float]:
     """Shift `ratios` (clipped to [0, max_ratio]) so the numel-weighted mean equals `target`
-    (`agents.allocators.match_budget`, target clipped into [0, max_ratio])."""
+    (`agents.rules.match_budget`, target clipped into [0, max_ratio])."""
     r = np.clip(np.asarray(ratios, dtype=float), 0.0, max_ratio)
     tgt = float(np.clip(target, 0.0, max_ratio))
     return [float(x) for x in match_budget(r.tolist(), list(numel), tgt, high=max_ratio)]

@@ -15,8 +15,8 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from agents.llm.backends import LLMBackendError
-from prune_env.config import ConfigError
+from agents.llm.chat import LLMBackendError
+from prune_env.config_files import ConfigError
 
 __all__ = ["DEFAULT_BASE_URL", "REDACTED", "SameOriginRedirectHandler", "check_base_url", "check_env_name",
            "resolve_endpoint", "scrub"]

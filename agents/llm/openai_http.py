@@ -38,7 +38,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents.llm.backends import ChatBackend, LLMBackendError
+from agents.llm.chat import ChatBackend, LLMBackendError
 from agents.llm.endpoint import (DEFAULT_BASE_URL, SameOriginRedirectHandler, check_base_url, check_env_name,
                                  resolve_endpoint, scrub)
 from prune_env.validation import check_number

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from agents.llm.backends import ChatBackend, LocalBackendConfig, LocalChatBackend
+from agents.llm.chat import ChatBackend, LocalBackendConfig, LocalChatBackend
 from agents.llm.endpoint import resolve_endpoint
 from agents.llm.openai_http import HTTPBackendConfig, OpenAIChatBackend
-from prune_env.config import ConfigError, dataclass_from_dict
+from prune_env.config_files import ConfigError, dataclass_from_dict
 from prune_env.validation import check_choice, check_number
 
 __all__ = ["BACKEND_CONFIGS", "AgentOptions", "backend_config", "build_backend", "check_backend"]

@@ -4,7 +4,7 @@ Why this module exists: the project must run with no hub access, so the default 
 Debian Administrator's Handbook, which every Debian machine can fetch with ``apt-get download``
 (README, "Offline defaults, and going online"); a local UTF-8 text file works anywhere;
 WikiText-2 and C4 stay available for online runs so numbers can be compared with the literature.
-Tokenising and cutting windows out of the text is `prune_env.data`'s job.
+Tokenising and cutting windows out of the text is `prune_env.data.windows`'s job.
 
 Public API::
 
@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write_text, cache_root, read_cache
+from ..files import atomic_write_text, cache_root, read_cache
 
 __all__ = [
     "ACCEPTED_SOURCES",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import TokenBatch, _base_forward, final_hidden
+from ..pruning.calibration import TokenBatch, _base_forward, final_hidden
 from .facts import Fact
 
 HEAD_CHUNK_ELEMENTS = 2 ** 24  # logits per chunk (64 MiB in fp32): 341 positions for SmolLM2's 49k vocabulary

@@ -2,7 +2,7 @@
 
 Why this module exists: pruning needs two disjoint kinds of text, random calibration windows
 (Wanda / SparseGPT draw 128 x 2048-token windows from C4 train) and contiguous evaluation windows
-(the WikiText-2 perplexity protocol). Where the text comes from is `prune_env.corpus`'s job.
+(the WikiText-2 perplexity protocol). Where the text comes from is `prune_env.data.corpus`'s job.
 
 Public API::
 
@@ -10,7 +10,7 @@ Public API::
     split_corpus(ids, calib_samples=16, calib_seq_len=512, eval_tokens=20480,
                  eval_seq_len=512, seed=0, eval_offset=None, ...) -> TextSlices
 
-``python -m prune_env.data fetch [SOURCE]`` fills the text cache once (``make setup`` runs it).
+``python -m prune_env.data fetch [SOURCE]`` (prune_env/data/__main__.py) fills the text cache once.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from typing import Any
 
 import torch
 
-from .corpus import load_text
-from .files import cache_root
 
 __all__ = ["TextSlices", "split_corpus", "tokenize_corpus"]
 
@@ -227,25 +225,3 @@ def split_corpus(
         seed=int(seed),
         source=source,
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m prune_env.data fetch [SOURCE]`: fill the text cache once (make setup runs it)."""
-    import sys
-
-    args = sys.argv[1:] if argv is None else argv
-    if not args or args[0] != "fetch":
-        print("usage: python -m prune_env.data fetch [debian-handbook|FILE|wikitext2|c4]", file=sys.stderr)
-        return 2
-    source = args[1] if len(args) > 1 else "debian-handbook"
-    try:
-        text = load_text(source)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"{source}: {len(text):,} characters cached under {cache_root()}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
-from .context import DataConfig, Metrics, PruningContext
+from ..context import DataConfig, Metrics, PruningContext
 from .fidelities import SurrogateContext, surrogate_context
-from .registry import observation_feature
+from .plugins import observation_feature
 from .rendering import render_allocation
 from .rewards import RewardConfig
-from .validation import check_number, check_target
+from ..validation import check_number, check_target
 
 Z_CLIP = 10.0
 RESET_OPTIONS = ("target_sparsity", "target_sparsity_range")
@@ -152,7 +152,7 @@ class PruneEnvBase(gym.Env):
         """A surrogate env on its light context pickles (Ray, subprocesses); a model-backed one refuses clearly."""
         if not isinstance(self.context, SurrogateContext):
             raise TypeError(f"this {type(self).__name__} holds a model and open files and does not pickle: send "
-                            f"its constructor arguments instead (e.g. prune_env.factory.make_env in each worker)")
+                            f"its constructor arguments instead (e.g. prune_env.envs.factory.make_env in each worker)")
         return self.__dict__
 
     @property

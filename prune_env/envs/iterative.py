@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from .base_env import Z_CLIP, PruneEnvBase, check_whole, clip_observation
-from .registry import observation_feature
-from .context import Metrics, PruningContext
+from .base import Z_CLIP, PruneEnvBase, check_whole, clip_observation
+from .plugins import observation_feature
+from ..context import Metrics, PruningContext
 from .rewards import objectives, scalar_quality
-from .scoring import unit_wanda_percentile, zscore
-from .snapshot import RankedMasks
-from .validation import check_number
+from ..pruning.scoring import unit_wanda_percentile, zscore
+from ..pruning.snapshot import RankedMasks
+from ..validation import check_number
 
 UNIT_FEATURES = 5  # z_wanda, z_grad, sparsity, depth, param_share
 GLOBAL_FEATURES = 6  # global sparsity, target, budget left, log ppl ratio, fact acc drop, rollback rate
@@ -117,7 +117,7 @@ class IterativePruneEnv(PruneEnvBase):
     | G + 4 | fact_drop | fact_acc_dense - fact_acc of the current accepted state |
     | G + 5 | rollback_rate | rollbacks so far / max_steps |
 
-    With `extra_features=[names]` (`prune_env.registry.register_observation_feature`) each unit's entries
+    With `extra_features=[names]` (`prune_env.envs.plugins.register_observation_feature`) each unit's entries
     are followed by fn(env, unit) for each name: 5 + k entries per unit (per bin in v1), globals last.
 
     Entries are clipped to [-10, 10]. s_u rises as pruning removes a unit's weakest weights, so z_wanda

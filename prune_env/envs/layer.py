@@ -8,12 +8,12 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from .allocation import project, wall_bounds
-from .base_env import PruneEnvBase, clip_observation, check_whole
-from .context import PruningContext
+from ..pruning.allocation_files import project, wall_bounds
+from .base import PruneEnvBase, clip_observation, check_whole
+from ..context import PruningContext
 from .fidelities import FIDELITIES, SurrogateContext, make_fidelity
 from .rewards import objectives, scalar_quality
-from .validation import check_flag, check_number, check_ratio
+from ..validation import check_flag, check_number, check_ratio
 ACTION_TYPES = ("continuous", "discrete")
 ACTION_MODES = ("absolute", "budget")
 KIND_ENCODINGS = ("one_hot", "role")
@@ -81,7 +81,7 @@ class LayerPruneEnv(PruneEnvBase):
     | 7 | prev_action | the ratio applied at the previous step (0 at the start) |
     | 8 | last_drop | exact: relative L2 error of the last pruned block's output vs the dense block's, on one calibration batch; proxy: 0 |
     | 9.. | kind one-hot | with `granularity="linear"`: v0 one-hot of the linear type (q/k/v/o/gate/up/down..., k depends on the family); v1 (`kind_encoding="role"`) one-hot of the fixed roles attention_in / attention_out / mlp_in / mlp_out / other (k = 5 for every family) |
-    | .. | extra features | one entry per name in `extra_features` (`prune_env.registry.register_observation_feature`) |
+    | .. | extra features | one entry per name in `extra_features` (`prune_env.envs.plugins.register_observation_feature`) |
 
     z-scores are clipped to [-10, 10]. `observe_profile=False` reads 0 in entries 0-1 (like MuJoCo's
     `exclude_current_positions_from_observation`): a policy trained on one calibration sees the same
@@ -90,13 +90,13 @@ class LayerPruneEnv(PruneEnvBase):
     ## Rewards
     Terminal: quality = -ppl_weight * log(ppl / ppl_dense) - fact_weight * (fact_acc_dense - fact_acc)
     (defaults 1 and 1), plus sum_k w_k * term_k(metrics, allocation, env) for `reward={"terms": {name: w_k}}`
-    (terms registered with `prune_env.registry.register_reward_term`; they read the allocation, not the
+    (terms registered with `prune_env.envs.plugins.register_reward_term`; they read the allocation, not the
     weights, so they are right on every fidelity). Optional shaping each step: -shaping_weight * last_drop
     (default 0). With `reward_mode="vector"` the reward is a numpy vector in `reward_space`
     (`Box(-inf, inf, (2 + n_terms,))`, MO-Gymnasium's convention): [-log(ppl / ppl_dense),
     fact_acc - fact_acc_dense, term_1, ...] unweighted at the last step, the shaping term in entry 0
     before (through wrappers: `env.get_wrapper_attr("reward_space")`);
-    `prune_env.wrappers.LinearizeReward(env, weights)` scalarises it (weights [ppl_weight,
+    `prune_env.envs.wrappers.LinearizeReward(env, weights)` scalarises it (weights [ppl_weight,
     fact_weight, *term weights] give the scalar mode's reward). `info["quality"]` is always the scalar.
     `info` carries `ppl`, `fact_acc`, `fact_nll`, `fact_retention`, `achieved_sparsity`, `allocation`
     (per-unit ratios), `quality` at the end, and `ratio`, `achieved_sparsity`, `target_sparsity` every step.
@@ -104,7 +104,7 @@ class LayerPruneEnv(PruneEnvBase):
     the dense sensitivity profile (z_wanda, z_grad, numel per unit).
 
     ## Fidelity
-    One strategy object of `prune_env.fidelities` each. `exact`: the real sequential prune and real
+    One strategy object of `prune_env.envs.fidelities` each. `exact`: the real sequential prune and real
     metrics on the evaluation slices; hidden states of the decided prefix are cached, so each step runs
     only the block it just pruned. `proxy`: masks from precomputed dense-calibration score ranks (no
     sequential recalibration) and metrics on the first `proxy_eval_tokens` tokens and `proxy_facts` facts
@@ -148,7 +148,7 @@ class LayerPruneEnv(PruneEnvBase):
     (v1)), extra_features (list of registered feature names), reward_mode ("scalar" | "vector"),
     surrogate (None | path of a surrogate data set, with `fidelity="surrogate"`), action_mode ("absolute" |
     "budget"), surrogate_pessimism (0.0), observe_profile (True).
-    `method` may be any name registered with `prune_env.methods.register_method`.
+    `method` may be any name registered with `prune_env.pruning.methods.register_method`.
 
     ## Example
     ```python

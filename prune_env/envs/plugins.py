@@ -11,7 +11,7 @@ every fidelity (the surrogate never prunes a weight): `env.allocation` (per-unit
 `env.profile` (z-scores and numel per unit), `env.reference` (dense metrics), `env.units`,
 `env.target_sparsity`.
 
-Pruning methods have their own registry (`prune_env.methods.register_method`).
+Pruning methods have their own registry (`prune_env.pruning.methods.register_method`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _register(table: dict, kind: str, name: str, fn: Callable) -> None:
 def _lookup(table: dict, kind: str, name: str) -> Callable:
     if name not in table:
         raise ValueError(f"unknown {kind} {name!r}: registered are {sorted(table)} "
-                         f"(add one with prune_env.registry.register_{kind.replace(' ', '_')})")
+                         f"(add one with prune_env.envs.plugins.register_{kind.replace(' ', '_')})")
     return table[name]
 
 

@@ -31,7 +31,7 @@ def task_key(model: str, method: str, granularity: str, fidelity: str) -> str:
 def task_for(context, fidelity: str, reward_config) -> str | None:
     """The table's task of an env's PruningContext, fidelity and RewardConfig; None when the reward or the
     data are not the defaults the table was played with (then no reference applies)."""
-    from .context import DataConfig
+    from ..context import DataConfig
     from .rewards import RewardConfig
 
     if reward_config != RewardConfig() or context.data != DataConfig() or context.pattern is not None:

@@ -4,7 +4,7 @@
                  + sum_k terms[k] * term_k(metrics, allocation, env)
 
 The two built-in objectives are the perplexity term -log(ppl / ppl_dense) and the fact term
--(fact_acc_dense - fact_acc); user terms come from `prune_env.registry.register_reward_term` and are
+-(fact_acc_dense - fact_acc); user terms come from `prune_env.envs.plugins.register_reward_term` and are
 selected with `reward={"terms": {"name": weight}}`. LayerPrune pays quality(final model) at the last
 step (plus, optionally, a shaping term each step: - shaping_weight * the relative hidden-state error of
 the block just pruned); IterativePrune pays the change in quality each step, so an episode's return
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from .config import dataclass_from_dict
-from .registry import reward_term
-from .validation import check_number
+from ..config_files import dataclass_from_dict
+from .plugins import reward_term
+from ..validation import check_number
 
 OBJECTIVES = ("ppl", "facts")
 

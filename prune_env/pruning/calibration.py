@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .models import decoder_blocks, weight_matrix
+from ..models import decoder_blocks, weight_matrix
 
 
 @dataclass

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .context import PruningContext
+from ..context import PruningContext
 
 
 def save_plain_pretrained(model, directory: str | Path) -> None:

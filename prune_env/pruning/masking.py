@@ -1,7 +1,7 @@
 """Pruning operators (magnitude, Wanda, SparseGPT; unstructured or N:M): weights in, keep-masks out.
 
 The storage that applies and undoes masks on a live model (dense snapshot, packed masks, score ranks)
-lives in `prune_env.snapshot`.
+lives in `prune_env.pruning.snapshot`.
 
 Masks are boolean with True = keep. Every operator removes exactly round(ratio * numel) weights of a
 matrix (spread over rows for the per-row criteria), so per-layer allocations are met to the weight.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import check_ratio
+from ..validation import check_ratio
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 

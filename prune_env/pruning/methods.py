@@ -79,7 +79,7 @@ def method_names() -> list[str]:
 def check_method(method: str) -> str:
     if method not in _REGISTRY:
         raise ValueError(f"unknown pruning method {method!r}: use one of {', '.join(_REGISTRY)} "
-                         f"(or register one with prune_env.methods.register_method)")
+                         f"(or register one with prune_env.pruning.methods.register_method)")
     return method
 
 

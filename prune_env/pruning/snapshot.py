@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .files import cache_root
+from ..files import cache_root
 from .masking import _row_counts
 from .methods import get_method
-from .models import weight_matrix
+from ..models import weight_matrix
 
 
 class DenseSnapshot(Mapping[str, torch.Tensor]):

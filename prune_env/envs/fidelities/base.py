@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..context import Metrics
+from ...context import Metrics
 
 
 class Fidelity:

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..calibration import ReplayState, advance, record_inputs
-from ..context import PruningContext
-from ..evaluation import (ChoiceScores, choice_scores, fact_batches, nll_from_hidden, summarise_facts,
+from ...pruning.calibration import ReplayState, advance, record_inputs
+from ...context import PruningContext
+from ...data.evaluation import (ChoiceScores, choice_scores, fact_batches, nll_from_hidden, summarise_facts,
                           supports_packing, window_batches)
-from ..models import decoder_blocks
-from ..pruner import SequentialPruner
+from ...models import decoder_blocks
+from ...pruning.sequential import SequentialPruner
 from .base import Fidelity
 
 

@@ -3,8 +3,8 @@ the first `proxy_eval_tokens` tokens and `proxy_facts` facts of the same slices.
 
 from __future__ import annotations
 
-from ..context import PruningContext
-from ..snapshot import RankedMasks
+from ...context import PruningContext
+from ...pruning.snapshot import RankedMasks
 from .base import Fidelity
 
 

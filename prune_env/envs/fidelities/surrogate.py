@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ..context import DataConfig, Metrics, PruningContext
-from ..masking import parse_pattern
-from ..methods import check_method
+from ...context import DataConfig, Metrics, PruningContext
+from ...pruning.masking import parse_pattern
+from ...pruning.methods import check_method
 from ..rewards import RewardConfig
-from ..surrogate import Surrogate, SurrogateMismatchError, fitted_surrogate, load_surrogate, reward_spread
-from ..validation import check_device, check_dtype
+from ...surrogate import Surrogate, SurrogateMismatchError, fitted_surrogate, load_surrogate, reward_spread
+from ...validation import check_device, check_dtype
 from .base import Fidelity
 
 HEADER_KEYS = ("profile", "unit_numel", "context", "data_config", "dense")
