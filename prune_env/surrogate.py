@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .files import atomic_write_text
-from .rewards import RewardConfig
+from .envs.rewards import RewardConfig
 from .validation import is_finite_number, is_int
 
 if TYPE_CHECKING:  # pragma: no cover

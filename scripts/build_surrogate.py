@@ -18,7 +18,7 @@ policy spends its time), random (Dirichlet weights, concentration 0.3-10), struc
 down, protected first / last / both ends, the z-score rule at several spreads, OWL and AlphaPruning at
 several strengths), smooth (a random low-frequency shape over depth: a cosine series of 1-4 terms with
 decaying amplitude, with the first or last blocks protected half of the time; the broad family of smooth
-non-uniform allocations a learning policy is drawn to, not any one rule). Every allocation is budget-matched with `agents.allocators.match_budget` into the
+non-uniform allocations a learning policy is drawn to, not any one rule). Every allocation is budget-matched with `agents.rules.match_budget` into the
 env's [min_sparsity, max_sparsity]. Only this script imports agents: prune_env never does.
 """
 
@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.allocators import match_budget, zscore_greedy_ratios  # noqa: E402
+from agents.rules import match_budget, zscore_greedy_ratios  # noqa: E402
 from agents.base import play  # noqa: E402
 from prune_env.surrogate import PACKAGED, append_record, heldout, read_dataset, start_dataset  # noqa: E402
 
@@ -78,7 +78,7 @@ class Profile:
 
 def allocation(draw: dict, seed: int, profile: Profile) -> tuple[list[float], dict]:
     """The draw's requested per-unit ratios (budget-matched) and the parameters that produced them."""
-    from agents.allocators import owl_ratios_from_lod
+    from agents.rules import owl_ratios_from_lod
     from agents.alphapruning import alphapruning_ratios
 
     rng = np.random.default_rng([seed, draw["draw"]])
@@ -214,7 +214,7 @@ def build(model: str, out: Path, rounds: int, seed: int, data: dict | None, log=
 
     import prune_env  # noqa: F401  (registers the environments)
     from prune_env.context import DataConfig, PruningContext
-    from prune_env.rewards import RewardConfig
+    from prune_env.envs.rewards import RewardConfig
 
     began = time.perf_counter()
     ctx = PruningContext(model, device=device, data=DataConfig.from_dict(data))

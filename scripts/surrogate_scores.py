@@ -45,7 +45,7 @@ def scores(policies: list[str], rules: dict[str, dict[float, list[float]]], targ
            pessimism: float | None = None) -> list[dict]:
     """One row per (target, player): the surrogate's predicted reward and its lower bound."""
     from agents.rl import read_run_config
-    from prune_env.rewards import RewardConfig
+    from prune_env.envs.rewards import RewardConfig
     from prune_env.surrogate import load_surrogate, quality_of, reward_spread
 
     played: dict[str, dict[float, list[float]]] = {}

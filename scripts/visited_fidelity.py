@@ -38,8 +38,8 @@ def rollouts(policy_path: str, targets, episodes: int, seed: int) -> tuple[list[
     import torch
 
     from agents.rl import load_policy, read_run_config
-    from prune_env.factory import make_env
-    from prune_env.rewards import RewardConfig
+    from prune_env.envs.factory import make_env
+    from prune_env.envs.rewards import RewardConfig
     from prune_env.surrogate import load_surrogate, quality_of
 
     config = read_run_config(policy_path, [])
