@@ -15,7 +15,6 @@ import contextlib
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,14 +23,13 @@ from .context import DataConfig, PruningContext
 from .data.corpus import load_text
 from .pruning.export import save_pruned
 from .data.facts import load_facts
-from .files import LOCK_NAME, OutputLockedError, atomic_write_json, output_lock
+from .files import LOCK_NAME, STAGING_PREFIX, OutputLockedError, atomic_write_json, output_lock, staged_files
 from .pruning.masking import parse_pattern
 from .pruning.methods import method_names
 from .models import read_header
 from .validation import check_device, check_number, check_ratio
 
 DEFAULT_SPARSITY = 0.5
-_STAGING_PREFIX = ".staging-"
 _DATA = DataConfig()
 
 
@@ -106,7 +104,7 @@ def _refuse_results_in(out: Path) -> None:
 
 
 def _is_run_leftover(path: Path) -> bool:
-    return path.name == LOCK_NAME or (path.name.startswith(_STAGING_PREFIX) and path.is_dir())
+    return path.name == LOCK_NAME or (path.name.startswith(STAGING_PREFIX) and path.is_dir())
 
 
 def _target(args: argparse.Namespace) -> float | None:
@@ -149,14 +147,9 @@ def _prune_and_measure(args: argparse.Namespace) -> tuple[PruningContext, dict]:
 
 def _write_results(ctx: PruningContext, metrics: dict, out: Path, save_model: bool) -> None:
     """Write into a hidden folder inside `out`, then move each file into place, metrics.json last."""
-    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out))
-    try:
+    with staged_files(out, last="metrics.json") as staging:
         save_pruned(ctx, staging, save_model=save_model)
         atomic_write_json(staging / "metrics.json", metrics)
-        for name in sorted(p.name for p in staging.iterdir() if p.name != "metrics.json") + ["metrics.json"]:
-            (staging / name).rename(out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -166,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
     with output_lock(out, "--out"):  # proves --out writable; a second run on it fails here, at once
         try:
             _refuse_results_in(out)  # again under the lock: a run that finished meanwhile keeps its files
-            for leftover in out.glob(_STAGING_PREFIX + "*"):  # a killed run's partial files: nobody holds them
+            for leftover in out.glob(STAGING_PREFIX + "*"):  # a killed run's partial files: nobody holds them
                 shutil.rmtree(leftover)
             ctx, metrics = _prune_and_measure(args)
             _write_results(ctx, metrics, out, save_model=not args.no_save_model)

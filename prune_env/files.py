@@ -85,6 +85,27 @@ def staged_directory(target: str | Path) -> Iterator[Path]:
         raise
 
 
+STAGING_PREFIX = ".staging-"  # staged_files' folders: a killed run's leftover is recognised by it
+
+
+@contextmanager
+def staged_files(directory: str | Path, last: str | None = None) -> Iterator[Path]:
+    """Write into a hidden folder inside `directory`; on success each file moves into `directory`, `last`
+    at the end (its presence then means the others are there).
+
+    Unlike `staged_directory`, `directory` itself stays (it may hold a lock file); an error removes the
+    staging folder and leaves `directory` as it was.
+    """
+    directory = Path(directory)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+    try:
+        yield staging
+        for name in sorted(p.name for p in staging.iterdir() if p.name != last) + ([last] if last else []):
+            (staging / name).rename(directory / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def atomic_write_json(path: str | Path, data: Any, indent: int | None = 2) -> None:
     """`to_jsonable(data)` written atomically (strict JSON: NaN and infinities become null)."""
     atomic_write_text(path, json.dumps(to_jsonable(data), indent=indent, allow_nan=False) + "\n")
