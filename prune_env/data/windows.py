@@ -7,8 +7,8 @@ Why this module exists: pruning needs two disjoint kinds of text, random calibra
 Public API::
 
     tokenize_corpus(text, tokenizer) -> torch.LongTensor            # 1-D
-    split_corpus(ids, calib_samples=16, calib_seq_len=512, eval_tokens=20480,
-                 eval_seq_len=512, seed=0, eval_offset=None, ...) -> TextSlices
+    split_corpus(ids, *, calib_samples, calib_seq_len, eval_tokens, eval_seq_len,
+                 seed=0, eval_offset=None, ...) -> TextSlices   # sizes: DataConfig's (their one home)
 
 ``python -m prune_env.data fetch [SOURCE]`` (prune_env/data/__main__.py) fills the text cache once.
 """
@@ -130,10 +130,11 @@ class TextSlices:
 
 def split_corpus(
     ids: torch.Tensor,
-    calib_samples: int = 16,
-    calib_seq_len: int = 512,
-    eval_tokens: int = 20480,
-    eval_seq_len: int = 512,
+    *,
+    calib_samples: int,
+    calib_seq_len: int,
+    eval_tokens: int,
+    eval_seq_len: int,
     seed: int = 0,
     eval_offset: int | None = None,
     calib_region_tokens: int | None = None,
@@ -141,6 +142,9 @@ def split_corpus(
     source: str | None = None,
 ) -> TextSlices:
     """Cut disjoint calibration and evaluation windows out of a 1-D token stream.
+
+    The four sizes have no defaults here: `DataConfig` (prune_env/context.py) is their one home, so a
+    caller cannot silently cut windows of other sizes than the env's.
 
     Calibration (Wanda style): ``calib_samples`` windows with seeded random starts
     (``torch.Generator().manual_seed(seed)``) inside the calibration region
