@@ -249,7 +249,7 @@ def evaluate_policy_file(policy: str, out: str | None, overrides: list[str], tru
     except (ValueError, OSError) as error:
         raise ConfigError(f"could not build the evaluation env: {error}") from error
     try:
-        result = load_policy(policy_path, env, trust_pickle=trust_pickle).play(env, seed=config.algo.seed)
+        result = load_policy(policy_path, env, trust_pickle=trust_pickle).rollout(env, seed=config.algo.seed)
         context = env.unwrapped.context
     finally:
         env.close()

@@ -14,7 +14,7 @@ and `configure(env_data=..., workdir=...)` (called once before any `allocate`: t
 for agents that play an env, a folder for their own files), so callers never probe for attributes.
 
 The allocation is applied by whoever asked for it: `ctx.prune(allocation)` (the exact sequential
-prune, what the benchmark does) or `play(env, allocation)` through LayerPrune-v0 (the env's action
+prune, what the benchmark does) or `play_allocation(env, allocation)` through LayerPrune-v0 (the env's action
 wall keeps the budget exact to one weight per unit). Agents that play envs themselves (rl, the
 iterative llm, search) lend the `ctx` they are given to the env (`context=ctx`) and hand it back dense.
 
@@ -164,7 +164,7 @@ def check_allocation(ctx: "PruningContext", allocation, target: float, who: str 
     return values
 
 
-def play(env, allocation, *, target: float | None = None, seed: int | None = None) -> dict:
+def play_allocation(env, allocation, *, target: float | None = None, seed: int | None = None) -> dict:
     """Play a full allocation through LayerPrune-v0 and return the final step's info.
 
     Each unit asks for its ratio through `env.unwrapped.action_for_ratio`; the env's wall projects it

@@ -35,7 +35,7 @@ CONFIG_NAME = "config.yaml"
 FINAL_MODEL = "final_model.zip"
 LAST_DROP = 8  # observation index of last_drop (see LayerPruneEnv's docstring)
 
-__all__ = ["RLAgent", "SavedPolicy", "find_config", "load_policy", "play_episode", "resolve_policy_path"]
+__all__ = ["RLAgent", "SavedPolicy", "find_config", "load_policy", "rollout_policy", "resolve_policy_path"]
 
 
 def resolve_policy_path(path: str | Path) -> Path:
@@ -78,12 +78,12 @@ class SavedPolicy:
     model: Any
     normalizer: NormalizerStats | None
 
-    def play(self, env, seed: int | None = None, target: float | None = None,
-             deterministic: bool = True) -> dict[str, Any]:
-        """One episode (see `play_episode`); deterministic unless asked to sample the policy's actions."""
-        return play_episode(self.model, env, train_fidelity=self.config.env.fidelity,
-                            normalize=self.normalizer.normalize_obs if self.normalizer is not None else None,
-                            seed=seed, target=target, deterministic=deterministic)
+    def rollout(self, env, seed: int | None = None, target: float | None = None,
+                deterministic: bool = True) -> dict[str, Any]:
+        """One episode (see `rollout_policy`); deterministic unless asked to sample the policy's actions."""
+        return rollout_policy(self.model, env, train_fidelity=self.config.env.fidelity,
+                              normalize=self.normalizer.normalize_obs if self.normalizer is not None else None,
+                              seed=seed, target=target, deterministic=deterministic)
 
 
 def load_policy(path: str | Path, env, device: str = "cpu", trust_pickle: bool = False) -> SavedPolicy:
@@ -123,8 +123,8 @@ def policy_observation(obs: np.ndarray, env, train_fidelity: str,
     return normalize(obs).astype(np.float32) if normalize is not None else obs
 
 
-def play_episode(model, env, *, train_fidelity: str = "proxy", normalize: Callable | None = None,
-                 seed: int | None = None, target: float | None = None, deterministic: bool = True) -> dict[str, Any]:
+def rollout_policy(model, env, *, train_fidelity: str = "proxy", normalize: Callable | None = None,
+                   seed: int | None = None, target: float | None = None, deterministic: bool = True) -> dict[str, Any]:
     """One episode of `model` on a LayerPrune env (its mean actions, or sampled ones with
     deterministic=False: what the policy visits in training); the final info plus reward and timing."""
     if env.observation_space.shape != model.observation_space.shape:
@@ -197,7 +197,7 @@ class RLAgent(Agent):
         if self._policy is None:
             self._policy = load_policy(self.path, env, **self.policy_options)
         try:
-            result = self._policy.play(env, seed=seed, target=float(target))
+            result = self._policy.rollout(env, seed=seed, target=float(target))
         finally:
             env.unwrapped.context.restore()  # the lent model goes back dense
         self.last_info = {"rl": {"policy": str(self._policy.path), "algo": self._policy.config.algo.name,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from agents.rules import match_budget
-from agents.base import Agent, play
+from agents.base import Agent, play_allocation
 from prune_env.config_files import dataclass_from_dict
 from prune_env.envs.factory import ENV_ID, make_env
 from prune_env.validation import check_number
@@ -158,7 +158,7 @@ class SearchAgent(Agent):
         unwrapped = env.unwrapped
 
         def evaluate(allocation: list[float]) -> tuple[float, list[float]]:
-            info = play(env, allocation, target=target)
+            info = play_allocation(env, allocation, target=target)
             return float(info["quality"]), list(info["allocation"])
 
         try:

@@ -205,6 +205,18 @@ def select_facts(facts: list[Fact], n: int, offset: int, seed: int) -> list[Fact
     return [facts[i] for i in chosen]
 
 
+
+def profile_table(ctx: "PruningContext", z_wanda: list[float] | None = None,
+                  sparsity: list[float] | None = None) -> list[dict]:
+    """One row per unit, the sensitivity profile as agents read it: unit, index, z_wanda, z_grad (dense),
+    sparsity, param_share. Defaults are the dense model's (its z_wanda, nothing pruned); IterativePrune
+    passes its live ones. `ctx` may be a SurrogateContext (the same unit and profile fields)."""
+    z_wanda = ctx.z_wanda if z_wanda is None else z_wanda
+    sparsity = [0.0] * len(ctx.units) if sparsity is None else sparsity
+    return [{"unit": unit.name, "index": i, "z_wanda": float(z_wanda[i]), "z_grad": float(ctx.z_grad[i]),
+             "sparsity": sparsity[i], "param_share": unit.numel / ctx.total_numel} for i, unit in enumerate(ctx.units)]
+
+
 class PruningContext:
     """Everything needed to prune and measure one model on fixed data."""
 

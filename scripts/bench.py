@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from agents.base import play_allocation
 from agents.rules import random_ratios
 from prune_env.pruning.calibration import TokenBatch
 from prune_env.data.evaluation import evaluate_facts, fact_batches, perplexity
@@ -48,15 +49,6 @@ def timed(fn):
     start = time.perf_counter()
     value = fn()
     return value, time.perf_counter() - start
-
-
-def play(env, ratios: list[float]) -> dict:
-    env.reset(seed=0)
-    info = {}
-    for ratio in ratios:
-        _, _, done, _, info = env.step(env.action_for_ratio(ratio))
-    assert done
-    return info
 
 
 @torch.no_grad()
@@ -182,7 +174,7 @@ def main() -> int:
     uniform = [args.target] * len(ctx.units)
     episode_times, eval_times = [], []
     for _ in range(args.repeats):
-        episode_times.append(timed(lambda: play(exact, uniform))[1])
+        episode_times.append(timed(lambda: play_allocation(exact, uniform, seed=0))[1])
         eval_times.append(timed(ctx.evaluate)[1])
     episode_s, full_eval_s = float(np.median(episode_times)), float(np.median(eval_times))
     _, eval_s = timed(lambda: (perplexity(model, ctx.slices.evaluation, data.batch_size),
@@ -205,10 +197,10 @@ def main() -> int:
     exact_q, proxy_q, proxy_times = [], [], []
     for i in range(args.allocations):
         ratios = random_ratios(numel, args.target, np.random.default_rng(i), low=0.0, high=0.9)
-        info, seconds = timed(lambda: play(proxy, ratios))
+        info, seconds = timed(lambda: play_allocation(proxy, ratios, seed=0))
         proxy_q.append(info["quality"])
         proxy_times.append(seconds)
-        exact_q.append(play(exact, ratios)["quality"])
+        exact_q.append(play_allocation(exact, ratios, seed=0)["quality"])
         print(f"allocation {i + 1}/{args.allocations}: exact {exact_q[-1]:.4f} proxy {proxy_q[-1]:.4f}", flush=True)
     from scipy.stats import spearmanr
 
@@ -222,7 +214,7 @@ def main() -> int:
                         fidelity="proxy", dtype="bfloat16").unwrapped
         for i in range(args.allocations):
             ratios = random_ratios(numel, args.target, np.random.default_rng(i), low=0.0, high=0.9)
-            info, seconds = timed(lambda: play(bf16, ratios))
+            info, seconds = timed(lambda: play_allocation(bf16, ratios, seed=0))
             bf16_q.append(info["quality"])
             bf16_times.append(seconds)
     rho_bf16 = float(spearmanr(proxy_q, bf16_q).statistic) if len(bf16_q) > 2 else float("nan")

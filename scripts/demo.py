@@ -22,7 +22,7 @@ from pathlib import Path
 import gymnasium as gym
 
 import prune_env  # noqa: F401  (registers the environments)
-from agents.base import build_agent, play
+from agents.base import build_agent, play_allocation
 from prune_env.files import atomic_write_json, atomic_write_text, output_lock
 from prune_env.envs.rewards import RewardConfig, quality
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             agent.configure()
             start = time.perf_counter()
             allocation = agent.allocate(context, args.target, seed=0)
-            info = play(env, allocation, target=args.target, seed=0)
+            info = play_allocation(env, allocation, target=args.target, seed=0)
             rows.append({"agent": agent.name, "ppl": info["ppl"], "fact_acc": info["fact_acc"],
                          "fact_retention": info["fact_retention"], "achieved_sparsity": info["achieved_sparsity"],
                          "return": quality(info["ppl"], info["fact_acc"], dense.ppl, dense.fact_acc, RewardConfig()), "seconds": time.perf_counter() - start,

@@ -9,7 +9,7 @@ Each episode is appended to `--episodes` as it finishes (a rerun skips the ones 
 killed run resumes. The PPO policies (docs/results/ppo-surrogate/seed-{0,1,2}, trained on the surrogate
 with action_mode="budget") choose their allocation on the surrogate env (the same observations as the
 proxy env the benchmark uses: dense profile, last_drop 0); every allocation is then played through
-`agents.base.play` on the env of the task's fidelity. "ppo" in the table is the mean of the three seeds;
+`agents.base.play_allocation` on the env of the task's fidelity. "ppo" in the table is the mean of the three seeds;
 best known is the best of all rules and ppo at that target.
 """
 
@@ -54,13 +54,13 @@ def ppo_allocation(ctx, policy_dir: str, target: float, cache: dict) -> list[flo
         cache["env"] = make_env("prune_env/LayerPrune-v1", fidelity="surrogate", action_mode="budget", context=ctx)
     if policy_dir not in cache:
         cache[policy_dir] = load_policy(ROOT / policy_dir, cache["env"])
-    return list(cache[policy_dir].play(cache["env"], seed=0, target=target)["allocation"])
+    return list(cache[policy_dir].rollout(cache["env"], seed=0, target=target)["allocation"])
 
 
 def play_all(fidelities: list[str], episodes: Path) -> None:
     import gymnasium as gym
 
-    from agents.base import build_agent, play
+    from agents.base import build_agent, play_allocation
     from prune_env.context import PruningContext
     from prune_env.envs.reference import task_key
     from prune_env.surrogate import append_record
@@ -82,7 +82,7 @@ def play_all(fidelities: list[str], episodes: Path) -> None:
                 started = time.time()
                 allocation = (rules[agent].allocate(ctx, target, seed=0) if agent in rules
                               else ppo_allocation(ctx, agent, target, policies))
-                info = play(env, allocation, target=target)
+                info = play_allocation(env, allocation, target=target)
                 record = {"task": task, "target": target, "agent": agent, "return": float(info["quality"]),
                           "ppl": float(info["ppl"]), "fact_acc": float(info["fact_acc"]),
                           "achieved_sparsity": float(info["achieved_sparsity"]),

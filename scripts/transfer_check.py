@@ -75,7 +75,7 @@ def train(env_id: str, kwargs: dict, source: str, steps: int, rollout: int, path
     return record
 
 
-def play(env_id: str, kwargs: dict, target: str, path: Path) -> dict:
+def play_saved_policy(env_id: str, kwargs: dict, target: str, path: Path) -> dict:
     """Load the saved policy into an env on `target` and play one deterministic episode."""
     started = time.time()
     env = make_env(env_id, model=target, data=DATA, target_sparsity=TARGET, **kwargs)
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "env_kwargs": {k: repr(v) if v == math.inf else v for k, v in kwargs.items()}}
             print(f"trained {case}: {result['trained'][case]}", flush=True)
             for target in args.targets:
-                result["played"].append(play(env_id, kwargs, target, path))
+                result["played"].append(play_saved_policy(env_id, kwargs, target, path))
                 print(f"played {case} on {target}: {result['played'][-1]}", flush=True)
         result["seconds"] = time.time() - started
         atomic_write_json(out / "results.json", result)

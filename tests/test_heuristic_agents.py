@@ -9,7 +9,7 @@ import torch
 from agents import heuristics
 from agents.rules import match_budget
 from agents.alphapruning import hill_alpha
-from agents.base import AGENTS, Agent, build_agent, check_allocation, play
+from agents.base import AGENTS, Agent, build_agent, check_allocation, play_allocation
 from agents.heuristics import (
     AlphaPruningAgent,
     OWLAgent,
@@ -182,7 +182,7 @@ def test_play_through_layerprune(setup):
                    proxy_eval_tokens=64, proxy_facts=4)
     ctx = env.unwrapped.context
     allocation = OWLAgent().allocate(ctx, 0.5, 0)
-    info = play(env, allocation, target=0.5, seed=0)
+    info = play_allocation(env, allocation, target=0.5, seed=0)
     assert info["achieved_sparsity"] == pytest.approx(0.5, abs=len(ctx.units) / ctx.total_numel)
     np.testing.assert_allclose(info["allocation"], allocation, atol=1e-3)
     assert np.isfinite(info["ppl"])

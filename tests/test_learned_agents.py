@@ -211,7 +211,7 @@ def test_a_surrogate_trained_policy_plays_on_data_its_surrogate_was_not_fitted_o
     agent = build_agent({"name": "rl", "path": str(run_dir)})
     played = agent.allocate(same, 0.5, seed=0)
     env = make_env(**{**read_run_config(run_dir).env_kwargs(), "target_sparsity_range": None}, context=same)
-    assert played == load_policy(run_dir, env).play(env, seed=0, target=0.5)["allocation"]  # as on its surrogate
+    assert played == load_policy(run_dir, env).rollout(env, seed=0, target=0.5)["allocation"]  # as on its surrogate
     other = PruningContext("tiny-llama", data=DataConfig.from_dict({**smoke_data, "seed": 3}))
     with pytest.raises(ValueError, match="was built for"):
         make_env(**{**read_run_config(run_dir).env_kwargs(), "target_sparsity_range": None}, context=other)

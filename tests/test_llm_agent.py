@@ -28,7 +28,7 @@ def test_rollback_in_memory_and_repeat_rejected(tmp_path):
         move("model.layers.1", rationale="only the cheapest"),
         move("model.layers.5", "model.layers.4"),
     ])
-    summary = LLMAgent(backend).play_episode(env, transcript_path=tmp_path / "t.jsonl")
+    summary = LLMAgent(backend).run_iterative_episode(env, transcript_path=tmp_path / "t.jsonl")
     assert env.actions == [[1, 5], [1], [4, 5]]
     assert summary["rollbacks"] == 1 and summary["invalid_answers"] == 1
     second = backend.prompts[1][-1]["content"]
@@ -46,7 +46,7 @@ def test_invalid_answers_reask_then_fall_back_avoiding_the_rolled_back_units(tmp
     backend = ScriptedBackend([move("model.layers.1"), "nope", "still {not json", '{"units": []}'],
                               default=move("model.layers.3", rationale="finish"))
     path = tmp_path / "t.jsonl"
-    summary = LLMAgent(backend, agent={"max_invalid": 3}).play_episode(env, transcript_path=path)
+    summary = LLMAgent(backend, agent={"max_invalid": 3}).run_iterative_episode(env, transcript_path=path)
     assert env.actions[:2] == [[1], [0, 2, 4, 5]]  # the fallback skips unit 1, rolled back one step before
     assert summary["fallbacks"] == 1 and summary["invalid_answers"] == 3
     reask = backend.prompts[2]
@@ -60,7 +60,7 @@ def test_invalid_answers_stay_bounded_in_prompts_and_transcript(tmp_path):
     huge = "no JSON here " * 2_000_000  # 26 MB, twice
     backend = ScriptedBackend([huge, huge], default=move("model.layers.1", "model.layers.5"))
     path = tmp_path / "t.jsonl"
-    summary = LLMAgent(backend).play_episode(FakeIterativeEnv(target=0.03), transcript_path=path)
+    summary = LLMAgent(backend).run_iterative_episode(FakeIterativeEnv(target=0.03), transcript_path=path)
     assert summary["invalid_answers"] == 2 and summary["fallbacks"] == 0
     third_prompt = backend.prompts[2]
     assert sum(len(m["content"]) for m in third_prompt) < 30_000
@@ -73,7 +73,7 @@ def test_invalid_answers_stay_bounded_in_prompts_and_transcript(tmp_path):
 def test_memory_is_bounded():
     env = FakeIterativeEnv(target=0.5, increment=0.05)
     backend = ScriptedBackend([], default=move("model.layers.0"))  # always one unit: slow progress
-    summary = LLMAgent(backend, agent={"memory_size": 2, "max_iterations": 4}).play_episode(env)
+    summary = LLMAgent(backend, agent={"memory_size": 2, "max_iterations": 4}).run_iterative_episode(env)
     assert summary["stopped"].startswith("max_iterations") and summary["iterations"] == 4
     last = backend.prompts[-1][-1]["content"]
     assert "1 earlier move(s) omitted" in last and "#1 " not in last and "#3 " in last
@@ -83,7 +83,7 @@ def test_transcript_flushed_per_iteration(tmp_path):
     path = tmp_path / "t.jsonl"
     env = FakeIterativeEnv(target=0.5, fail_on_step=3)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        LLMAgent(ScriptedBackend([], default=move("model.layers.2"))).play_episode(env, transcript_path=path)
+        LLMAgent(ScriptedBackend([], default=move("model.layers.2"))).run_iterative_episode(env, transcript_path=path)
     recs = read_jsonl(path)
     assert [r["event"] for r in recs] == ["start", "step", "step"]
     assert recs[1]["attempts"][0]["raw"] == move("model.layers.2")
@@ -93,20 +93,20 @@ def test_transcript_flushed_per_iteration(tmp_path):
 def test_backend_errors_fall_back_by_default_and_open_the_circuit():
     backend = ScriptedBackend([], default=LLMBackendError("server down"))
     agent = LLMAgent(backend, agent={"circuit_breaker": 2})
-    summary = agent.play_episode(FakeIterativeEnv(target=0.5))
+    summary = agent.run_iterative_episode(FakeIterativeEnv(target=0.5))
     assert summary["terminated"] and summary["fallbacks"] == summary["iterations"] > 2
     assert len(backend.prompts) == 2  # no request once the circuit is open
     assert summary["backend_failures"] == 2 and summary["circuit_open"] and summary["circuit_opened_at"] == 2
     # a new episode closes the circuit again
     backend.default = move("model.layers.1")
-    assert agent.play_episode(FakeIterativeEnv(target=0.03))["fallbacks"] == 0
+    assert agent.run_iterative_episode(FakeIterativeEnv(target=0.03))["fallbacks"] == 0
 
 
 def test_backend_error_is_logged_then_raised_when_asked(tmp_path):
     path = tmp_path / "t.jsonl"
     agent = LLMAgent(ScriptedBackend([LLMBackendError("boom at http://x")]), agent={"on_backend_error": "raise"})
     with pytest.raises(LLMBackendError, match="boom"):
-        agent.play_episode(FakeIterativeEnv(), transcript_path=path)
+        agent.run_iterative_episode(FakeIterativeEnv(), transcript_path=path)
     assert read_jsonl(path)[-1]["event"] == "error" and "boom" in read_jsonl(path)[-1]["backend_error"]
 
 
@@ -128,7 +128,7 @@ def test_candidate_scoring_path(tmp_path):
 
     env = FakeIterativeEnv(target=0.05, rollback_on={1})
     backend = Chooser()
-    summary = LLMAgent(backend).play_episode(env, transcript_path=tmp_path / "t.jsonl")
+    summary = LLMAgent(backend).run_iterative_episode(env, transcript_path=tmp_path / "t.jsonl")
     assert summary["mode"] == "candidate-scoring" and summary["fallbacks"] == 0 and summary["terminated"]
     for cands in backend.calls:
         for c in cands:
@@ -212,11 +212,11 @@ def test_a_served_model_needs_an_id_and_a_valid_url_from_config_or_environment(m
 def test_moves_picked_by_the_fallback_are_counted_and_flagged():
     big = '{"units": [' + "1" * 400 + "]}"  # more digits than a float holds: a malformed answer, not a crash
     agent = LLMAgent(ScriptedBackend([], default=big), agent={"max_invalid": 2})
-    summary = agent.play_episode(FakeIterativeEnv(target=0.1))
+    summary = agent.run_iterative_episode(FakeIterativeEnv(target=0.1))
     assert summary["moves"] == summary["fallback_moves"] == summary["iterations"] > 1 and summary["all_fallback"]
     assert summary["invalid_answers"] == 2 * summary["moves"]
     mixed = LLMAgent(ScriptedBackend([move("model.layers.1")], default="???"), agent={"max_invalid": 1})
-    summary = mixed.play_episode(FakeIterativeEnv(target=0.1))
+    summary = mixed.run_iterative_episode(FakeIterativeEnv(target=0.1))
     assert summary["fallback_moves"] == summary["moves"] - 1 and summary["all_fallback"] is False
     oneshot = LLMAgent(ScriptedBackend([], default=big), agent={"max_invalid": 1})
     oneshot.allocate_oneshot(FakeIterativeEnv().profile_table(), [1] * 6, 0.4)
@@ -291,7 +291,7 @@ def test_local_backend_drives_agent_deterministically(tiny_pair, tmp_path):
     runs = []
     for i in range(2):
         env = FakeIterativeEnv(target=0.1)
-        summary = agent.play_episode(env, transcript_path=tmp_path / f"t{i}.jsonl")
+        summary = agent.run_iterative_episode(env, transcript_path=tmp_path / f"t{i}.jsonl")
         assert summary["mode"] == "candidate-scoring" and summary["terminated"] and summary["fallbacks"] == 0
         runs.append(env.actions)
     assert runs[0] == runs[1]
@@ -310,7 +310,7 @@ def test_smollm2_candidate_scoring_real_model(tmp_path):
     except ModelSpecError as exc:
         pytest.skip(str(exc))
     env = FakeIterativeEnv(target=0.01)  # one step ends the episode: exactly one choose() call
-    summary = LLMAgent({"type": "local"}).play_episode(env, transcript_path=tmp_path / "t.jsonl")
+    summary = LLMAgent({"type": "local"}).run_iterative_episode(env, transcript_path=tmp_path / "t.jsonl")
     assert summary["iterations"] == 1 and summary["terminated"]
     assert summary["mode"] == "candidate-scoring" and summary["fallbacks"] == 0
     step = read_jsonl(tmp_path / "t.jsonl")[1]

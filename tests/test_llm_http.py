@@ -32,7 +32,7 @@ def test_agent_over_http_repair_retry_fallback_and_rollback(tmp_path):
     env = FakeIterativeEnv(rollback_on={2})
     with ScriptedOpenAIServer(script, default=default) as srv:
         agent = LLMAgent(backend_for(srv.url, timeout=0.5, max_retries=3), agent={"max_invalid": 3})
-        summary = agent.play_episode(env, seed=0, transcript_path=transcript)
+        summary = agent.run_iterative_episode(env, seed=0, transcript_path=transcript)
         n_requests = len(srv.requests)
         reask = srv.messages(1)
         iter3_prompt = srv.messages(5)[-1]["content"]
@@ -179,7 +179,7 @@ def test_dead_server_opens_the_circuit_and_the_episode_falls_back():
     with ScriptedOpenAIServer([], default=Reply(hangup=True)) as srv:
         backend = backend_for(srv.url, max_retries=1)
         agent = LLMAgent(backend, agent={"circuit_breaker": 2})
-        summary = agent.play_episode(FakeIterativeEnv(target=0.5))
+        summary = agent.run_iterative_episode(FakeIterativeEnv(target=0.5))
         assert len(srv.requests) == 4  # 2 decisions x (1 + 1 retry); none after the circuit opened
     assert summary["terminated"] and summary["iterations"] > 2
     assert summary["fallbacks"] == summary["iterations"] and summary["backend_failures"] == 2
@@ -188,7 +188,7 @@ def test_dead_server_opens_the_circuit_and_the_episode_falls_back():
 
 def test_refused_connection_opens_the_circuit():
     backend = backend_for(f"http://127.0.0.1:{closed_port()}/v1", max_retries=0)
-    summary = LLMAgent(backend, agent={"circuit_breaker": 3}).play_episode(FakeIterativeEnv(target=0.5))
+    summary = LLMAgent(backend, agent={"circuit_breaker": 3}).run_iterative_episode(FakeIterativeEnv(target=0.5))
     assert summary["terminated"] and summary["backend_failures"] == 3 and summary["circuit_opened_at"] == 3
     assert "Connection refused" in backend.last_request["errors"][0]
 

@@ -6,8 +6,8 @@ from llm_fakes import FakeIterativeEnv
 
 from agents.llm.candidates import zscore_greedy
 from agents.llm.memory import Memory
-from agents.llm.parsing import (MAX_ANSWER_CHARS, MAX_PARSE_CHARS, extract_json_object, parse_allocation, parse_move,
-                                truncate_text)
+from agents.llm.parsing import (MAX_ANSWER_CHARS, MAX_PARSE_CHARS, extract_json_object, parse_move,
+                                read_answer_allocation, truncate_text)
 from agents.llm.prompts import reask_messages, user_prompt
 
 
@@ -60,7 +60,7 @@ def test_repair_notes_quote_a_long_unit_name_only_briefly():
 
 def test_parse_allocation_needs_most_units():
     table = FakeIterativeEnv().profile_table()
-    values, _, _, err = parse_allocation('{"ratios": {"model.layers.0": 0.2}}', table)
+    values, _, _, err = read_answer_allocation('{"ratios": {"model.layers.0": 0.2}}', table)
     assert values is None and "only 1 of 6" in err
 
 
@@ -94,11 +94,11 @@ def test_numbers_too_large_for_a_float_are_a_malformed_answer_not_a_crash():
         parsed = parse_move(text, table, max_sparsity=0.5, max_units=4)
         assert not parsed.ok and "integer of" in parsed.error and "digits" in parsed.error
     for text in (f'{{"ratios": {{"model.layers.0": {big}}}}}', f'{{"ratios": [{big}, 0.1, 0.1, 0.1, 0.1, 0.1]}}'):
-        ratios, _, _, error = parse_allocation(text, table)
+        ratios, _, _, error = read_answer_allocation(text, table)
         assert ratios is None and "integer of 400 digits" in error
     # numbers that do fit a float but are no unit: dropped, with a note
     parsed = parse_move('{"units": [1e400, "#' + "9" * 5000 + '", 3.0, 4]}', table, max_sparsity=0.5, max_units=4)
     assert parsed.units == ["model.layers.3", "model.layers.4"]
     assert any("unknown index inf" in r for r in parsed.repairs)
-    ratios, _, repairs, error = parse_allocation('{"ratios": ["' + big + '", 1e400, 0.1, 0.1, 0.1, 0.1]}', table)
+    ratios, _, repairs, error = read_answer_allocation('{"ratios": ["' + big + '", 1e400, 0.1, 0.1, 0.1, 0.1]}', table)
     assert error is None and ratios[0] == ratios[1] == 0.0 and sum("non-numeric" in r for r in repairs) == 2

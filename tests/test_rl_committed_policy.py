@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agents.rl import load_policy, play_episode, read_run_config
+from agents.rl import load_policy, rollout_policy, read_run_config
 from prune_env.envs.factory import make_env
 
 COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "results" / "ppo-smollm2-50" / "final_model.zip"
@@ -38,5 +38,5 @@ def test_committed_policy_acts_as_with_sb3s_own_loader(tiny_env):
     obs = np.random.default_rng(0).uniform(-3, 3, (256, 9)).astype(np.float32)
     assert np.array_equal(saved.model.predict(obs, deterministic=True)[0],
                           reference.predict(obs, deterministic=True)[0])
-    first = play_episode(saved.model, tiny_env, seed=0)
-    assert play_episode(reference, tiny_env, seed=0)["allocation"] == first["allocation"]
+    first = rollout_policy(saved.model, tiny_env, seed=0)
+    assert rollout_policy(reference, tiny_env, seed=0)["allocation"] == first["allocation"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.base import Agent, build_agent, check_allocation, play
+from agents.base import Agent, build_agent, check_allocation, play_allocation
 from agents.search import SearchAgent, SearchConfig, search_allocation
 from prune_env.context import PruningContext
 from prune_env.envs.layer import LayerPruneEnv
@@ -88,8 +88,8 @@ def test_best_is_at_least_uniform_and_replays_to_its_quality(contexts, optimizer
     assert info["optimizer"] == optimizer and info["best_quality"] >= info["uniform_quality"]
     env = make_env(rescale=False, context=ctx, target_sparsity=0.5)
     try:
-        assert play(env, [0.5] * len(ctx.units))["quality"] == info["uniform_quality"]
-        assert play(env, ratios)["quality"] == info["best_quality"]
+        assert play_allocation(env, [0.5] * len(ctx.units))["quality"] == info["uniform_quality"]
+        assert play_allocation(env, ratios)["quality"] == info["best_quality"]
     finally:
         env.close()
 

@@ -128,7 +128,7 @@ def test_resume_continues_from_the_last_checkpoint(tiny_data: dict, tmp_path: Pa
 def test_saved_policy_gives_a_stable_allocation_and_eval_writes_it(smoke_run: Path, tmp_path: Path):
     env = make_env(**read_run_config(smoke_run).env_kwargs(evaluation=True))
     policy = load_policy(smoke_run, env)
-    first, second = policy.play(env, seed=0)["allocation"], policy.play(env, seed=0)["allocation"]
+    first, second = policy.rollout(env, seed=0)["allocation"], policy.rollout(env, seed=0)["allocation"]
     assert first == second and len(first) == 3
     context = env.unwrapped.context
     assert context.weighted_sparsity(first) == pytest.approx(0.5, abs=1e-3)

@@ -51,7 +51,7 @@ def test_observation_statistics_are_saved_as_json_and_used_by_the_policy(tiny_da
     policy = load_policy(run, env)
     assert policy.normalizer is not None
     final_eval = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
-    assert policy.play(env, seed=0)["allocation"] == final_eval["allocation"]  # as evaluated in training
+    assert policy.rollout(env, seed=0)["allocation"] == final_eval["allocation"]  # as evaluated in training
     env.close()
 
 

@@ -258,7 +258,7 @@ def test_a_policy_trained_on_another_device_plays_on_this_one(quick_run: Path, t
     env = make_env(**read_run_config(run, ["env.device=cpu", "algo.device=cpu"]).env_kwargs())
     policy = load_policy(run, env, device="cpu")
     assert next(policy.model.policy.parameters()).device == torch.device("cpu")
-    assert len(policy.play(env, seed=0)["allocation"]) == 3
+    assert len(policy.rollout(env, seed=0)["allocation"]) == 3
     env.close()
 
 

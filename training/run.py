@@ -34,7 +34,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import KVWriter
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
-from agents.rl import CONFIG_NAME, FINAL_MODEL, play_episode
+from agents.rl import CONFIG_NAME, FINAL_MODEL, rollout_policy
 from training.safe_load import (LEGACY_REPLAY_BUFFER, LEGACY_RNG, NORMALIZER_FILE,
                               REPLAY_BUFFER_FILE, RNG_FILE, NormalizerStats, check_safetensors, load_normalizer,
                               load_parameters, load_replay_buffer, read_policy_file, restore_legacy_rng, restore_rng,
@@ -394,8 +394,8 @@ class TrainingCallback(BaseCallback):
     def evaluate(self) -> dict:
         step = int(self.num_timesteps)
         normalize = self.vec_normalize.normalize_obs if self.vec_normalize is not None else None
-        result = play_episode(self.model, self.eval_env, train_fidelity=self.config.env.fidelity,
-                              normalize=normalize, seed=self.config.algo.seed)
+        result = rollout_policy(self.model, self.eval_env, train_fidelity=self.config.env.fidelity,
+                                normalize=normalize, seed=self.config.algo.seed)
         record = {"step": step, **result, "time": time.time()}
         self.state["eval_history"].append(record)
         self.state["last_eval_step"] = step

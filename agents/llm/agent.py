@@ -35,9 +35,9 @@ from agents.llm.candidates import (budget_match, candidate_allocations, candidat
                                    zscore_allocation)
 from agents.llm.options import AgentOptions, backend_config, build_backend
 from agents.llm.memory import Memory, MemoryEntry, Transcript
-from agents.llm.parsing import (ALLOCATION_SCHEMA, MOVE_SCHEMA, finite_or_none, parse_allocation, parse_move,
+from agents.llm.parsing import (ALLOCATION_SCHEMA, MOVE_SCHEMA, finite_or_none, parse_move, read_answer_allocation,
                                 row_index)
-from agents.llm.prompts import allocation_messages, profile_table, reask_messages, system_prompt, user_prompt
+from agents.llm.prompts import allocation_messages, reask_messages, system_prompt, user_prompt
 from prune_env.config_files import ConfigError, dataclass_from_dict
 from prune_env.files import safe_name, to_jsonable
 from prune_env.validation import check_choice
@@ -116,6 +116,8 @@ class LLMAgent(Agent):
         self.last_info = {"llm_model": self.llm_model}
         numel = [unit.numel for unit in ctx.units]
         if self.mode == "oneshot":
+            from prune_env.context import profile_table  # the env's rows, dense (no torch import at load)
+
             ratios = self.allocate_oneshot(profile_table(ctx), numel, target, transcript)
             self.last_info = to_jsonable({"llm_model": self.llm_model, "iterations": 1, "rollbacks": 0,
                                           "llm": {"mode": "oneshot", **self._health(), "transcript": transcript}})
@@ -127,7 +129,7 @@ class LLMAgent(Agent):
         # the env plays on ctx's model (lent for the episode, restored by close) and its evaluation slices
         env = gym.make("prune_env/IterativePrune-v0", context=ctx, target_sparsity=float(target), **self.env_kwargs)
         try:
-            summary = self.play_episode(env, seed=seed, transcript_path=transcript)
+            summary = self.run_iterative_episode(env, seed=seed, transcript_path=transcript)
         finally:
             env.close()
         allocation = summary["final_info"]["allocation"]
@@ -148,7 +150,7 @@ class LLMAgent(Agent):
                 "circuit_opened_at": self.circuit_opened_at}
 
     # -- one IterativePrune-v0 episode ------------------------------------------------------------
-    def play_episode(self, env, seed: int | None = None, transcript_path: str | Path | None = None) -> dict:
+    def run_iterative_episode(self, env, seed: int | None = None, transcript_path: str | Path | None = None) -> dict:
         """Play one episode of an env with the IterativePrune-v0 API; returns a JSON-ready summary whose
         `final_info` is the last step's info (with the env's `allocation`)."""
         if self.backend is None:
@@ -370,7 +372,7 @@ class LLMAgent(Agent):
                 invalid = 0
                 while invalid < self.options.max_invalid:
                     raw, meta = self._ask(messages, ALLOCATION_SCHEMA)
-                    values, why, repairs, error = parse_allocation(raw, table, fill=target)
+                    values, why, repairs, error = read_answer_allocation(raw, table, fill=target)
                     rec["attempts"].append({"prompt": list(messages), "raw": raw, **meta, "repairs": repairs,
                                             "error": error})
                     if error is None:

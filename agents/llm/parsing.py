@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["ALLOCATION_SCHEMA", "ALLOC_MAX_RATIO", "MAX_ANSWER_CHARS", "MOVE_SCHEMA", "EPS", "ParsedMove",
-           "extract_json_object", "finite_or_none", "parse_allocation", "parse_move", "row_index", "truncate_text"]
+           "extract_json_object", "finite_or_none", "parse_move", "read_answer_allocation", "row_index",
+           "truncate_text"]
 
 MOVE_SCHEMA = '{"units": ["<unit name>", ...], "rationale": "<one line>"}'
 ALLOCATION_SCHEMA = '{"ratios": {"<unit name>": <sparsity ratio in [0, 0.95]>, ...}, "rationale": "<one line>"}'
@@ -232,7 +233,7 @@ def parse_move(
     return ParsedMove(chosen, rationale, repairs, None)
 
 
-def parse_allocation(text: str, table: list[dict], *, max_ratio: float = ALLOC_MAX_RATIO,
+def read_answer_allocation(text: str, table: list[dict], *, max_ratio: float = ALLOC_MAX_RATIO,
                      fill: float = 0.0) -> tuple[list[float] | None, str, list[str], str | None]:
     """Parse ``{"ratios": {unit: ratio}}`` (or a list by index). Returns (ratios in table
     order or None, rationale, repairs, error). Percentages are read as fractions, values are

@@ -13,16 +13,8 @@ from agents.llm.parsing import ALLOC_MAX_RATIO, ALLOCATION_SCHEMA, EPS, MOVE_SCH
 
 if TYPE_CHECKING:  # pragma: no cover
     from agents.llm.memory import Memory
-    from prune_env.context import PruningContext
 
-__all__ = ["allocation_messages", "format_profile_table", "profile_table", "reask_messages", "system_prompt",
-           "user_prompt"]
-
-
-def profile_table(ctx: "PruningContext") -> list[dict]:
-    """The dense sensitivity profile as the rows the agent reads (sparsity 0: nothing pruned yet)."""
-    return [{"unit": unit.name, "index": i, "z_wanda": float(ctx.z_wanda[i]), "z_grad": float(ctx.z_grad[i]),
-             "sparsity": 0.0, "param_share": unit.numel / ctx.total_numel} for i, unit in enumerate(ctx.units)]
+__all__ = ["allocation_messages", "format_profile_table", "reask_messages", "system_prompt", "user_prompt"]
 
 
 def format_profile_table(table: list[dict], max_sparsity: float) -> str:

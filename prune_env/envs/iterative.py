@@ -11,7 +11,7 @@ from gymnasium import spaces
 
 from .base import Z_CLIP, PruneEnvBase, check_whole, clip_observation
 from .plugins import observation_feature
-from ..context import Metrics, PruningContext
+from ..context import Metrics, PruningContext, profile_table
 from .rewards import objectives, scalar_quality
 from ..pruning.scoring import unit_wanda_percentile, zscore
 from ..pruning.snapshot import RankedMasks
@@ -328,10 +328,7 @@ class IterativePruneEnv(PruneEnvBase):
     # -- helpers for agents ------------------------------------------------------------------------
     def profile_table(self) -> list[dict]:
         """One row per unit: unit, index, z_wanda (live weights), z_grad (dense), sparsity, param_share."""
-        allocation = self._allocation()
-        return [{"unit": unit.name, "index": i, "z_wanda": float(self._z_wanda[i]),
-                 "z_grad": float(self.context.z_grad[i]), "sparsity": allocation[i],
-                 "param_share": unit.numel / self.context.total_numel} for i, unit in enumerate(self.units)]
+        return profile_table(self.context, z_wanda=self._z_wanda, sparsity=self._allocation())
 
     @property
     def global_sparsity(self) -> float:
