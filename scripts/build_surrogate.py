@@ -5,7 +5,7 @@
     python scripts/build_surrogate.py --merge shard*.jsonl --out merged.jsonl                      # then join
 
 Each draw is one allocation at one target in {0.3, 0.4, 0.5, 0.6}, played through LayerPrune-v0 with
-fidelity="exact" (one step per unit, as `agents.base.play` does) and appended as one JSON line with the
+fidelity="exact" (one step per unit, as `agents.base.play_allocation` does) and appended as one JSON line with the
 env's final metrics. Draws are numbered and seeded (numpy generator [seed, draw]), so a rerun skips the
 draws already in the file and continues where the last run stopped. They are ordered in rounds: round 0
 is uniform at every target, each later round is one near-uniform, one random and one structured draw at
@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agents.rules import match_budget, zscore_greedy_ratios  # noqa: E402
-from agents.base import play  # noqa: E402
+from agents.base import play_allocation  # noqa: E402
 from prune_env.surrogate import PACKAGED, append_record, heldout, read_dataset, start_dataset  # noqa: E402
 
 TARGETS = (0.3, 0.4, 0.5, 0.6)
@@ -246,7 +246,7 @@ def build(model: str, out: Path, rounds: int, seed: int, data: dict | None, log=
             return count - 1
         ratios, params = allocation(draw, seed, profile)
         start = time.perf_counter()
-        info = play(env, ratios, target=draw["target"], seed=seed)
+        info = play_allocation(env, ratios, target=draw["target"], seed=seed)
         seconds = time.perf_counter() - start
         record = {**draw, "params": params, "requested": ratios, "allocation": info["allocation"],
                   "ppl": info["ppl"], "fact_acc": info["fact_acc"], "fact_nll": info["fact_nll"],

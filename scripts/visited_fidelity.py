@@ -55,7 +55,7 @@ def rollouts(policy_path: str, targets, episodes: int, seed: int) -> tuple[list[
     for target in targets:
         for episode in range(episodes + 1):
             deterministic = episode == 0
-            result = policy.play(env, seed=seed + episode, target=target, deterministic=deterministic)
+            result = policy.rollout(env, seed=seed + episode, target=target, deterministic=deterministic)
             predicted = quality_of(surrogate.predict(result["allocation"]), surrogate.header["dense"], weights)
             visited.append({"target": target, "mode": "mean" if deterministic else "sampled",
                             "allocation": result["allocation"], "predicted": float(predicted),
@@ -67,12 +67,12 @@ def replay_exact(visited: list[dict], ctx, log=print) -> None:
     """Play each allocation exactly (adds the exact metrics to each entry)."""
     import gymnasium as gym
 
-    from agents.base import play
+    from agents.base import play_allocation
 
     env = gym.make("prune_env/LayerPrune-v0", fidelity="exact", context=ctx, min_sparsity=0.0, max_sparsity=0.9)
     for count, entry in enumerate(visited, 1):
         start = time.perf_counter()
-        info = play(env, entry["allocation"], target=entry["target"])
+        info = play_allocation(env, entry["allocation"], target=entry["target"])
         entry.update({key: float(info[key]) for key in ("ppl", "fact_acc", "fact_nll", "fact_retention",
                                                          "achieved_sparsity", "quality")})
         entry["exact_allocation"], entry["seconds"] = list(info["allocation"]), time.perf_counter() - start
