@@ -1,8 +1,8 @@
 """The LLM-prompted pruning agent (registry name "llm") and its chat backends.
 
-Modules: `agent` (LLMAgent: the decision loop, iterative and one-shot), `config` (typed options), `prompts`, `parsing` (JSON
-extraction, validation, repair), `memory` (self-reflection memory, bounded JSONL transcript),
-`candidates` (zscore-greedy fallback, candidate moves for the local model), `backends` (the
+Modules: `agent` (LLMAgent: the decision loop, iterative and one-shot), `options` (typed options), `prompts`, `parsing`
+(JSON extraction, validation, repair), `memory` (self-reflection memory, bounded JSONL transcript),
+`candidates` (zscore-greedy fallback, candidate moves for the local model), `chat` (the
 ChatBackend interface, the local transformers model), `openai_http` (the bounded HTTP backend).
 """
 
