@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from prune_env.context import PruningContext
 
 __all__ = ["AGENTS", "Agent", "build_agent", "budget_tolerance", "check_allocation",
-           "play"]
+           "play_allocation"]
 
 
 class Agent:
@@ -56,6 +56,14 @@ class Agent:
     last_info       extra fields of the last `allocate` for the result record (iterations, rollbacks)
     configure()     called once before any `allocate` with the env data (the reward slices) for
                     agents that play an env, and a folder for their own files (LLM transcripts)
+
+    Attributes:
+        name: the registry name, or the `label` the agent is reported under.
+        deterministic: the allocation does not depend on `seed`.
+        plays_env: `allocate` plays an env on the context it is lent.
+        last_info: extra record fields of the last `allocate` (empty before the first).
+        env_data: the env's reward data given to `configure`, or None.
+        workdir: the folder given to `configure` for the agent's own files, or None.
     """
 
     name: str = "agent"
@@ -68,10 +76,27 @@ class Agent:
         self.workdir: Path | None = None
 
     def configure(self, env_data: dict | None = None, workdir: str | Path | None = None) -> None:
+        """Called once before any `allocate` (the benchmark does), so no agent probes its caller.
+
+        Args:
+            env_data: the env's `data` dict (its reward slices), for agents that play an env; None otherwise.
+            workdir: a folder for the agent's own files (the LLM agent's transcripts); None writes nothing.
+        """
         self.env_data = dict(env_data) if env_data is not None else None
         self.workdir = Path(workdir) if workdir is not None else None
 
     def allocate(self, ctx: "PruningContext", target: float, seed: int) -> list[float]:
+        """One sparsity per unit whose parameter-weighted mean is `target` (`check_allocation` checks it).
+
+        Args:
+            ctx: the model, its units (`ctx.units`, in order) and their sensitivity profile; an agent that
+                plays an env lends it (`context=ctx`) and leaves it dense.
+            target: the global target sparsity, in (0, 1).
+            seed: the seed of this cell; a deterministic agent ignores it.
+
+        Returns:
+            One ratio in [0, 1) per unit of `ctx.units`.
+        """
         raise NotImplementedError(f"{type(self).__name__} must implement allocate(ctx, target, seed)")
 
     def __repr__(self) -> str:

@@ -46,7 +46,24 @@ _TEMPLATES: dict[tuple[str, str, str], "Template"] = {}
 
 @dataclass
 class DataConfig:
-    """Where text and facts come from and how big each slice is."""
+    """Where text and facts come from and how big each slice is: the one home of the data defaults.
+
+    Args:
+        text: the text source: "debian-handbook" (offline), a .txt file, "wikitext2" or "c4" (`load_text`).
+        facts: the facts source: "offline", a .jsonl file or "freebaseqa" (`load_facts`).
+        calib_samples: calibration windows (the pruning statistics), drawn at seeded random starts.
+        calib_seq_len: tokens per calibration window.
+        grad_samples: calibration windows of the gradient-importance profile.
+        eval_tokens: evaluation tokens for perplexity, cut into whole windows of `eval_seq_len`.
+        eval_seq_len: tokens per evaluation window.
+        eval_offset: the first evaluation token; None starts right after the calibration region.
+        n_facts: facts scored, taken from a seeded permutation (0: all of them).
+        facts_offset: facts of that permutation skipped first (disjoint held-out slices).
+        batch_size: text windows per forward pass.
+        fact_batch_size: facts per forward pass.
+        seed: the seed of the windows and of the facts' permutation.
+        calib_seed: the seed of the calibration windows alone; None uses `seed`.
+    """
 
     text: str = "debian-handbook"
     facts: str = "offline"
@@ -205,7 +222,6 @@ def select_facts(facts: list[Fact], n: int, offset: int, seed: int) -> list[Fact
     return [facts[i] for i in chosen]
 
 
-
 def profile_table(ctx: "PruningContext", z_wanda: list[float] | None = None,
                   sparsity: list[float] | None = None) -> list[dict]:
     """One row per unit, the sensitivity profile as agents read it: unit, index, z_wanda, z_grad (dense),
@@ -218,7 +234,22 @@ def profile_table(ctx: "PruningContext", z_wanda: list[float] | None = None,
 
 
 class PruningContext:
-    """Everything needed to prune and measure one model on fixed data."""
+    """Everything needed to prune and measure one model on fixed data.
+
+    It owns a private copy of the model (envs built on one never share weights with another), refuses
+    bad input before the weights load, and caches the sensitivity profile and dense metrics on disk.
+
+    Args:
+        model: a model spec: an alias ("smollm2-135m", "tiny-llama"), a local folder, a .gguf file or a
+            Hugging Face hub id (`prune_env.models`).
+        device: the torch device the model runs on ("cpu", "cuda", "cuda:1", "mps").
+        dtype: "float32", "bfloat16" or "float16".
+        granularity: the decision unit: "block" (one decoder block) or "linear" (one linear layer).
+        method: a registered pruning method ("magnitude", "wanda", "sparsegpt" or `register_method`'s).
+        pattern: an N:M pattern such as "2:4"; None for unstructured pruning.
+        data: a `DataConfig`, a dict of its fields, or None for its defaults.
+        use_cache: read and write the profile and dense-metric caches under `files.cache_root()`.
+    """
 
     def __init__(self, model: str = "smollm2-135m", device: str = "cpu", dtype: str = "float32",
                  granularity: str = "block", method: str = "wanda", pattern: str | None = None,

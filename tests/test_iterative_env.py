@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from prune_env.context import profile_table
 from prune_env.envs.iterative import IterativePruneEnv
 from prune_env.pruning.masking import wanda_scores
 from prune_env.models import weight_matrix
@@ -259,6 +260,8 @@ def test_profile_table_and_live_z_wanda(env):
     assert [row["unit"] for row in table] == env.unit_names == ["block.0", "block.1", "block.2"]
     dense_z = [row["z_wanda"] for row in table]
     np.testing.assert_allclose(dense_z, independent_z_wanda(env), rtol=1e-6, atol=1e-6)
+    # the one implementation: the dense rows the one-shot LLM agent reads are the env's rows at reset
+    assert [{**row, "z_wanda": pytest.approx(row["z_wanda"], abs=1e-6)} for row in profile_table(env.context)] == table
     obs, *_ = env.step(np.array([1, 0, 0]))
     obs, *_, info = env.step(np.array([1, 1, 0]))
     table = env.profile_table()

@@ -11,7 +11,7 @@ every fidelity (the surrogate never prunes a weight): `env.allocation` (per-unit
 `env.profile` (z-scores and numel per unit), `env.reference` (dense metrics), `env.units`,
 `env.target_sparsity`.
 
-Pruning methods have their own registry (`prune_env.pruning.methods.register_method`).
+Pruning methods have their own registry (`prune_env.register_method`).
 """
 
 from __future__ import annotations
@@ -43,12 +43,21 @@ def _register(table: dict, kind: str, name: str, fn: Callable) -> None:
 def _lookup(table: dict, kind: str, name: str) -> Callable:
     if name not in table:
         raise ValueError(f"unknown {kind} {name!r}: registered are {sorted(table)} "
-                         f"(add one with prune_env.envs.plugins.register_{kind.replace(' ', '_')})")
+                         f"(add one with prune_env.register_{kind.replace(' ', '_')})")
     return table[name]
 
 
 def register_reward_term(name: str, fn: RewardTermFn) -> None:
-    """Make `reward={"terms": {name: weight}}` add weight * fn(metrics, allocation, env) to the reward."""
+    """Make `reward={"terms": {name: weight}}` add weight * fn(metrics, allocation, env) to the reward.
+
+    Args:
+        name: the term's name, new and non-empty (a second registration of a name is refused).
+        fn: (metrics dict of the pruned model, the per-unit allocation, the unwrapped env) -> float, higher
+            is better; called at the episode's end on every fidelity.
+
+    Raises:
+        ValueError: the name is empty or taken, or `fn` is not callable.
+    """
     _register(_REWARD_TERMS, "reward term", name, fn)
 
 
@@ -57,7 +66,16 @@ def reward_term(name: str) -> RewardTermFn:
 
 
 def register_observation_feature(name: str, fn: ObservationFeatureFn) -> None:
-    """Make `extra_features=[name]` append fn(env, unit_index) to each observation."""
+    """Make `extra_features=[name]` append fn(env, unit_index) to each observation.
+
+    Args:
+        name: the feature's name, new and non-empty.
+        fn: (the unwrapped env, the index of the unit being described) -> float; the value is clipped to
+            [-10, 10] like the rest of the observation.
+
+    Raises:
+        ValueError: the name is empty or taken, or `fn` is not callable.
+    """
     _register(_FEATURES, "observation feature", name, fn)
 
 

@@ -60,7 +60,24 @@ _REGISTRY: dict[str, PruningMethod] = {
 def register_method(name: str, select: SelectFn, statistics: Literal["none", "norms", "hessian"] = "norms",
                     rank_score: ScoreFn = wanda_scores, per_row: bool = True) -> PruningMethod:
     """Make `method=name` available to the envs and `prune_model`; `select` must remove exactly the
-    requested share of weights (the envs' budget bookkeeping counts the mask's zeros)."""
+    requested share of weights (the envs' budget bookkeeping counts the mask's zeros).
+
+    Args:
+        name: the method's name, new and non-empty.
+        select: (dense weight [out, in], input statistics or None, ratio, N:M pattern or None) -> (keep
+            mask, True = keep; new weight or None to keep the dense values).
+        statistics: what the sequential pass collects on each linear's input for `select`: "none",
+            "norms" (||X_j||_2, as Wanda) or "hessian" (2 X X^T, as SparseGPT).
+        rank_score: (dense weight, activation norms) -> scores, low removed first: the cheap precomputed
+            masks of the proxy fidelity and IterativePrune.
+        per_row: `rank_score` compares within each output row (else across the whole matrix).
+
+    Returns:
+        The registered `PruningMethod`.
+
+    Raises:
+        ValueError: the name is empty or taken, or `statistics` is not one of the three.
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"method name {name!r} must be a non-empty string")
     if name in _REGISTRY:
@@ -79,7 +96,7 @@ def method_names() -> list[str]:
 def check_method(method: str) -> str:
     if method not in _REGISTRY:
         raise ValueError(f"unknown pruning method {method!r}: use one of {', '.join(_REGISTRY)} "
-                         f"(or register one with prune_env.pruning.methods.register_method)")
+                         f"(or register one with prune_env.register_method)")
     return method
 
 

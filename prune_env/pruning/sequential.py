@@ -113,7 +113,27 @@ class SequentialPruner:
 def prune_model(model: nn.Module, calibration: torch.Tensor, ratios: dict[str, float], method: str = "wanda",
                 pattern: str | None = None, batch_size: int = 4, masked: MaskedModel | None = None,
                 progress: bool = False) -> tuple[MaskedModel, PruneResult]:
-    """Prune every linear to its ratio with one sequential pass over the calibration windows."""
+    """Prune every linear to its ratio with one sequential pass over the calibration windows.
+
+    Block by block (SparseGPT order): each block's statistics are taken on the outputs of the blocks
+    already pruned, so a later layer is calibrated on what it will really see.
+
+    Args:
+        model: a causal LM (`prune_env.models.load_model`); pruned in place.
+        calibration: token windows, int64 [n, seq_len] (`PruningContext.slices.calibration`).
+        ratios: the sparsity of each linear by its full name (`linear_layers(model)[i].name`), in [0, 1);
+            a linear not named keeps its weights.
+        method: a registered pruning method: "magnitude", "wanda", "sparsegpt" or one of `register_method`.
+        pattern: an N:M pattern ("2:4"), which fixes every ratio at N/M; None for unstructured.
+        batch_size: calibration windows per forward pass.
+        masked: an existing `MaskedModel` of `model` to prune into (its dense snapshot is kept); None
+            makes one.
+        progress: print one line per block.
+
+    Returns:
+        The `MaskedModel` (restore() brings the dense weights back) and a `PruneResult` (zeros and numel
+        per linear, `achieved_sparsity`).
+    """
     check_method(method)
     refs = linear_layers(model)
     masked = masked or MaskedModel({ref.name: ref.module for ref in refs})
