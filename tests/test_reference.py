@@ -87,7 +87,8 @@ def test_one_version_number_and_the_table_is_package_data():
 
     config = read_configuration(ROOT / "pyproject.toml", expand=True)
     assert config["project"]["version"] == prune_env.__version__
-    assert "reference_scores.json" in config["tool"]["setuptools"]["package-data"]["prune_env"]
+    table = reference.TABLE.relative_to(Path(prune_env.__file__).parent).as_posix()  # the file the package reads
+    assert table in config["tool"]["setuptools"]["package-data"]["prune_env"]
 
 
 def test_task_for_needs_the_default_reward_and_data(tiny_data):
