@@ -1,4 +1,4 @@
-"""Allocators checked against independent hand computations on small inputs."""
+"""The allocation rules (agents/rules.py) checked against independent hand computations on small inputs."""
 
 from __future__ import annotations
 
