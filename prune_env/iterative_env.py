@@ -333,9 +333,9 @@ class IterativePruneEnv(PruneEnvBase):
     def checkpoint(self) -> IterativeCheckpoint:
         if self._steps is None:
             raise RuntimeError("call reset() before checkpoint()")
-        return IterativeCheckpoint(self._steps, self.target_sparsity, [list(z) for z in self._zeros], list(self._nominal),
-                           self._metrics, self._quality, self._objectives.copy(), list(self._s_wanda),
-                           self._rollbacks, self._done)
+        return IterativeCheckpoint(self._steps, self.target_sparsity, [list(z) for z in self._zeros],
+                                   list(self._nominal), self._metrics, self._quality, self._objectives.copy(),
+                                   list(self._s_wanda), self._rollbacks, self._done)
 
     def rollback(self, checkpoint: IterativeCheckpoint) -> None:
         """Return to `checkpoint`: masks, weights (bit-exactly), metrics, step count and rollback count."""
