@@ -160,3 +160,18 @@ print(json.dumps({"grew_kb": kb() - base_kb, "open": fds() - base_fds, "template
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["templates"] == 0 and result["open"] <= 0 and result["same"]
     assert result["grew_kb"] < 100 * 1024
+
+
+def test_a_users_surrogate_has_no_normalised_score(light_data_set, tiny_data, monkeypatch):
+    """The reference table's surrogate rows come from the packaged data set: another one's returns are not
+    comparable, even for a task the table has."""
+    from prune_env import reference
+
+    monkeypatch.setattr(reference, "task_for", lambda context, fidelity, reward: "smollm2-135m/wanda/block/exact")
+    path, _ = light_data_set
+    for fidelity, expected_none in (("surrogate", True), ("exact", False)):
+        env = LayerPruneEnv(model="tiny-llama", data=tiny_data, fidelity=fidelity, surrogate=str(path))
+        env.reset(seed=0)
+        for _ in env.units:
+            *_, info = env.step(np.array([0.5], dtype=np.float32))
+        assert (info["normalised_score"] is None) == expected_none
