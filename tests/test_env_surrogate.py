@@ -3,6 +3,8 @@ surrogate's prediction for the allocation the env applied."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -175,3 +177,22 @@ def test_a_users_surrogate_has_no_normalised_score(light_data_set, tiny_data, mo
         for _ in env.units:
             *_, info = env.step(np.array([0.5], dtype=np.float32))
         assert (info["normalised_score"] is None) == expected_none
+
+
+def test_the_packaged_surrogate_builds_a_smollm2_env_without_the_model():
+    """The packaged data set predates the balanced knowledge fields: the env must still build (it once raised
+    a TypeError from Metrics), and the missing dense fields read NaN, not 0."""
+    import gymnasium as gym
+
+    env = gym.make("prune_env/LayerPrune-v1", fidelity="surrogate")
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    dense = env.unwrapped.context.dense
+    assert dense.ppl > 1 and math.isnan(dense.fact_retention_balanced)
+    done = False
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(env.unwrapped.action_for_ratio(0.5))
+        done = terminated or truncated
+    assert math.isfinite(reward) and info["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert info["normalised_score"] == pytest.approx(0.0, abs=1e-3)  # uniform is the reference zero
+    env.close()
