@@ -108,3 +108,44 @@ def test_the_policy_env_factory_warns_nothing():
     env.close()
     assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
     assert env.action_space == gym.spaces.Box(-1.0, 1.0, (1,), env.action_space.dtype)
+
+
+RESEARCH = "Use it in your research"
+# what each SmolLM2 run of a README snippet becomes in the check: the tiny model, its data and surrogate
+TINY = {'model="smollm2-135m"': 'model="tiny-llama", data=TINY_DATA',
+        'fidelity="surrogate"': 'fidelity="surrogate", surrogate=TINY_SURROGATE'}
+
+
+def section(text: str, heading: str) -> str:
+    """The text of the `## heading` section (its ### subsections included)."""
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def test_research_section_snippets_run_on_a_tiny_model(tiny_data, tmp_path, monkeypatch, capsys):
+    from tests.tiny_surrogate import write_tiny_dataset
+
+    surrogate = tmp_path / "tiny-surrogate.jsonl"
+    write_tiny_dataset(surrogate, tiny_data).close()
+    text = section(README.read_text(), RESEARCH)
+    snippets = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert snippets, f"README.md's {RESEARCH!r} section has no python snippet"
+    monkeypatch.chdir(ROOT)
+    for snippet in snippets:
+        code = snippet
+        for old, new in TINY.items():
+            code = code.replace(old, new)
+        assert "smollm2" not in code.lower(), "a README snippet runs SmolLM2 that the check cannot substitute"
+        exec(compile(code, f"README.md ({RESEARCH})", "exec"), {"TINY_DATA": tiny_data,
+                                                                 "TINY_SURROGATE": str(surrogate)})
+    assert capsys.readouterr().out  # the snippets print what they measured
+    for script in re.findall(r"python (scripts/\w+\.py)", text):
+        assert (ROOT / script).is_file(), f"README.md runs {script}, which does not exist"
+
+
+def test_readme_reference_table_is_the_packaged_one():
+    from prune_env.envs import reference
+
+    assert reference.markdown() in section(README.read_text(), RESEARCH), \
+        "README.md's reference table differs from prune_env/envs/reference_scores.json: paste reference.markdown()"

@@ -3,6 +3,7 @@ observation features and pruning methods, the vector reward and its linear scala
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -162,3 +163,60 @@ def test_reward_space_is_reachable_through_the_wrappers(tiny_data):
     assert linear.get_wrapper_attr("reward_space") == expected
     _, rewards, info = play(linear, 0.0)
     assert rewards[-1] == pytest.approx(float(np.dot([1.0, 0.5], info["vector_reward"])), abs=1e-12)
+
+
+@pytest.fixture
+def tiny_reference(tmp_path, monkeypatch):
+    """A reference table with one tiny task (written by the test) in place of the packaged one."""
+    from prune_env.envs import reference
+
+    table = tmp_path / "reference_scores.json"
+    monkeypatch.setattr(reference, "TABLE", table)
+    reference.load_table.cache_clear()
+    yield table
+    reference.load_table.cache_clear()
+
+
+def test_normalised_score_places_the_return_between_uniform_and_best_known(tiny_data, tiny_reference, monkeypatch):
+    from agents.base import play_allocation
+    from prune_env.envs import reference
+
+    plain = gym.make(ENV_ID, model="tiny-llama", data=tiny_data)
+    candidates = [[0.5, 0.5, 0.5], [0.3, 0.6, 0.6], [0.6, 0.6, 0.3], [0.6, 0.3, 0.6], [0.2, 0.5, 0.8], [0.8, 0.5, 0.2]]
+    infos = {tuple(a): play_allocation(plain, a) for a in candidates}
+    assert all(info["normalised_score"] is None for info in infos.values())  # tiny data: no task in the table
+    uniform = infos[(0.5, 0.5, 0.5)]["quality"]
+    best = max(infos, key=lambda a: infos[a]["quality"])
+    assert infos[best]["quality"] > uniform  # some allocation beats uniform on the tiny model
+    row = {"uniform": uniform, "best_rule": {"name": "rule", "return": infos[best]["quality"]},
+           "best_known": {"name": "rule", "return": infos[best]["quality"]}, "returns": {}}
+    tiny_reference.write_text(json.dumps({"tasks": {"tiny/exact": {"0.5": row}}}))
+    monkeypatch.setattr(reference, "task_for", lambda context, fidelity, reward: f"tiny/{fidelity}")
+    env = gym.make(ENV_ID, model="tiny-llama", data=tiny_data)
+    assert play_allocation(env, [0.5, 0.5, 0.5])["normalised_score"] == pytest.approx(0.0, abs=1e-12)
+    assert play_allocation(env, list(best))["normalised_score"] == pytest.approx(1.0, abs=1e-12)
+    assert play_allocation(env, list(best), target=0.4)["normalised_score"] is None  # 0.4 is not in the table
+    proxy = gym.make(ENV_ID, model="tiny-llama", data=tiny_data, fidelity="proxy", proxy_eval_tokens=128,
+                     proxy_facts=6)
+    assert play_allocation(proxy, [0.5, 0.5, 0.5])["normalised_score"] is None  # no tiny/proxy row
+
+
+def test_iterative_episode_end_has_no_normalised_score(tiny_data):
+    env = gym.make("prune_env/IterativePrune-v2", model="tiny-llama", data=tiny_data, target_sparsity=0.1,
+                   rollback_threshold=float("inf"))
+    env.reset(seed=0)
+    done, infos = False, []
+    while not done:
+        _, _, terminated, truncated, info = env.step(np.ones(env.action_space.n, dtype=np.int8))
+        done = terminated or truncated
+        infos.append(info)
+    assert "normalised_score" in infos[-1] and infos[-1]["normalised_score"] is None
+    assert all("normalised_score" not in info for info in infos[:-1])
+
+
+def test_layer_env_docstring_shows_the_reference_table():
+    from prune_env.envs import reference
+    from prune_env.envs.layer import LayerPruneEnv
+
+    assert reference.markdown() in inspect.getdoc(LayerPruneEnv), \
+        "LayerPruneEnv's docstring table differs from prune_env/envs/reference_scores.json: paste reference.markdown()"

@@ -3,6 +3,8 @@ surrogate's prediction for the allocation the env applied."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +162,37 @@ print(json.dumps({"grew_kb": kb() - base_kb, "open": fds() - base_fds, "template
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["templates"] == 0 and result["open"] <= 0 and result["same"]
     assert result["grew_kb"] < 100 * 1024
+
+
+def test_a_users_surrogate_has_no_normalised_score(light_data_set, tiny_data, monkeypatch):
+    """The reference table's surrogate rows come from the packaged data set: another one's returns are not
+    comparable, even for a task the table has."""
+    from prune_env.envs import reference
+
+    monkeypatch.setattr(reference, "task_for", lambda context, fidelity, reward: "smollm2-135m/wanda/block/exact")
+    path, _ = light_data_set
+    for fidelity, expected_none in (("surrogate", True), ("exact", False)):
+        env = LayerPruneEnv(model="tiny-llama", data=tiny_data, fidelity=fidelity, surrogate=str(path))
+        env.reset(seed=0)
+        for _ in env.units:
+            *_, info = env.step(np.array([0.5], dtype=np.float32))
+        assert (info["normalised_score"] is None) == expected_none
+
+
+def test_the_packaged_surrogate_builds_a_smollm2_env_without_the_model():
+    """The packaged data set predates the balanced knowledge fields: the env must still build (it once raised
+    a TypeError from Metrics), and the missing dense fields read NaN, not 0."""
+    import gymnasium as gym
+
+    env = gym.make("prune_env/LayerPrune-v1", fidelity="surrogate")
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
+    dense = env.unwrapped.context.dense
+    assert dense.ppl > 1 and math.isnan(dense.fact_retention_balanced)
+    done = False
+    while not done:
+        obs, reward, terminated, truncated, info = env.step(env.unwrapped.action_for_ratio(0.5))
+        done = terminated or truncated
+    assert math.isfinite(reward) and info["achieved_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert info["normalised_score"] == pytest.approx(0.0, abs=1e-3)  # uniform is the reference zero
+    env.close()

@@ -9,7 +9,7 @@ import pytest
 from stable_baselines3 import PPO
 
 import prune_env  # noqa: F401  (registers the environments)
-from prune_env.envs.layer import ROLES, linear_role
+from prune_env.envs.observation import ROLES, linear_role
 
 
 def run_policy(model: PPO, env: gym.Env) -> dict:

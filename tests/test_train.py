@@ -212,3 +212,46 @@ def test_one_policy_for_every_target_draws_training_targets(tiny_data, tmp_path)
         resolve_config(SMOKE, ["env.target_sparsity_range=[0.3, 0.95]"])
     with pytest.raises(ConfigError, match="env_id"):
         resolve_config(SMOKE, ["env.env_id=prune_env/IterativePrune-v0"])
+
+
+def test_env_config_offers_every_env_keyword():
+    """EnvConfig's fields come from LayerPruneEnv's signature: a new env keyword is a config key (typed and
+    defaulted as in the env) at once, and one the config cannot offer fails loudly at import."""
+    import dataclasses
+    import inspect
+
+    from training.train_config import ENV_KEYWORDS_NOT_IN_CONFIG, EnvConfig, env_keyword_fields
+    from prune_env.config_files import dataclass_from_dict
+    from prune_env.envs.layer import LayerPruneEnv
+
+    keywords = set(inspect.signature(LayerPruneEnv.__init__).parameters) - {"self", "kwargs"}
+    fields = {f.name for f in dataclasses.fields(EnvConfig)}
+    assert fields == (keywords - set(ENV_KEYWORDS_NOT_IN_CONFIG)) | {"env_id"}
+
+    def init(self, model: str = "m", new_knob: float = 1.5, tags: list = [], context=None, **kwargs):  # noqa: B006
+        """A stand-in env's signature with two keywords LayerPruneEnv does not have."""
+
+    def config_class(env_init, skip=None, **declared):
+        env = type("StandIn", (), {"__init__": env_init})
+        cls = type("Config", (), {"__annotations__": {"env_id": "str", **{k: "str" for k in declared}},
+                                  "env_id": "x", **declared})
+        return dataclasses.dataclass(env_keyword_fields(env, {"context": "live"} if skip is None else skip)(cls))
+
+    widened = config_class(init)
+    assert [f.name for f in dataclasses.fields(widened)] == ["env_id", "model", "new_knob", "tags"]
+    first, second = widened(), widened()
+    assert first.new_knob == 1.5 and first.tags == [] and first.tags is not second.tags
+    assert dataclass_from_dict(widened, {"new_knob": 0.25}, "env").new_knob == 0.25
+    with pytest.raises(ConfigError, match="env.new_knob"):
+        dataclass_from_dict(widened, {"new_knob": "high"}, "env")  # typed by the env's annotation
+    assert config_class(init, model="declared")().model == "declared"  # a declared field overrides the env's
+
+    def no_default(self, model: str = "m", *, required_knob: float, context=None):
+        """A stand-in env's signature with a keyword the caller must give."""
+
+    with pytest.raises(TypeError, match="'required_knob' has no default"):
+        config_class(no_default)
+    with pytest.raises(TypeError, match=r"\['modle'\] are not keywords"):
+        config_class(init, modle="typo")
+    with pytest.raises(TypeError, match=r"\['gone'\] are not keywords"):
+        config_class(init, skip={"context": "live", "gone": "removed from the env"})

@@ -11,13 +11,14 @@ ranges (names SB3's algorithm does not take are refused), policy kwargs likewise
 from __future__ import annotations
 
 import inspect
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from prune_env.config_files import ConfigError, dataclass_from_dict, load_config
 from prune_env.context import GRANULARITIES, DataConfig
-from prune_env.envs.layer import ACTION_MODES, ACTION_TYPES, FIDELITIES
+from prune_env.envs.layer import ACTION_MODES, ACTION_TYPES, FIDELITIES, LayerPruneEnv
 from prune_env.pruning.masking import parse_pattern
 from prune_env.pruning.methods import check_method
 from prune_env.envs.rewards import RewardConfig
@@ -178,34 +179,71 @@ def _check_data(values: dict, where: str) -> None:
             check_number(name, value, low=1 if key in _DATA_MINIMUM_ONE else 0, integer=True)
 
 
+# LayerPruneEnv keywords a training config does not hold, and why; every other keyword is an EnvConfig field
+ENV_KEYWORDS_NOT_IN_CONFIG = {
+    "context": "a live model context, lent by Python code",
+    "render_mode": "training renders nothing",
+    "kind_encoding": "env_id sets it (LayerPrune-v1 registers 'role')",
+    "extra_features": "features are registered in the caller's process, which train.py is not",
+    "reward_mode": "SB3 trains on one scalar reward",
+}
+
+
+def env_keyword_fields(env_class: type, skip: dict[str, str], config_only: tuple[str, ...] = ("env_id",)):
+    """A class decorator (under @dataclass) that makes every keyword of `env_class.__init__` outside `skip`
+    a field, with the env's type and default, in the signature's order after the `config_only` fields.
+
+    The class declares a keyword only where the config's type or default differs from the env's. So a new
+    env keyword is a config key at once, and one without a default, a declared field that is no keyword
+    or a stale `skip` entry fails at import, never silently."""
+    def decorate(cls: type) -> type:
+        params = {name: p for name, p in inspect.signature(env_class.__init__).parameters.items()
+                  if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        declared = dict(cls.__dict__.get("__annotations__", {}))
+        strays = sorted((set(declared) - set(params) - set(config_only)) | (set(skip) - set(params)))
+        if strays:
+            raise TypeError(f"{cls.__name__}: {strays} are not keywords of {env_class.__name__}.__init__: "
+                            f"rename or remove them")
+        hints = typing.get_type_hints(env_class.__init__)
+        annotations = {name: declared[name] for name in config_only}
+        for name, param in params.items():
+            if name in declared:
+                annotations[name] = declared[name]
+                continue
+            if name in skip:
+                continue
+            if param.default is param.empty:
+                raise TypeError(f"{env_class.__name__}.__init__'s keyword {name!r} has no default, so {cls.__name__} "
+                                f"cannot offer it: give it a default or list it in ENV_KEYWORDS_NOT_IN_CONFIG")
+            annotations[name] = hints.get(name, Any)
+            default = param.default
+            setattr(cls, name, field(default_factory=lambda d=default: type(d)(d))
+                    if isinstance(default, (list, dict, set)) else default)
+        cls.__annotations__ = annotations
+        return cls
+    return decorate
+
+
 # ----------------------------------------------------------------------------- sections
 @dataclass
+@env_keyword_fields(LayerPruneEnv, ENV_KEYWORDS_NOT_IN_CONFIG)
 class EnvConfig:
-    """The env id and its keyword arguments for the training envs (LayerPrune-v0 by default)."""
+    """The env id and the keyword arguments of the training envs (LayerPrune-v0 by default).
 
-    env_id: str = "prune_env/LayerPrune-v0"  # or prune_env/LayerPrune-v1 (fixed linear-role encoding)
-    model: str = "smollm2-135m"
-    target_sparsity: float = 0.5
-    # (lo, hi): each training episode draws its target uniformly from it (one policy for every target)
+    Every LayerPruneEnv keyword is a field with the env's default (`env_keyword_fields`), except those in
+    ENV_KEYWORDS_NOT_IN_CONFIG; the fields below differ from the env. `env_id`: or prune_env/LayerPrune-v1
+    (fixed linear-role encoding). `target_sparsity_range` [lo, hi]: each training episode draws its target
+    from it (one policy for every target). `action_mode="budget"`: actions relative to the budget left (a = 0
+    is uniform at any target). `surrogate`: the data set file of fidelity=surrogate (None: the packaged one);
+    `surrogate_pessimism` k: reward = prediction - k * the fit's spread there. `observe_profile=False`: the
+    policy sees 0 for z_wanda and z_grad (LayerPruneEnv's docstring).
+    """
+
+    env_id: str = "prune_env/LayerPrune-v0"
     target_sparsity_range: list[float] | None = None
-    granularity: str = "block"
-    method: str = "wanda"
-    pattern: str | None = None
-    min_sparsity: float = 0.0
-    max_sparsity: float = 0.9
-    action_type: str = "continuous"
-    action_mode: str = "absolute"  # or "budget": actions relative to the budget left (a=0 is uniform at any target)
-    n_actions: int = 11
     fidelity: str = "proxy"
     reward: dict = field(default_factory=lambda: asdict(RewardConfig()))
     data: dict = field(default_factory=lambda: asdict(DataConfig()))
-    proxy_eval_tokens: int = 1024
-    proxy_facts: int = 64
-    surrogate: str | None = None  # fidelity=surrogate: the data set file (None: the packaged one)
-    surrogate_pessimism: float = 0.0  # fidelity=surrogate: reward = prediction - k * the fit's spread there
-    observe_profile: bool = True  # False: the policy sees 0 for z_wanda and z_grad (LayerPrune's docstring)
-    device: str = "cpu"
-    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_choice("env_id", self.env_id, LAYER_ENV_IDS)

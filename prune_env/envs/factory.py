@@ -18,7 +18,16 @@ def make_env(env_id: str = ENV_ID, torch_threads: int | None = None, rescale: bo
 
     SB3's Gaussian policies start at mean 0 and work best on a symmetric [-1, 1] space: unscaled, the
     deterministic policy sits on the Box(0, 1) bound (ratio = min_sparsity) and never leaves it.
-    `torch_threads` sets torch's thread count in the process that builds the env (SubprocVecEnv workers).
+
+    Args:
+        env_id: a registered id, e.g. "prune_env/LayerPrune-v1" (default: LayerPrune-v0).
+        torch_threads: torch's thread count in the process that builds the env (SubprocVecEnv workers);
+            None leaves it as it is.
+        rescale: wrap a Box action space in `RescaleAction` to [-1, 1] (a discrete space is never wrapped).
+        **env_kwargs: the env's keywords (`LayerPruneEnv.__init__`'s Args), passed to `gym.make`.
+
+    Returns:
+        The wrapped env; `env.unwrapped` is the LayerPruneEnv (or IterativePruneEnv).
     """
     if torch_threads is not None:
         import torch

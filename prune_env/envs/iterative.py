@@ -60,7 +60,9 @@ def depth_bins(n_units: int, bins: int) -> list[list[int]]:
 
 
 @dataclass
-class _Checkpoint:
+class IterativeCheckpoint:
+    """What `IterativePruneEnv.rollback` needs: masks (as zero counts), metrics, step and rollback counts."""
+
     steps: int
     target: float
     zeros: list[list[int]]
@@ -152,7 +154,9 @@ class IterativePruneEnv(PruneEnvBase):
     (per-unit sparsity), `rolled_back`, `rollbacks` (count so far), `ppl_increase` (relative perplexity
     increase the step caused, also when it was reverted; 0 when nothing changed), `changed` (indices of
     the units whose masks the step changed; reverted again when `rolled_back`), `step`,
-    `target_sparsity`. A non-finite perplexity always counts as above the threshold.
+    `target_sparsity`. A non-finite perplexity always counts as above the threshold. At the episode's
+    last step `normalised_score` is None: the reference table (`prune_env.envs.reference`) has no
+    IterativePrune task yet.
 
     With `bins=K` (IterativePrune-v1, K = 8) the spaces no longer depend on the model: unit i belongs to
     depth bin floor(i * K / n) (a bin without units takes the unit nearest its centre); the observation
@@ -175,13 +179,7 @@ class IterativePruneEnv(PruneEnvBase):
     or before `reset`, raises RuntimeError.
 
     ## Arguments
-    model ("smollm2-135m"), target_sparsity (0.5), granularity ("block" | "linear"), method ("wanda" |
-    "magnitude" | "sparsegpt"), increment (0.05), max_sparsity (0.9, per-unit cap), rollback_threshold
-    (0.10; math.inf never reverts), max_steps (100), reward (dict of RewardConfig, incl.
-    rollback_penalty and user `terms`), data (dict of DataConfig), device ("cpu"), dtype ("float32"),
-    render_mode (None | "ansi" | "rgb_array"), context (None | PruningContext), target_sparsity_range
-    (None | (lo, hi)), bins (None (v0) | K (v1, v2: 8)), extra_features (list of registered feature names),
-    unmet_penalty (20.0; v0/v1 register 0.0), reward_mode ("scalar" | "vector").
+    Every keyword with its default and meaning: `IterativePruneEnv.__init__`'s Args.
     Registered with `max_episode_steps=100` (the default max_steps): with `gym.make(..., max_steps=N)`
     for N > 100 pass `max_episode_steps=N` too, or the TimeLimit wrapper truncates at 100.
 
@@ -212,6 +210,32 @@ class IterativePruneEnv(PruneEnvBase):
                  target_sparsity_range: tuple[float, float] | None = None, bins: int | None = None,
                  extra_features: list[str] | None = None, unmet_penalty: float = UNMET_PENALTY,
                  reward_mode: str = "scalar", **kwargs):
+        """Builds the env's own model context (or borrows `context`), the score ranks and the spaces.
+
+        Args:
+            model: a model alias ("smollm2-135m", "tiny-llama" ...), a folder, a .gguf file or a hub id.
+            target_sparsity: the global sparsity an episode ends on (until reset options change it).
+            granularity: "block" (one unit per decoder block) or "linear" (one unit per linear layer).
+            method: "wanda", "magnitude" or "sparsegpt" (ranked as Wanda): how masks are ranked.
+            increment: the sparsity a selected unit gains per step.
+            max_sparsity: each unit's cap (also the highest reachable target).
+            rollback_threshold: the relative perplexity rise above which a step is reverted (math.inf: never).
+            max_steps: steps before truncation (pass `max_episode_steps` too above 100 through gym.make).
+            reward: RewardConfig values (ppl_weight, fact_weight, rollback_penalty, terms ...); None: defaults.
+            data: DataConfig values (text, facts, slice sizes, seed ...); None: defaults.
+            device: where the model runs ("cpu", "cuda", ...).
+            dtype: the model's weights' dtype ("float32", "bfloat16", ...).
+            render_mode: None, "ansi" or "rgb_array".
+            context: None (the env builds and owns its model) or a lent PruningContext.
+            target_sparsity_range: None or (lo, hi): each reset draws the target from it with `np_random`.
+            bins: None (v0: one action per unit) or K depth bins (v1, v2: 8).
+            extra_features: names of registered observation features appended to each unit's entries.
+            unmet_penalty: paid per unit of sparsity left unmet at truncation (v2: 20; v0/v1: 0).
+            reward_mode: "scalar" or "vector" (the objectives' changes in `reward_space`).
+
+        Raises:
+            ValueError: an unknown keyword or an invalid value, named with its fix, before any model loads.
+        """
         if reward_mode not in REWARD_MODES:
             raise ValueError(f"unknown reward_mode {reward_mode!r}: use one of {', '.join(REWARD_MODES)}")
         self.reward_mode = reward_mode
@@ -301,17 +325,19 @@ class IterativePruneEnv(PruneEnvBase):
         vector[0] -= unmet
         reward = vector if self.reward_mode == "vector" else float(scalar - unmet)
         info = self._info(rolled_back=rolled_back, increase=float(increase), changed=changed, unmet=unmet)
+        if self._done:
+            info["normalised_score"] = None  # no IterativePrune task in prune_env/envs/reference_scores.json
         return self._observation(), reward, terminated, truncated, info
 
     # -- checkpoint / rollback ---------------------------------------------------------------------
-    def checkpoint(self) -> _Checkpoint:
+    def checkpoint(self) -> IterativeCheckpoint:
         if self._steps is None:
             raise RuntimeError("call reset() before checkpoint()")
-        return _Checkpoint(self._steps, self.target_sparsity, [list(z) for z in self._zeros], list(self._nominal),
-                           self._metrics, self._quality, self._objectives.copy(), list(self._s_wanda),
-                           self._rollbacks, self._done)
+        return IterativeCheckpoint(self._steps, self.target_sparsity, [list(z) for z in self._zeros],
+                                   list(self._nominal), self._metrics, self._quality, self._objectives.copy(),
+                                   list(self._s_wanda), self._rollbacks, self._done)
 
-    def rollback(self, checkpoint: _Checkpoint) -> None:
+    def rollback(self, checkpoint: IterativeCheckpoint) -> None:
         """Return to `checkpoint`: masks, weights (bit-exactly), metrics, step count and rollback count."""
         if self._steps is None:
             raise RuntimeError("call reset() before rollback()")

@@ -8,35 +8,24 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from . import reference
 from ..pruning.allocation_files import project, wall_bounds
-from .base import PruneEnvBase, clip_observation, check_whole
+from .base import PruneEnvBase, check_whole
 from ..context import PruningContext
 from .fidelities import FIDELITIES, SurrogateContext, make_fidelity
+from .observation import KIND_ENCODINGS, UnitObservation
 from .rewards import objectives, scalar_quality
 from ..validation import check_flag, check_number, check_ratio
+
 ACTION_TYPES = ("continuous", "discrete")
 ACTION_MODES = ("absolute", "budget")
-KIND_ENCODINGS = ("one_hot", "role")
-ROLES = ("attention_in", "attention_out", "mlp_in", "mlp_out", "other")
 REWARD_MODES = ("scalar", "vector")
-BASE_FEATURES = 9
-
-
-def linear_role(kind: str) -> str:
-    """A family-independent role of a linear from its name inside the block (q/k/v -> attention_in ...)."""
-    name = kind.lower()
-    attention = any(part in name for part in ("attn", "attention"))
-    mlp = any(part in name for part in ("mlp", "ffn", "feed_forward", "fc1", "fc2"))
-    out = any(part in name for part in ("o_proj", "out_proj", "c_proj", "down_proj", "fc2", "dense_4h_to_h", "wo"))
-    if attention:
-        return "attention_out" if out else "attention_in"
-    if mlp:
-        return "mlp_out" if out else "mlp_in"
-    return "other"
 
 
 @dataclass
-class _Checkpoint:
+class LayerCheckpoint:
+    """What `LayerPruneEnv.rollback` needs: the episode's bookkeeping and the fidelity's own state."""
+
     step: int
     ratios: list[float]
     zeros: list[int]
@@ -103,6 +92,26 @@ class LayerPruneEnv(PruneEnvBase):
     `env.unwrapped.reference` holds the dense metrics the reward compares with; `env.unwrapped.profile`
     the dense sensitivity profile (z_wanda, z_grad, numel per unit).
 
+    ## Reference scores
+    `info["normalised_score"]` at the last step places the return on `prune_env/envs/reference_scores.json`
+    (`prune_env.envs.reference.normalised_score`): 0 = uniform Wanda, 1 = the best known agent at this target
+    (linear between table targets). None where the table has no such task or target: another model,
+    method, granularity, pattern, reward or data than the defaults, the proxy fidelity, a surrogate other
+    than the packaged one, or `surrogate_pessimism` != 0. Returns (final quality, default reward):
+
+    | task | target | uniform | best rule | best known |
+    |---|---|---|---|---|
+    | smollm2-135m/wanda/block/exact | 0.3 | -0.1811 | zscore-greedy -0.1647 | zscore-greedy -0.1647 |
+    | smollm2-135m/wanda/block/exact | 0.4 | -0.4635 | protect-first -0.4205 | protect-first -0.4205 |
+    | smollm2-135m/wanda/block/exact | 0.5 | -1.0284 | protect-first -0.8782 | protect-first -0.8782 |
+    | smollm2-135m/wanda/block/exact | 0.6 | -2.0833 | protect-first -1.6703 | ppo -1.6164 |
+    | smollm2-135m/wanda/block/surrogate | 0.3 | -0.1868 | protect-first -0.1640 | ppo -0.1636 |
+    | smollm2-135m/wanda/block/surrogate | 0.4 | -0.4955 | protect-first -0.4335 | ppo -0.4215 |
+    | smollm2-135m/wanda/block/surrogate | 0.5 | -0.9745 | protect-first -0.8642 | ppo -0.8366 |
+    | smollm2-135m/wanda/block/surrogate | 0.6 | -2.0820 | protect-first -1.6084 | ppo -1.5482 |
+
+    (`prune_env.envs.reference.markdown()`; how it was measured: docs/results/reference-scores/README.md.)
+
     ## Fidelity
     One strategy object of `prune_env.envs.fidelities` each. `exact`: the real sequential prune and real
     metrics on the evaluation slices; hidden states of the decided prefix are cached, so each step runs
@@ -139,16 +148,7 @@ class LayerPruneEnv(PruneEnvBase):
     Terminates after the last unit. There is no truncation. Stepping a finished episode raises.
 
     ## Arguments
-    model ("smollm2-135m"), target_sparsity (0.5), granularity ("block" | "linear"), method ("wanda" |
-    "magnitude" | "sparsegpt"), pattern (None | "2:4" ...), min_sparsity (0.0), max_sparsity (0.9),
-    action_type ("continuous" | "discrete"), n_actions (11), fidelity ("exact" | "proxy" | "surrogate"), reward
-    (dict of RewardConfig), data (dict of DataConfig), proxy_eval_tokens (1024), proxy_facts (64),
-    device ("cpu"), dtype ("float32"), render_mode (None | "ansi" | "rgb_array"), context (None |
-    PruningContext | a surrogate env's SurrogateContext), target_sparsity_range (None | (lo, hi)), kind_encoding ("one_hot" (v0) | "role"
-    (v1)), extra_features (list of registered feature names), reward_mode ("scalar" | "vector"),
-    surrogate (None | path of a surrogate data set, with `fidelity="surrogate"`), action_mode ("absolute" |
-    "budget"), surrogate_pessimism (0.0), observe_profile (True).
-    `method` may be any name registered with `prune_env.pruning.methods.register_method`.
+    Every keyword with its default and meaning: `LayerPruneEnv.__init__`'s Args (`help(LayerPruneEnv)`).
 
     ## Example
     ```python
@@ -178,6 +178,39 @@ class LayerPruneEnv(PruneEnvBase):
                  extra_features: list[str] | None = None, reward_mode: str = "scalar", surrogate: str | None = None,
                  action_mode: str = "absolute", surrogate_pessimism: float = 0.0, observe_profile: bool = True,
                  **kwargs):
+        """Builds the env's own model context (or borrows `context`), its fidelity and its spaces.
+
+        Args:
+            model: a model alias ("smollm2-135m", "tiny-llama" ...), a folder, a .gguf file or a hub id.
+            target_sparsity: the parameter-weighted sparsity every episode ends on (until reset options change it).
+            granularity: "block" (one unit per decoder block) or "linear" (one unit per linear layer).
+            method: the pruning operator, "wanda", "magnitude", "sparsegpt" or a `register_method` name.
+            pattern: None (unstructured) or an N:M pattern such as "2:4".
+            min_sparsity: the lowest ratio an action asks for.
+            max_sparsity: the highest ratio an action asks for (also the highest reachable target).
+            action_type: "continuous" (Box(0, 1)) or "discrete" (Discrete(n_actions), a grid of ratios).
+            n_actions: the discrete grid's size (min_sparsity .. max_sparsity).
+            fidelity: "exact", "proxy" or "surrogate" (see Fidelity).
+            reward: RewardConfig values (ppl_weight, fact_weight, shaping_weight, terms ...); None: defaults.
+            data: DataConfig values (text, facts, slice sizes, seed ...); None: defaults.
+            proxy_eval_tokens: the proxy fidelity's evaluation tokens.
+            proxy_facts: the proxy fidelity's facts.
+            device: where the model runs ("cpu", "cuda", ...).
+            dtype: the model's weights' dtype ("float32", "bfloat16", ...).
+            render_mode: None, "ansi" or "rgb_array".
+            context: None (the env builds and owns its model) or a lent PruningContext / SurrogateContext.
+            target_sparsity_range: None or (lo, hi): each reset draws the target from it with `np_random`.
+            kind_encoding: "one_hot" (v0: the family's linear types) or "role" (v1: five fixed roles).
+            extra_features: names of registered observation features appended to the observation.
+            reward_mode: "scalar" or "vector" (one reward per objective in `reward_space`).
+            surrogate: the surrogate data set's path (fidelity "surrogate"); None: the packaged SmolLM2 one.
+            action_mode: "absolute" or "budget" (continuous only: a asks for 2 * a * budget_left).
+            surrogate_pessimism: k >= 0: the surrogate's scalar reward is prediction - k * its spread.
+            observe_profile: False: observation entries 0-1 (z_wanda, z_grad) read 0.
+
+        Raises:
+            ValueError: an unknown keyword or an invalid value, named with its fix, before any model loads.
+        """
         self._fidelity = None  # close() works from the fidelity's set-up on
         for name, value in (("min_sparsity", min_sparsity), ("max_sparsity", max_sparsity)):
             check_ratio(name, value)
@@ -205,17 +238,13 @@ class LayerPruneEnv(PruneEnvBase):
                     context=context, context_args=dict(model=model, device=device, dtype=dtype,
                                                        granularity=granularity, method=method, pattern=pattern,
                                                        data=data), fidelity=fidelity, surrogate=surrogate)
-        linear = self.context.granularity == "linear"
-        self.kinds = (sorted({u.kind for u in self.units}) if kind_encoding == "one_hot" else list(ROLES)) \
-            if linear else []
-        self._kind_of = [(u.kind if kind_encoding == "one_hot" else linear_role(u.kind)) for u in self.units]
+        self._observer = UnitObservation(self.context, kind_encoding, self.observe_profile, len(self.extra_features))
         self._unit_numel = [u.numel for u in self.units]  # read every step, computed once
         self._tail = [sum(self._unit_numel[i:]) for i in range(len(self.units) + 1)]  # weights of units i..
         self.grid = np.linspace(min_sparsity, max_sparsity, n_actions) if action_type == "discrete" else None
         self.action_space = (spaces.Discrete(n_actions) if action_type == "discrete"
                              else spaces.Box(0.0, 1.0, (1,), dtype=np.float32))
-        size = BASE_FEATURES + len(self.kinds) + len(self.extra_features)
-        self.observation_space = spaces.Box(-10.0, 10.0, (size,), dtype=np.float32)
+        self.observation_space = spaces.Box(-10.0, 10.0, (self._observer.size,), dtype=np.float32)
         n_objectives = len(self.reward_config.names())
         self.reward_space = spaces.Box(-np.inf, np.inf, (n_objectives,), dtype=np.float64)
         try:
@@ -225,6 +254,8 @@ class LayerPruneEnv(PruneEnvBase):
             self.close()  # an owned context's model and file go at once, not at garbage collection
             raise
         self._reference = self._fidelity.reference
+        comparable = self.surrogate_pessimism == 0.0 and (fidelity != "surrogate" or surrogate is None)
+        self._task = reference.task_for(self.context, fidelity, self.reward_config) if comparable else None
         self._step = None  # None: reset() not called yet
         self._ratios = [0.0] * len(self.units)
         self._zeros = [0] * len(self.units)
@@ -269,17 +300,18 @@ class LayerPruneEnv(PruneEnvBase):
                 final -= self.surrogate_pessimism * metrics["surrogate_std"]
             vector += objectives(metrics, allocation, self, self.reward_config)
             reward += final
-            info.update(metrics, allocation=allocation, quality=final)
+            score = None if self._task is None else reference.normalised_score(self._task, self.target_sparsity, final)
+            info.update(metrics, allocation=allocation, quality=final, normalised_score=score)
             self._final = info
         reward = vector if self.reward_mode == "vector" else float(reward)
         return self._observation(), reward, terminated, False, info
 
     # -- checkpoint / rollback ---------------------------------------------------------------------
-    def checkpoint(self) -> _Checkpoint:
-        return _Checkpoint(self._step, list(self._ratios), list(self._zeros), self._prev_action, self._last_drop,
+    def checkpoint(self) -> LayerCheckpoint:
+        return LayerCheckpoint(self._step, list(self._ratios), list(self._zeros), self._prev_action, self._last_drop,
                            self._fidelity.checkpoint())
 
-    def rollback(self, checkpoint: _Checkpoint) -> None:
+    def rollback(self, checkpoint: LayerCheckpoint) -> None:
         """Undo every unit decided after `checkpoint` (their dense weights come back bit-exactly)."""
         self._fidelity.rollback(checkpoint.fidelity, list(range(checkpoint.step, self._step or 0)))
         self._step, self._ratios, self._zeros = checkpoint.step, list(checkpoint.ratios), list(checkpoint.zeros)
@@ -326,18 +358,12 @@ class LayerPruneEnv(PruneEnvBase):
         return list(self._ratios)
 
     def _observation(self) -> np.ndarray:
-        n = len(self.units)
-        started = self._step is not None
-        index = min(self._step or 0, n - 1)
-        total = self.context.total_numel
-        budget_left = self._budget_left(index) if started else 0.0
-        profile = (self.context.z_wanda[index], self.context.z_grad[index]) if self.observe_profile else (0.0, 0.0)
-        obs = [*profile, self._ratios[index] if started else 0.0,
-               index / max(n - 1, 1), self._unit_numel[index] / total, sum(self._zeros) / total if started else 0.0,
-               budget_left, self._prev_action if started else 0.0, self._last_drop if started else 0.0]
-        obs += [float(self._kind_of[index] == kind) for kind in self.kinds]
-        obs += self._feature_values(index)
-        return clip_observation(obs)
+        index = min(self._step or 0, len(self.units) - 1)
+        if self._step is None:  # before the first reset: the unit's fixed entries, the episode's all 0
+            return self._observer.observe(index, 0.0, 0.0, 0.0, 0.0, 0.0, self._feature_values(index))
+        return self._observer.observe(index, self._ratios[index], sum(self._zeros) / self.context.total_numel,
+                                      self._budget_left(index), self._prev_action, self._last_drop,
+                                      self._feature_values(index))
 
     def _budget_left(self, index: int) -> float:
         """The sparsity units index.. must average (by parameters) for the episode to meet its target."""

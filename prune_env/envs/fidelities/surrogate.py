@@ -117,8 +117,16 @@ def surrogate_context(path: str | None, model: str, device: str, dtype: str, gra
              for i, counts in enumerate(linear_numel)]
     profile = header["profile"]
     return SurrogateContext(model, device, dtype, granularity, method, pattern, config, units,
-                            list(profile["z_wanda"]), list(profile["z_grad"]), Metrics(**header["dense"]),
+                            list(profile["z_wanda"]), list(profile["z_grad"]), _dense_metrics(header["dense"]),
                             dict(built))
+
+
+def _dense_metrics(dense: dict) -> Metrics:
+    """The header's dense metrics; data sets built before the balanced knowledge metric lack its fields,
+    which then read NaN (unknown), never 0: a reward that needs them fails instead of using a fake value."""
+    unknown = {"fact_retention_balanced": float("nan"), "fact_acc_balanced": float("nan"),
+               "retention_by_relation": {}}
+    return Metrics(**{**unknown, **dense})
 
 
 class SurrogateFidelity(Fidelity):
