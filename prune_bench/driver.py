@@ -12,8 +12,8 @@ from pathlib import Path
 
 from prune_env.files import LOCK_NAME, output_lock
 
-from .executors import RayBackend, SerialBackend, log
 from .bench_config import BenchmarkConfig
+from .executors import RayBackend, SerialBackend, log
 from .report import write_report
 from .runner import build_agents
 from .store import Store, cell_name, check_resumable, load_results, plan_cells

@@ -141,8 +141,8 @@ def knowledge_lines(data: dict) -> list[str]:
         return []
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     return [f"- knowledge: balanced retention weighs every distinct answer of a relation the same and every relation "
-            f"the same (prune_env/data/knowledge.py); the majority baseline is what always answering each relation's most "
-            f"frequent dense-known answer scores: balanced {fmt(base.get('fact_retention_balanced'))}, plain "
+            f"the same (prune_env/data/knowledge.py); the majority baseline is what always answering each relation's "
+            f"most frequent dense-known answer scores: balanced {fmt(base.get('fact_retention_balanced'))}, plain "
             f"{fmt(base.get('fact_retention'))}"]
 
 

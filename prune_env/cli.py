@@ -18,15 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-from .pruning.allocation_files import load_allocation
 from .context import DataConfig, PruningContext
 from .data.corpus import load_text
-from .pruning.export import save_pruned
 from .data.facts import load_facts
 from .files import LOCK_NAME, STAGING_PREFIX, OutputLockedError, atomic_write_json, output_lock, staged_files
+from .models import read_header
+from .pruning.allocation_files import load_allocation
+from .pruning.export import save_pruned
 from .pruning.masking import parse_pattern
 from .pruning.methods import method_names
-from .models import read_header
 from .validation import check_device, check_number, check_ratio
 
 DEFAULT_SPARSITY = 0.5

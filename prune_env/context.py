@@ -25,20 +25,21 @@ from functools import cached_property
 
 import torch
 
-from .pruning.calibration import TokenBatch
 from .config_files import dataclass_from_dict
 from .data.corpus import load_text
-from .data.windows import split_corpus, tokenize_corpus
 from .data.evaluation import FactScores, check_fact_lengths, evaluate_facts, perplexity, retention
 from .data.facts import Fact, load_facts
-from .files import atomic_write_text, cache_root, read_cache
 from .data.knowledge import MajorityBaseline, balanced_accuracy, balanced_retention, majority_baseline
-from .pruning.masking import parse_pattern
+from .data.windows import split_corpus, tokenize_corpus
+from .files import atomic_write_text, cache_root, read_cache
 from .models import (LinearRef, check_memory, check_sequence_length, linear_layers, load_model, load_tokenizer,
                      read_header)
+from .pruning.calibration import TokenBatch
+from .pruning.masking import parse_pattern
+from .pruning.scoring import (LinearStats, cache_dir, cache_key, compute_linear_stats, unit_gradient,
+                              unit_wanda_percentile, zscore)
 from .pruning.sequential import PruneResult, calibration_batches, check_method, prune_model
 from .pruning.snapshot import MaskedModel
-from .pruning.scoring import LinearStats, cache_dir, cache_key, compute_linear_stats, unit_gradient, unit_wanda_percentile, zscore
 
 GRANULARITIES = ("block", "linear")
 _TEMPLATES: dict[tuple[str, str, str], "Template"] = {}

@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fidelity", nargs="+", choices=FIDELITIES, default=list(FIDELITIES))
     parser.add_argument("--episodes", type=Path, default=EPISODES, help="one JSON line per episode (resumable)")
-    parser.add_argument("--out", type=Path, default=None, help="the table (default: prune_env/envs/reference_scores.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the table (default: prune_env/envs/reference_scores.json)")
     parser.add_argument("--table-only", action="store_true", help="rebuild the table from --episodes, play nothing")
     return parser.parse_args(argv)
 

@@ -1,4 +1,5 @@
-"""Tests for prune_env.data.corpus (text sources) and prune_env.data.windows (tokenization, calibration/evaluation split)."""
+"""Tests for prune_env.data.corpus (text sources) and prune_env.data.windows (tokenization, calibration/evaluation
+split)."""
 
 from __future__ import annotations
 

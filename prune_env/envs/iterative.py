@@ -119,7 +119,7 @@ class IterativePruneEnv(PruneEnvBase):
     | G + 4 | fact_drop | fact_acc_dense - fact_acc of the current accepted state |
     | G + 5 | rollback_rate | rollbacks so far / max_steps |
 
-    With `extra_features=[names]` (`prune_env.envs.plugins.register_observation_feature`) each unit's entries
+    With `extra_features=[names]` (`prune_env.register_observation_feature`) each unit's entries
     are followed by fn(env, unit) for each name: 5 + k entries per unit (per bin in v1), globals last.
 
     Entries are clipped to [-10, 10]. s_u rises as pruning removes a unit's weakest weights, so z_wanda

@@ -70,7 +70,7 @@ class LayerPruneEnv(PruneEnvBase):
     | 7 | prev_action | the ratio applied at the previous step (0 at the start) |
     | 8 | last_drop | exact: relative L2 error of the last pruned block's output vs the dense block's, on one calibration batch; proxy: 0 |
     | 9.. | kind one-hot | with `granularity="linear"`: v0 one-hot of the linear type (q/k/v/o/gate/up/down..., k depends on the family); v1 (`kind_encoding="role"`) one-hot of the fixed roles attention_in / attention_out / mlp_in / mlp_out / other (k = 5 for every family) |
-    | .. | extra features | one entry per name in `extra_features` (`prune_env.envs.plugins.register_observation_feature`) |
+    | .. | extra features | one entry per name in `extra_features` (`prune_env.register_observation_feature`) |
 
     z-scores are clipped to [-10, 10]. `observe_profile=False` reads 0 in entries 0-1 (like MuJoCo's
     `exclude_current_positions_from_observation`): a policy trained on one calibration sees the same

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from ..config_files import dataclass_from_dict
-from .plugins import reward_term
 from ..validation import check_number
+from .plugins import reward_term
 
 OBJECTIVES = ("ppl", "facts")
 

@@ -6,8 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from ..validation import check_ratio
 from ..models import LinearRef
+from ..validation import check_ratio
 
 
 def _check_values(values: list, where: str) -> list[float]:

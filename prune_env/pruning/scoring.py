@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .calibration import TokenBatch, advance, collect_stats, record_inputs
 from ..files import atomic_path, cache_root, read_cache
-from .masking import wanda_scores
 from ..models import LinearRef, weight_matrix
+from .calibration import TokenBatch, advance, collect_stats, record_inputs
+from .masking import wanda_scores
 
 EPS = 1e-8
 PERCENTILE = 0.10

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..models import LinearRef, decoder_blocks, linear_layers, weight_matrix
 from .calibration import ReplayState, StatsComplete, TokenBatch, advance, collect_stats, record_inputs, run_block
 from .methods import check_method, get_method
-from ..models import LinearRef, decoder_blocks, linear_layers, weight_matrix
 from .snapshot import MaskedModel
 
 __all__ = ["PruneResult", "SequentialPruner", "block_stats", "calibration_batches", "check_method", "prune_linear",

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from ..files import cache_root
+from ..models import weight_matrix
 from .masking import _row_counts
 from .methods import get_method
-from ..models import weight_matrix
 
 
 class DenseSnapshot(Mapping[str, torch.Tensor]):
