@@ -12,11 +12,12 @@ from pathlib import Path
 
 from prune_env.files import LOCK_NAME, output_lock
 
+from .backfill import backfill_knowledge, needs_backfill
 from .bench_config import BenchmarkConfig
 from .executors import RayBackend, SerialBackend, log
 from .report import write_report
 from .runner import build_agents
-from .store import Store, cell_name, check_resumable, load_results, plan_cells
+from .store import Store, cell_name, check_resumable, load_results, plan_cells, write_results
 
 LOCK_WHAT = "benchmark output folder"
 
@@ -80,12 +81,17 @@ def _export(backend, store: Store, out: Path, agent: str, target: float, seed: i
 
 
 def report_only(config: BenchmarkConfig) -> Path:
-    """Rewrite report.md and the plots from the results.json in config.out."""
+    """Rewrite report.md and the plots from the results.json in config.out (adding the balanced knowledge
+    metric to a file measured before it, from its own per-fact flags: prune_bench/backfill.py)."""
     path = config.out_dir / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"no results.json in {str(config.out_dir)!r}: run the benchmark first or give --out")
     with output_lock(config.out_dir, LOCK_WHAT):
-        return write_report(load_results(path), config.out_dir, config.report.allocation_target)
+        data = load_results(path)
+        if needs_backfill(data):  # a file from before the balanced knowledge metric gains it from its flags
+            data = backfill_knowledge(data)
+            write_results(path, data)
+        return write_report(data, config.out_dir, config.report.allocation_target)
 
 
 def _remove_if_empty(out: Path) -> None:

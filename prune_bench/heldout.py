@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from prune_env.context import DataConfig
+from prune_env.context import DataConfig, select_facts
+from prune_env.data.facts import Fact, load_facts
 from prune_env.data.corpus import load_text
 from prune_env.data.windows import split_corpus, tokenize_corpus
 
@@ -31,6 +32,24 @@ class HeldoutData:
 
     data: DataConfig
     reward_slices: dict  # {"text_region": [start, end], "facts": [start, end]}
+
+
+def heldout_facts_offset(config: BenchmarkConfig) -> int:
+    """Where the held-out facts start in the seeded permutation (`auto`: right after the env's reward facts)."""
+    env, held = config.data, config.heldout
+    if held.facts_offset != "auto":
+        return int(held.facts_offset)
+    if env.n_facts == 0:
+        raise ValueError("data.n_facts=0 (the env scores all facts), so no fact is held out: set "
+                         "heldout.facts_offset (and accept the overlap) or give data.n_facts")
+    return env.facts_offset + env.n_facts
+
+
+def heldout_facts(config: BenchmarkConfig) -> list[Fact]:
+    """The held-out facts themselves, without the model (the same selection as the benchmark's context)."""
+    env = config.data
+    return select_facts(load_facts(env.facts, seed=env.seed), config.heldout.n_facts, heldout_facts_offset(config),
+                        env.seed)
 
 
 def heldout_data(config: BenchmarkConfig, tokenizer, ids: torch.Tensor | None = None) -> HeldoutData:
@@ -48,15 +67,8 @@ def heldout_data(config: BenchmarkConfig, tokenizer, ids: torch.Tensor | None = 
         raise ValueError(f"the corpus {env.text!r} has {ids.numel()} tokens but the held-out evaluation needs "
                          f"[{offset}, {needed}) (after the env's reward region ending at {env_end}): lower "
                          f"heldout.eval_tokens or use a longer text")
-    if held.facts_offset == "auto":
-        if env.n_facts == 0:
-            raise ValueError("data.n_facts=0 (the env scores all facts), so no fact is held out: set "
-                             "heldout.facts_offset (and accept the overlap) or give data.n_facts")
-        facts_offset = env.facts_offset + env.n_facts
-    else:
-        facts_offset = int(held.facts_offset)
     bench = replace(env, eval_tokens=held.eval_tokens, eval_seq_len=held.eval_seq_len, eval_offset=offset,
-                    n_facts=held.n_facts, facts_offset=facts_offset)
+                    n_facts=held.n_facts, facts_offset=heldout_facts_offset(config))
     reward_slices = {"text_region": [env_slices.eval_offset, env_end],
                      "facts": [env.facts_offset, env.facts_offset + env.n_facts]}
     return HeldoutData(bench, reward_slices)

@@ -29,7 +29,7 @@ from .config_files import dataclass_from_dict
 from .data.corpus import load_text
 from .data.evaluation import FactScores, check_fact_lengths, evaluate_facts, perplexity, retention
 from .data.facts import Fact, load_facts
-from .data.knowledge import MajorityBaseline, balanced_accuracy, balanced_retention, majority_baseline
+from .data.knowledge import MajorityBaseline, knowledge_fields, majority_baseline
 from .data.windows import split_corpus, tokenize_corpus
 from .files import atomic_write_text, cache_root, read_cache
 from .models import (LinearRef, check_memory, check_sequence_length, linear_layers, load_model, load_tokenizer,
@@ -355,14 +355,10 @@ class PruningContext:
         reference = self.dense.greedy_exact if dense_exact == "dense" else dense_exact
         kept = retention(reference, facts.greedy_exact) if reference is not None else 1.0
         questions = self.facts[:len(facts.greedy_exact)] if questions is None else questions
-        own = reference is None
-        balanced, by_relation = balanced_retention(questions, facts.greedy_exact if own else reference,
-                                                   facts.greedy_exact)
         return Metrics(ppl=ppl, fact_acc=facts.accuracy, fact_nll=facts.nll,
                        fact_retention=kept if not math.isnan(kept) else 0.0,
-                       fact_retention_balanced=balanced if not math.isnan(balanced) else float(own),
-                       fact_acc_balanced=balanced_accuracy(questions, facts.correct) if questions else 0.0,
-                       retention_by_relation=by_relation, greedy_exact=facts.greedy_exact)
+                       **knowledge_fields(questions, reference, facts.greedy_exact, facts.correct),
+                       greedy_exact=facts.greedy_exact)
 
     @cached_property
     def knowledge_baseline(self) -> MajorityBaseline:

@@ -41,6 +41,19 @@ def _held_out(results: dict) -> tuple:
             results.get("dense_per_fact", {}).get("greedy_exact"))
 
 
+def _means(records: list[dict]) -> dict:
+    """Mean over records of each metric; the balanced retention is None where a record lacks it (an old file:
+    `python benchmark.py --out DIR --report-only` adds it)."""
+    means = {k: float(np.mean([r[k] for r in records])) for k in ("ppl", "fact_acc", "fact_retention")}
+    balanced = [r.get("fact_retention_balanced") for r in records]
+    means["fact_retention_balanced"] = None if None in balanced else float(np.mean(balanced))
+    return means
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def summary(draws: list[dict], policies: list[str]) -> list[str]:
     """The verdict tables of `policies` over one or more results.json (calibration draws of one grid)."""
     if any(_held_out(results) != _held_out(draws[0]) for results in draws[1:]):
@@ -50,6 +63,9 @@ def summary(draws: list[dict], policies: list[str]) -> list[str]:
     if len(set(starts)) != len(starts):
         raise ValueError("two results files have the same calibration windows: pool each draw once")
     dense_exact = draws[0].get("dense_per_fact", {}).get("greedy_exact")
+    per_fact = draws[0].get("dense_per_fact", {})
+    labels = (per_fact["relation"], per_fact["answer"]) if {"relation", "answer"} <= set(per_fact) else None
+    baseline = (draws[0].get("knowledge_baseline") or {}).get("fact_retention_balanced")
     ok = [[r for r in results["records"] if r["status"] == "ok" and r.get("per_window") and r["seed"] == 0]
           for results in draws]
     lines = []
@@ -61,22 +77,26 @@ def summary(draws: list[dict], policies: list[str]) -> list[str]:
             lines += [f"target {target}: policies missing ({missing})", ""]
             continue
         mine = [agents[p] for agents in at for p in policies]
-        mean = {k: float(np.mean([r[k] for r in mine])) for k in ("ppl", "fact_acc", "fact_retention")}
+        mean = _means(mine)
         over = f"{len(policies)} policies"
         if len(draws) > 1:
             over += f" x {len(at)} calibration draw{'s' * (len(at) > 1)}"
         lines += [f"### target {target}: mean of {over}: ppl {mean['ppl']:.2f}, fact acc "
-                  f"{mean['fact_acc']:.3f}, retention {mean['fact_retention']:.3f}", "",
-                  "| against | its ppl / acc / retention | ppl ratio (policies / it) | fact acc diff | retention diff |",
-                  "|---|---|---|---|---|"]
+                  f"{mean['fact_acc']:.3f}, retention {mean['fact_retention']:.3f}, balanced retention "
+                  f"{_fmt(mean['fact_retention_balanced'])} (majority baseline {_fmt(baseline)})", "",
+                  "| against | its ppl / acc / retention / balanced | ppl ratio (policies / it) | fact acc diff | "
+                  "retention diff | balanced retention diff |",
+                  "|---|---|---|---|---|---|"]
         others = sorted(set.intersection(*(set(agents) for agents in at)) - set(policies),
                         key=lambda name: (np.mean([agents[name]["ppl"] for agents in at]), name))
         for name in others:
             theirs = [agents[name] for agents in at for _ in policies]
-            result = paired_bootstrap(mine, theirs, dense_exact)
-            its = {k: float(np.mean([r[k] for r in theirs])) for k in ("ppl", "fact_acc", "fact_retention")}
-            lines.append(f"| {name} | {its['ppl']:.2f} / {its['fact_acc']:.3f} / {its['fact_retention']:.3f} | "
-                         f"{verdict(result.ppl_ratio, 4)} | {verdict(result.acc_diff)} | {verdict(result.retention_diff)} |")
+            result = paired_bootstrap(mine, theirs, dense_exact, labels=labels)
+            its = _means(theirs)
+            lines.append(f"| {name} | {its['ppl']:.2f} / {its['fact_acc']:.3f} / {its['fact_retention']:.3f} / "
+                         f"{_fmt(its['fact_retention_balanced'])} | {verdict(result.ppl_ratio, 4)} | "
+                         f"{verdict(result.acc_diff)} | {verdict(result.retention_diff)} | "
+                         f"{verdict(result.balanced_retention_diff)} |")
         lines.append("")
     return lines
 

@@ -253,3 +253,36 @@ def test_agents_that_play_envs_never_see_the_heldout_data(workspace):
     heldout_prompts = {f.prompt for f in runner.ctx.facts}
     assert heldout_prompts and not heldout_prompts & {f.prompt for f in lent.facts}
     assert not torch.equal(runner.ctx.slices.evaluation[: len(lent.slices.evaluation)], lent.slices.evaluation)
+
+
+def test_report_only_backfills_the_balanced_metric_exactly_as_measured(grid, tmp_path):
+    """A results.json from before the balanced metric (no fact names, no balanced fields) gains them from its
+    own per-fact flags and config: the very values the run measured, and the report's balanced interval."""
+    from prune_bench.backfill import needs_backfill
+
+    cfg, data = grid
+    old = json.loads(json.dumps(data))
+    old["dense_per_fact"] = {"greedy_exact": data["dense_per_fact"]["greedy_exact"]}
+    old.pop("knowledge_baseline", None)
+    for record in old["records"]:
+        for key in ("fact_retention_balanced", "fact_acc_balanced", "retention_by_relation"):
+            record.pop(key, None)
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(old))
+    assert needs_backfill(old) and not needs_backfill(data)
+    assert benchmark.main(["--config", str(DEFAULT_CONFIG), "--out", str(out), "--report-only"]) == 0
+    new = json.loads((out / "results.json").read_text())
+    assert new["dense_per_fact"] == data["dense_per_fact"]
+    assert new["knowledge_baseline"] == data["knowledge_baseline"]
+    for measured, backfilled in zip(data["records"], new["records"]):
+        for key in ("fact_retention_balanced", "fact_acc_balanced", "retention_by_relation"):
+            assert backfilled[key] == pytest.approx(measured[key]), key
+    report = (out / "report.md").read_text()
+    assert report.count("balanced retention diff") == len(cfg.targets) and "| owl |" in report
+    # a file whose flags do not match its config's facts is refused, not mislabelled
+    old["dense_per_fact"]["greedy_exact"] = old["dense_per_fact"]["greedy_exact"][:-1]
+    for record in old["records"]:
+        record["per_fact"] = None
+    (out / "results.json").write_text(json.dumps(old))
+    assert benchmark.main(["--config", str(DEFAULT_CONFIG), "--out", str(out), "--report-only"]) == 2

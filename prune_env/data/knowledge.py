@@ -31,8 +31,8 @@ import numpy as np
 from .evaluation import retention
 from .facts import Fact
 
-__all__ = ["BalancedIndex", "MajorityBaseline", "balanced_accuracy", "balanced_retention", "majority_baseline",
-           "majority_flags"]
+__all__ = ["BalancedIndex", "MajorityBaseline", "balanced_accuracy", "balanced_retention", "knowledge_fields",
+           "majority_baseline", "majority_flags"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,20 @@ def balanced_accuracy(facts: Sequence[Fact], correct: Sequence[bool]) -> float:
         return float("nan")
     overall, _ = BalancedIndex.of_facts(facts).means(np.asarray(correct, float), np.ones(len(facts), bool))
     return float(overall)
+
+
+def knowledge_fields(facts: Sequence[Fact], dense_exact: Sequence[bool] | None, pruned_exact: Sequence[bool],
+                     correct: Sequence[bool]) -> dict:
+    """The balanced fields of a model state's `Metrics` (and of a benchmark record), one definition for both.
+
+    dense_exact None means "the dense model itself": its balanced retention is over what it knows (1.0, or
+    0.0 when it knows nothing). A pruned model's retention with no dense-known fact reads 0.0, as the plain
+    retention does."""
+    own = dense_exact is None
+    balanced, by_relation = balanced_retention(facts, pruned_exact if own else dense_exact, pruned_exact)
+    return {"fact_retention_balanced": balanced if not np.isnan(balanced) else float(own),
+            "fact_acc_balanced": balanced_accuracy(facts, correct) if len(facts) else 0.0,
+            "retention_by_relation": by_relation}
 
 
 def _check_lengths(facts: Sequence[Fact], *flags: Sequence[bool]) -> None:
