@@ -281,3 +281,24 @@ def test_llm_prompts_state_the_preference():
     assert dataclass_from_dict(AgentOptions, {"preference": 0.7}, "llm agent").preference == 0.7
     with pytest.raises(ConfigError, match="preference"):
         dataclass_from_dict(AgentOptions, {"preference": 1.5}, "llm agent")
+
+
+def test_surrogate_pessimism_lowers_only_the_ppl_objective():
+    """With a preference the fidelity's spread is the log-ppl one alone and k * spread lowers the ppl part."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    from prune_env.envs.rewards import preference_configs, preference_quality
+    from prune_env.surrogate import reward_spread
+
+    env_config, fidelity_config = preference_configs(RewardConfig(), (0.0, 1.0))
+    assert env_config.names() == ["ppl", "facts", "knowledge"] and preference_configs(RewardConfig(), None)[1] == \
+        RewardConfig()
+    spread = {"log_ppl_ratio": np.array([0.2]), "fact_acc": np.array([0.5])}
+    assert reward_spread(spread, asdict(fidelity_config))[0] == pytest.approx(0.2)
+    env = SimpleNamespace(reference=SimpleNamespace(ppl=10.0, fact_retention_balanced=1.0,
+                                                    retention_by_relation={"r": 1.0}))
+    metrics = {"ppl": 10.0 * math.e, "fact_retention_balanced": 0.25}
+    for w in (0.0, 0.4, 1.0):
+        assert preference_quality(metrics, [], env, env_config, w, ppl_pessimism=0.3) == \
+            pytest.approx((1 - w) * (-1.0 - 0.3) + w * (0.25 - 1.0))
