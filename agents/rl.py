@@ -27,6 +27,7 @@ from training.safe_load import NormalizerStats, build_model, load_normalizer, lo
 from training.train_config import DEFAULTS, TrainConfig, config_from_dict
 from prune_env.config_files import ConfigError, load_config, merge, read_yaml
 from prune_env.envs.factory import make_env
+from prune_env.envs.rewards import check_preference
 
 if TYPE_CHECKING:  # pragma: no cover
     from prune_env.context import PruningContext
@@ -79,11 +80,11 @@ class SavedPolicy:
     normalizer: NormalizerStats | None
 
     def rollout(self, env, seed: int | None = None, target: float | None = None,
-                deterministic: bool = True) -> dict[str, Any]:
+                deterministic: bool = True, preference: float | None = None) -> dict[str, Any]:
         """One episode (see `rollout_policy`); deterministic unless asked to sample the policy's actions."""
         return rollout_policy(self.model, env, train_fidelity=self.config.env.fidelity,
                               normalize=self.normalizer.normalize_obs if self.normalizer is not None else None,
-                              seed=seed, target=target, deterministic=deterministic)
+                              seed=seed, target=target, deterministic=deterministic, preference=preference)
 
 
 def load_policy(path: str | Path, env, device: str = "cpu", trust_pickle: bool = False) -> SavedPolicy:
@@ -124,14 +125,20 @@ def policy_observation(obs: np.ndarray, env, train_fidelity: str,
 
 
 def rollout_policy(model, env, *, train_fidelity: str = "proxy", normalize: Callable | None = None,
-                   seed: int | None = None, target: float | None = None, deterministic: bool = True) -> dict[str, Any]:
+                   seed: int | None = None, target: float | None = None, deterministic: bool = True,
+                   preference: float | None = None) -> dict[str, Any]:
     """One episode of `model` on a LayerPrune env (its mean actions, or sampled ones with
-    deterministic=False: what the policy visits in training); the final info plus reward and timing."""
+    deterministic=False: what the policy visits in training); the final info plus reward and timing.
+    `preference`: the episode's w on an env with preference_range (None: the env draws it from its range)."""
     if env.observation_space.shape != model.observation_space.shape:
         raise ValueError(f"the policy observes shape {model.observation_space.shape} but the env gives "
-                         f"{env.observation_space.shape}: use the training granularity and model family")
+                         f"{env.observation_space.shape}: use the training granularity, model family and "
+                         f"preference_range")
     started = time.time()
-    obs, _ = env.reset(seed=seed, options={"target_sparsity": float(target)} if target is not None else None)
+    options = {"target_sparsity": float(target)} if target is not None else {}
+    if preference is not None:
+        options["preference"] = float(preference)
+    obs, _ = env.reset(seed=seed, options=options or None)
     total, steps, done, info = 0.0, 0, False, {}
     while not done:
         action, _ = model.predict(policy_observation(obs, env, train_fidelity, normalize), deterministic=deterministic)
@@ -143,7 +150,8 @@ def rollout_policy(model, env, *, train_fidelity: str = "proxy", normalize: Call
             "fact_retention": float(info["fact_retention"]), "achieved_sparsity": float(info["achieved_sparsity"]),
             "dense_ppl": float(unwrapped.reference.ppl), "dense_fact_acc": float(unwrapped.reference.fact_acc),
             "target_sparsity": float(info["target_sparsity"]), "allocation": [float(r) for r in info["allocation"]],
-            "steps": steps, "seconds": time.time() - started}
+            "steps": steps, "seconds": time.time() - started,
+            **({"preference": float(info["preference"])} if "preference" in info else {})}
 
 
 class RLAgent(Agent):
@@ -155,6 +163,8 @@ class RLAgent(Agent):
     trained on the surrogate plays on the proxy fidelity: its observations are the same (the dense profile,
     last_drop 0) and it works on any model data, where a surrogate serves only the data set it was fitted on.
     `policy`: `device` (default cpu) and `trust_pickle` (read a pickled vecnormalize.pkl of an older run).
+    `preference`: the w in [0, 1] every episode plays at, required by a policy trained with preference_range
+    and refused by one trained without; the default name then shows it (`rl:<stem>@w=0.7`).
     """
 
     name = "rl"
@@ -164,7 +174,8 @@ class RLAgent(Agent):
     # what the lent context decides, and the training-time target draw (the benchmark names the target)
     CONTEXT_KEYS = ("model", "device", "dtype", "granularity", "method", "pattern", "data", "target_sparsity_range")
 
-    def __init__(self, path: str, env: dict | None = None, policy: dict | None = None):
+    def __init__(self, path: str, env: dict | None = None, policy: dict | None = None,
+                 preference: float | None = None):
         super().__init__()
         if not isinstance(path, (str, Path)) or not str(path):
             raise ValueError(f"rl agent needs the path of a saved policy, got {path!r}")
@@ -174,8 +185,9 @@ class RLAgent(Agent):
         unknown = sorted(set(policy or {}) - set(self.POLICY_OPTIONS))
         if unknown:
             raise ValueError(f"unknown rl policy option(s) {unknown}: valid options are {list(self.POLICY_OPTIONS)}")
+        self.preference = None if preference is None else check_preference(preference)
         self.path = str(path)
-        self.name = f"rl:{Path(self.path).stem}"
+        self.name = f"rl:{Path(self.path).stem}" + ("" if preference is None else f"@w={self.preference:g}")
         self.env_options, self.policy_options = dict(env or {}), dict(policy or {})
         self._env = None
         self._policy: SavedPolicy | None = None
@@ -187,6 +199,10 @@ class RLAgent(Agent):
         device = self.policy_options.get("device", "cpu")
         config = read_run_config(self.path, [f"algo.device={device}", f"env.device={device}"])
         kwargs = {key: value for key, value in config.env_kwargs().items() if key not in self.CONTEXT_KEYS}
+        if (kwargs["preference_range"] is None) != (self.preference is None):
+            raise ValueError(f"the policy at {self.path!r} was trained with preference_range="
+                             f"{kwargs['preference_range']} but the agent has preference={self.preference}: give the "
+                             f"agent a preference w in [0, 1] exactly when its policy was trained with a range")
         if kwargs["fidelity"] == "surrogate":  # the same observations (dense profile, last_drop 0) on any data:
             kwargs.update(fidelity="proxy", surrogate=None, surrogate_pessimism=0.0)  # a surrogate serves only its own
         self._env = make_env(**{**kwargs, **self.env_options, "target_sparsity": float(target)}, context=ctx)
@@ -197,10 +213,12 @@ class RLAgent(Agent):
         if self._policy is None:
             self._policy = load_policy(self.path, env, **self.policy_options)
         try:
-            result = self._policy.rollout(env, seed=seed, target=float(target))
+            result = self._policy.rollout(env, seed=seed, target=float(target), preference=self.preference)
         finally:
             env.unwrapped.context.restore()  # the lent model goes back dense
         self.last_info = {"rl": {"policy": str(self._policy.path), "algo": self._policy.config.algo.name,
                                  "trained_model": self._policy.config.env.model,
                                  "fidelity": env.unwrapped.fidelity}}
+        if self.preference is not None:
+            self.last_info["rl"]["preference"] = self.preference
         return list(result["allocation"])

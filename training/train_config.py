@@ -21,7 +21,7 @@ from prune_env.context import GRANULARITIES, DataConfig
 from prune_env.envs.layer import ACTION_MODES, ACTION_TYPES, FIDELITIES, LayerPruneEnv
 from prune_env.pruning.masking import parse_pattern
 from prune_env.pruning.methods import check_method
-from prune_env.envs.rewards import RewardConfig
+from prune_env.envs.rewards import RewardConfig, check_preference_range
 from prune_env.validation import (DTYPE_NAMES, check_choice, check_device, check_flag, check_number, check_ratio,
                                   check_target)
 
@@ -236,7 +236,8 @@ class EnvConfig:
     from it (one policy for every target). `action_mode="budget"`: actions relative to the budget left (a = 0
     is uniform at any target). `surrogate`: the data set file of fidelity=surrogate (None: the packaged one);
     `surrogate_pessimism` k: reward = prediction - k * the fit's spread there. `observe_profile=False`: the
-    policy sees 0 for z_wanda and z_grad (LayerPruneEnv's docstring).
+    policy sees 0 for z_wanda and z_grad (LayerPruneEnv's docstring). `preference_range` [lo, hi]: each episode
+    draws a preference w on knowledge vs perplexity, observed and paid (one policy for every trade-off).
     """
 
     env_id: str = "prune_env/LayerPrune-v0"
@@ -254,6 +255,7 @@ class EnvConfig:
             if not self.min_sparsity <= low <= high <= self.max_sparsity:
                 raise ValueError(f"target_sparsity_range={self.target_sparsity_range!r} must satisfy min_sparsity "
                                  f"<= lo <= hi <= max_sparsity = [{self.min_sparsity}, {self.max_sparsity}]")
+        check_preference_range(self.preference_range)
         if not self.model:
             raise ValueError("model is empty: give a model alias, folder, .gguf file or hub id")
         check_target(self.target_sparsity, "target_sparsity")

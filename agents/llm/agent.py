@@ -232,7 +232,7 @@ class LLMAgent(Agent):
         k = self.options.max_units_per_step
         user = user_prompt(table, self.memory, max_units=k, iteration=iteration, global_sparsity=global_sparsity,
                            target=target, max_sparsity=max_sparsity, increment=increment)
-        messages = [{"role": "system", "content": system_prompt(k, increment, max_sparsity)},
+        messages = [{"role": "system", "content": system_prompt(k, increment, max_sparsity, self.options.preference)},
                     {"role": "user", "content": user}]
         rec: dict[str, Any] = {"mode": self._mode_name(), "attempts": []}
         if self.circuit_opened_at is not None:
@@ -354,7 +354,7 @@ class LLMAgent(Agent):
         n = [float(numel[name]) for name in names] if isinstance(numel, dict) else \
             [float(numel[row_index(r, i)]) for i, r in enumerate(table)]
         target = float(target)
-        messages = allocation_messages(table, target)
+        messages = allocation_messages(table, target, self.options.preference)
         rec: dict[str, Any] = {"event": "allocate", "time": time.time(), "llm_model": self.llm_model,
                                "backend": type(self.backend).__name__, "mode": self._mode_name(), "target": target,
                                "attempts": []}

@@ -9,6 +9,7 @@ from agents.llm.chat import ChatBackend, LocalBackendConfig, LocalChatBackend
 from agents.llm.endpoint import resolve_endpoint
 from agents.llm.openai_http import HTTPBackendConfig, OpenAIChatBackend
 from prune_env.config_files import ConfigError, dataclass_from_dict
+from prune_env.envs.rewards import check_preference
 from prune_env.validation import check_choice, check_number
 
 __all__ = ["BACKEND_CONFIGS", "AgentOptions", "backend_config", "build_backend", "check_backend"]
@@ -26,6 +27,8 @@ class AgentOptions:
     or "raise" (the error is written to the transcript, then raised: the benchmark cell fails).
     circuit_breaker: consecutive failed backend requests after which the backend is not asked again
     this episode. rollback_cooldown: moves during which the fallback avoids units of a rolled-back move.
+    preference: None, or the w in [0, 1] on knowledge vs perplexity that the prompts state (the same
+    trade-off a preference-conditioned LayerPrune env pays, `prune_env.envs.rewards.preference_quality`).
     """
 
     max_units_per_step: int = 4
@@ -36,6 +39,7 @@ class AgentOptions:
     circuit_breaker: int = 3
     rollback_cooldown: int = 3
     max_iterations: int | None = None
+    preference: float | None = None
 
     def __post_init__(self) -> None:
         check_number("max_units_per_step", self.max_units_per_step, low=1, integer=True)
@@ -45,6 +49,8 @@ class AgentOptions:
         check_number("rollback_cooldown", self.rollback_cooldown, low=0, integer=True)
         if self.max_iterations is not None:
             check_number("max_iterations", self.max_iterations, low=1, integer=True)
+        if self.preference is not None:
+            self.preference = check_preference(self.preference)
 
 
 def backend_config(mapping: dict | None) -> HTTPBackendConfig | LocalBackendConfig:

@@ -14,7 +14,8 @@ from agents.llm.parsing import ALLOC_MAX_RATIO, ALLOCATION_SCHEMA, EPS, MOVE_SCH
 if TYPE_CHECKING:  # pragma: no cover
     from agents.llm.memory import Memory
 
-__all__ = ["allocation_messages", "format_profile_table", "reask_messages", "system_prompt", "user_prompt"]
+__all__ = ["allocation_messages", "format_profile_table", "preference_sentence", "reask_messages", "system_prompt",
+           "user_prompt"]
 
 
 def format_profile_table(table: list[dict], max_sparsity: float) -> str:
@@ -33,8 +34,20 @@ def format_profile_table(table: list[dict], max_sparsity: float) -> str:
     return "\n".join(lines)
 
 
-def system_prompt(max_units: int, increment: float, max_sparsity: float) -> str:
-    """The rules of IterativePrune-v0 and the answer format, for a model that has never seen the env."""
+def preference_sentence(preference: float | None) -> str:
+    """The trade-off a preference-conditioned LayerPrune episode pays (`rewards.preference_quality`), in one
+    sentence ending in a newline; "" without a preference."""
+    if preference is None:
+        return ""
+    w = float(preference)
+    return (f"Preference: weight {w:.2f} on keeping factual knowledge (answer-balanced retention of the facts the "
+            f"dense model knows) and {1 - w:.2f} on perplexity; the score is {1 - w:.2f} x (-log(perplexity / "
+            f"dense perplexity)) + {w:.2f} x (retention - 1).\n")
+
+
+def system_prompt(max_units: int, increment: float, max_sparsity: float, preference: float | None = None) -> str:
+    """The rules of IterativePrune-v0 and the answer format, for a model that has never seen the env;
+    `preference` (w in [0, 1]) adds the trade-off sentence after the goal."""
     k = max_units
     return (
         "You are a pruning agent. You compress a language model by unstructured (Wanda-style) "
@@ -45,6 +58,7 @@ def system_prompt(max_units: int, increment: float, max_sparsity: float) -> str:
         "perplexity degrades by more than its threshold, the step is ROLLED BACK (undone).\n"
         "Goal: reach the target global sparsity while keeping perplexity low and factual knowledge "
         "intact.\n"
+        f"{preference_sentence(preference)}"
         "Sensitivity profile columns:\n"
         "- z_wanda: z-score across units of the 10th percentile of the Wanda score |W|*||X|| of the "
         "surviving weights (low = its weakest weights matter little).\n"
@@ -95,8 +109,9 @@ def user_prompt(table: list[dict], memory: "Memory", *, max_units: int, iteratio
     return "\n".join(lines)
 
 
-def allocation_messages(table: list[dict], target: float) -> list[dict]:
-    """The one-shot question: a sparsity ratio for every unit at once (mode "oneshot")."""
+def allocation_messages(table: list[dict], target: float, preference: float | None = None) -> list[dict]:
+    """The one-shot question: a sparsity ratio for every unit at once (mode "oneshot"); `preference` as in
+    `system_prompt`."""
     system = (
         "You are a pruning agent. You choose a per-unit sparsity ratio (fraction of weights zeroed by "
         "unstructured Wanda-style pruning) for every unit of a language model, in one shot.\n"
@@ -105,6 +120,7 @@ def allocation_messages(table: list[dict], target: float) -> list[dict]:
         "(z_wanda + z_grad: z-scored Wanda weight-activation and gradient importance; low = less "
         f"important) and less to sensitive units. Ratios must lie in [0, {ALLOC_MAX_RATIO}]; the "
         "environment rescales them to match the budget exactly.\n"
+        f"{preference_sentence(preference)}"
         "Reply with ONLY one JSON object, no other text, exactly of this form:\n"
         f"{ALLOCATION_SCHEMA}"
     )

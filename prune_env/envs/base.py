@@ -51,6 +51,7 @@ class PruneEnvBase(gym.Env):
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}
     reward_mode = "scalar"  # LayerPrune also offers "vector" (one reward per objective, see `reward_space`)
+    reset_options = RESET_OPTIONS  # LayerPrune adds "preference" (read by its own reset)
 
     def _setup(self, *, unknown: dict, target_sparsity, target_sparsity_range, target_bounds: tuple[float, float],
                render_mode: str | None, reward: dict | None, context: PruningContext | SurrogateContext | None,
@@ -114,9 +115,9 @@ class PruneEnvBase(gym.Env):
         """Seeds np_random and sets the episode's target: the option, a draw from the range, or the default."""
         gym.Env.reset(self, seed=seed)
         options = dict(options or {})
-        unknown = sorted(set(options) - set(RESET_OPTIONS))
+        unknown = sorted(set(options) - set(self.reset_options))
         if unknown:
-            raise ValueError(f"unknown reset option(s) {unknown}: valid options are {list(RESET_OPTIONS)}")
+            raise ValueError(f"unknown reset option(s) {unknown}: valid options are {list(self.reset_options)}")
         if "target_sparsity" in options and "target_sparsity_range" in options:
             raise ValueError("give reset either target_sparsity or target_sparsity_range, not both")
         if "target_sparsity" in options:

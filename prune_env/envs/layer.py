@@ -10,11 +10,12 @@ from gymnasium import spaces
 
 from . import reference
 from ..pruning.allocation_files import project, wall_bounds
-from .base import PruneEnvBase, check_whole
+from .base import RESET_OPTIONS, PruneEnvBase, check_whole
 from ..context import PruningContext
 from .fidelities import FIDELITIES, SurrogateContext, make_fidelity
 from .observation import KIND_ENCODINGS, UnitObservation
-from .rewards import objectives, scalar_quality
+from .rewards import (check_knowledge_reference, check_preference_range, draw_preference, objectives,
+                      preference_configs, preference_quality, scalar_quality)
 from ..validation import check_flag, check_number, check_ratio
 
 ACTION_TYPES = ("continuous", "discrete")
@@ -70,6 +71,7 @@ class LayerPruneEnv(PruneEnvBase):
     | 7 | prev_action | the ratio applied at the previous step (0 at the start) |
     | 8 | last_drop | exact: relative L2 error of the last pruned block's output vs the dense block's, on one calibration batch; proxy: 0 |
     | 9.. | kind one-hot | with `granularity="linear"`: v0 one-hot of the linear type (q/k/v/o/gate/up/down..., k depends on the family); v1 (`kind_encoding="role"`) one-hot of the fixed roles attention_in / attention_out / mlp_in / mlp_out / other (k = 5 for every family) |
+    | 9 + k | preference | with `preference_range`: the episode's preference w in [0, 1] (see Rewards) |
     | .. | extra features | one entry per name in `extra_features` (`prune_env.register_observation_feature`) |
 
     z-scores are clipped to [-10, 10]. `observe_profile=False` reads 0 in entries 0-1 (like MuJoCo's
@@ -82,15 +84,21 @@ class LayerPruneEnv(PruneEnvBase):
     (terms registered with `prune_env.envs.plugins.register_reward_term`; they read the allocation, not the
     weights, so they are right on every fidelity). Optional shaping each step: -shaping_weight * last_drop
     (default 0). With `reward_mode="vector"` the reward is a numpy vector in `reward_space`
-    (`Box(-inf, inf, (2 + n_terms,))`, MO-Gymnasium's convention): [-log(ppl / ppl_dense),
-    fact_acc - fact_acc_dense, term_1, ...] unweighted at the last step, the shaping term in entry 0
-    before (through wrappers: `env.get_wrapper_attr("reward_space")`);
+    (`Box(-inf, inf, (2 + n_terms,))`, one more with knowledge; MO-Gymnasium's convention):
+    [-log(ppl / ppl_dense), fact_acc - fact_acc_dense, (knowledge,) term_1, ...] unweighted at the last step,
+    the shaping term in entry 0 before (through wrappers: `env.get_wrapper_attr("reward_space")`);
     `prune_env.envs.wrappers.LinearizeReward(env, weights)` scalarises it (weights [ppl_weight,
     fact_weight, *term weights] give the scalar mode's reward). `info["quality"]` is always the scalar.
     `info` carries `ppl`, `fact_acc`, `fact_nll`, `fact_retention`, `achieved_sparsity`, `allocation`
     (per-unit ratios), `quality` at the end, and `ratio`, `achieved_sparsity`, `target_sparsity` every step.
     `env.unwrapped.reference` holds the dense metrics the reward compares with; `env.unwrapped.profile`
     the dense sensitivity profile (z_wanda, z_grad, numel per unit).
+
+    Preference conditioning (`preference_range=(lo, hi)`, MO-Gymnasium style): each reset draws w from it
+    with `np_random` after the target (`reset(options={"preference": w})` fixes w in [0, 1]); w is observed
+    (index 9 + k), in `info["preference"]`, and the terminal reward is (1 - w) * -log(ppl / ppl_dense)
+    + w * (fact_retention_balanced - 1) + user terms (`rewards.preference_quality`, which says what w means;
+    ppl_weight and fact_weight do not apply; the vector reward gains "knowledge" after "facts").
 
     ## Reference scores
     `info["normalised_score"]` at the last step places the return on `prune_env/envs/reference_scores.json`
@@ -127,7 +135,8 @@ class LayerPruneEnv(PruneEnvBase):
     spread at the allocation (`Surrogate.uncertainty`, small where its data set has allocations);
     `surrogate_pessimism=k` makes the scalar reward (and `info["quality"]`) the lower bound prediction -
     k * spread, so neither a policy nor a search is paid for leaving the data (conservative model-based
-    optimisation); the vector reward stays the prediction.
+    optimisation); the vector reward stays the prediction. With a preference only the ppl objective is
+    lowered (by k * its log-ppl spread, so by (1 - w) * k * spread in the reward).
 
     ## Starting State
     The dense model (weights restored bit-exactly on every `reset`), the first unit to decide.
@@ -168,6 +177,8 @@ class LayerPruneEnv(PruneEnvBase):
     * v0: initial version (the linear-type one-hot's size depends on the model family).
     """
 
+    reset_options = (*RESET_OPTIONS, "preference")
+
     def __init__(self, model: str = "smollm2-135m", target_sparsity: float = 0.5, granularity: str = "block",
                  method: str = "wanda", pattern: str | None = None, min_sparsity: float = 0.0,
                  max_sparsity: float = 0.9, action_type: str = "continuous", n_actions: int = 11,
@@ -177,7 +188,7 @@ class LayerPruneEnv(PruneEnvBase):
                  target_sparsity_range: tuple[float, float] | None = None, kind_encoding: str = "one_hot",
                  extra_features: list[str] | None = None, reward_mode: str = "scalar", surrogate: str | None = None,
                  action_mode: str = "absolute", surrogate_pessimism: float = 0.0, observe_profile: bool = True,
-                 **kwargs):
+                 preference_range: tuple[float, float] | None = None, **kwargs):
         """Builds the env's own model context (or borrows `context`), its fidelity and its spaces.
 
         Args:
@@ -207,6 +218,7 @@ class LayerPruneEnv(PruneEnvBase):
             action_mode: "absolute" or "budget" (continuous only: a asks for 2 * a * budget_left).
             surrogate_pessimism: k >= 0: the surrogate's scalar reward is prediction - k * its spread.
             observe_profile: False: observation entries 0-1 (z_wanda, z_grad) read 0.
+            preference_range: None (off) or (lo, hi) in [0, 1]: each reset draws the preference w (Rewards).
 
         Raises:
             ValueError: an unknown keyword or an invalid value, named with its fix, before any model loads.
@@ -229,6 +241,8 @@ class LayerPruneEnv(PruneEnvBase):
         self.surrogate_pessimism = float(check_number("surrogate_pessimism", surrogate_pessimism, low=0.0))
         self.kind_encoding, self.reward_mode = kind_encoding, reward_mode
         self.observe_profile = check_flag("observe_profile", observe_profile)
+        self.preference_range = check_preference_range(preference_range)
+        self.preference: float | None = None  # the episode's w (None: preference conditioning off)
         self._set_features(extra_features)
         proxy_eval_tokens = check_whole("proxy_eval_tokens", proxy_eval_tokens, 1)
         proxy_facts = check_whole("proxy_facts", proxy_facts, 1)
@@ -238,7 +252,9 @@ class LayerPruneEnv(PruneEnvBase):
                     context=context, context_args=dict(model=model, device=device, dtype=dtype,
                                                        granularity=granularity, method=method, pattern=pattern,
                                                        data=data), fidelity=fidelity, surrogate=surrogate)
-        self._observer = UnitObservation(self.context, kind_encoding, self.observe_profile, len(self.extra_features))
+        self.reward_config, fidelity_reward = preference_configs(self.reward_config, self.preference_range)
+        self._observer = UnitObservation(self.context, kind_encoding, self.observe_profile, len(self.extra_features),
+                                         self.preference_range is not None)
         self._unit_numel = [u.numel for u in self.units]  # read every step, computed once
         self._tail = [sum(self._unit_numel[i:]) for i in range(len(self.units) + 1)]  # weights of units i..
         self.grid = np.linspace(min_sparsity, max_sparsity, n_actions) if action_type == "discrete" else None
@@ -249,12 +265,15 @@ class LayerPruneEnv(PruneEnvBase):
         self.reward_space = spaces.Box(-np.inf, np.inf, (n_objectives,), dtype=np.float64)
         try:
             self._fidelity = make_fidelity(fidelity, self.context, proxy_eval_tokens=proxy_eval_tokens,
-                                           proxy_facts=proxy_facts, surrogate=surrogate, reward=self.reward_config)
+                                           proxy_facts=proxy_facts, surrogate=surrogate, reward=fidelity_reward)
+            if self.reward_config.knowledge_weight is not None:  # an undefined knowledge reward fails now
+                check_knowledge_reference(self._fidelity.reference)
         except BaseException:
             self.close()  # an owned context's model and file go at once, not at garbage collection
             raise
         self._reference = self._fidelity.reference
-        comparable = self.surrogate_pessimism == 0.0 and (fidelity != "surrogate" or surrogate is None)
+        comparable = self.surrogate_pessimism == 0.0 and (fidelity != "surrogate" or surrogate is None) and \
+            self.preference_range is None
         self._task = reference.task_for(self.context, fidelity, self.reward_config) if comparable else None
         self._step = None  # None: reset() not called yet
         self._ratios = [0.0] * len(self.units)
@@ -264,12 +283,14 @@ class LayerPruneEnv(PruneEnvBase):
     # -- Gymnasium API -----------------------------------------------------------------------------
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         target = self._reset_target(seed, options)
+        self.preference = draw_preference(self.preference_range, options or {}, self.np_random)  # after the target
         self._fidelity.reset()
         self._step, self._prev_action, self._last_drop = 0, 0.0, 0.0
         self._ratios = [0.0] * len(self.units)
         self._zeros = [0] * len(self.units)
         self._final: dict = {}
-        return self._observation(), {"target_sparsity": target}
+        info = {"target_sparsity": target}
+        return self._observation(), info if self.preference is None else {**info, "preference": self.preference}
 
     @torch.no_grad()
     def step(self, action):
@@ -292,12 +313,18 @@ class LayerPruneEnv(PruneEnvBase):
         reward = shaping
         info = {"ratio": self._ratios[self._step - 1], "achieved_sparsity": sum(self._zeros) / self.context.total_numel,
                 "target_sparsity": self.target_sparsity}
+        if self.preference is not None:
+            info["preference"] = self.preference
         if terminated:
             metrics = self._fidelity.finish(list(self._ratios), list(self._zeros))
             allocation = list(self._ratios)
-            final = scalar_quality(metrics, allocation, self, self.reward_config)
-            if "surrogate_std" in metrics:  # a lower confidence bound: no reward for leaving the data
-                final -= self.surrogate_pessimism * metrics["surrogate_std"]
+            if self.preference is None:
+                final = scalar_quality(metrics, allocation, self, self.reward_config)
+                if "surrogate_std" in metrics:  # a lower confidence bound: no reward for leaving the data
+                    final -= self.surrogate_pessimism * metrics["surrogate_std"]
+            else:
+                final = preference_quality(metrics, allocation, self, self.reward_config, self.preference,
+                                           self.surrogate_pessimism * metrics.get("surrogate_std", 0.0))
             vector += objectives(metrics, allocation, self, self.reward_config)
             reward += final
             score = None if self._task is None else reference.normalised_score(self._task, self.target_sparsity, final)
@@ -363,7 +390,7 @@ class LayerPruneEnv(PruneEnvBase):
             return self._observer.observe(index, 0.0, 0.0, 0.0, 0.0, 0.0, self._feature_values(index))
         return self._observer.observe(index, self._ratios[index], sum(self._zeros) / self.context.total_numel,
                                       self._budget_left(index), self._prev_action, self._last_drop,
-                                      self._feature_values(index))
+                                      self._feature_values(index), self.preference or 0.0)
 
     def _budget_left(self, index: int) -> float:
         """The sparsity units index.. must average (by parameters) for the episode to meet its target."""

@@ -32,22 +32,26 @@ class UnitObservation:
     """What an observation holds beside the episode's state: the dense profile, depth, size and kind of
     each unit (fixed for the env's life, so computed once)."""
 
-    def __init__(self, context, kind_encoding: str, observe_profile: bool, n_extra: int):
+    def __init__(self, context, kind_encoding: str, observe_profile: bool, n_extra: int, preference: bool = False):
         units = context.units
         linear = context.granularity == "linear"
         self.kinds = (sorted({u.kind for u in units}) if kind_encoding == "one_hot" else list(ROLES)) if linear else []
         self._kind_of = [(u.kind if kind_encoding == "one_hot" else linear_role(u.kind)) for u in units]
         self._context, self._observe_profile = context, observe_profile
-        self.size = BASE_FEATURES + len(self.kinds) + n_extra
+        # the episode's preference w right after the kind one-hot (only with preference conditioning)
+        self.preference_index = BASE_FEATURES + len(self.kinds) if preference else None
+        self.size = BASE_FEATURES + len(self.kinds) + int(preference) + n_extra
 
     def observe(self, index: int, sparsity: float, achieved: float, budget_left: float, prev_action: float,
-                last_drop: float, extra: list[float]) -> np.ndarray:
-        """The observation of unit `index` given the episode's state (all 0 before the first reset)."""
+                last_drop: float, extra: list[float], preference: float = 0.0) -> np.ndarray:
+        """The observation of unit `index` given the episode's state (all 0 before the first reset);
+        `preference` is read only when the observer was built with preference=True."""
         ctx = self._context
         n = len(ctx.units)
         profile = (ctx.z_wanda[index], ctx.z_grad[index]) if self._observe_profile else (0.0, 0.0)
         obs = [*profile, sparsity, index / max(n - 1, 1), ctx.units[index].numel / ctx.total_numel, achieved,
                budget_left, prev_action, last_drop]
         obs += [float(self._kind_of[index] == kind) for kind in self.kinds]
+        obs += [] if self.preference_index is None else [preference]
         obs += extra
         return clip_observation(obs)
