@@ -125,18 +125,52 @@ def plot_fronts(summaries: dict[str, FrontSummary], target: float, path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4.5))
-    for agent, summary in summaries.items():
+    figure, axis = plt.subplots(figsize=(8.5, 4.5))
+    colours = plt.get_cmap("tab20").colors
+    for number, (agent, summary) in enumerate(summaries.items()):
+        colour, marker = colours[number % 20], "osD^v<>p"[number % 8]
         ratio = np.exp(summary.log_ppl_ratio)
-        dots = axis.scatter(ratio, summary.retention, s=18, alpha=0.6)
+        axis.scatter(ratio, summary.retention, s=24, alpha=0.8, color=colour, marker=marker,
+                     label=f"{agent} (HV {summary.hypervolume:.3f})")
         order = np.argsort(ratio[summary.on_front])
         axis.step(ratio[summary.on_front][order], summary.retention[summary.on_front][order], where="post",
-                  color=dots.get_facecolor()[0], label=f"{agent} (HV {summary.hypervolume:.3f})")
+                  color=colour)
     axis.axvline(1.0, color="grey", lw=0.8, ls=":")
     axis.set_xlabel("perplexity / uniform's (lower is better)")
     axis.set_ylabel("answer-balanced retention")
     axis.set_title(f"trade-off fronts at sparsity {target:g}")
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def point_agent(label: str) -> str:
+    """The agent a cell label belongs to: 'ppo-pref@w=0.7' -> 'ppo-pref' (each preference is one point of
+    its agent's front); a label without '@' is an agent of one point."""
+    return label.split("@", 1)[0]
+
+
+def front_lines(data: dict, rows: list[dict], target: float, out, baseline: str | None) -> list[str]:
+    """report.md's trade-off section at one target: each agent's hypervolume with its interval, and the plot
+    front_t<target>.png. Empty without the per-window and per-fact data or the facts' names (old files:
+    `--report-only` backfills the names)."""
+    per_fact = data.get("dense_per_fact") or {}
+    if baseline is None or not {"relation", "answer", "greedy_exact"} <= set(per_fact):
+        return []
+    at = {row["agent"]: row["records"] for row in rows if row["target"] == target and row["records"]}
+    if baseline not in at or not all(r.get("per_window") and r.get("per_fact") for rs in at.values() for r in rs):
+        return []
+    points: dict[str, dict[str, list[dict]]] = {}
+    for label, records in at.items():
+        points.setdefault(point_agent(label), {})[label] = records
+    summaries = fronts(points, at[baseline], per_fact["greedy_exact"], (per_fact["relation"], per_fact["answer"]))
+    name = f"front_t{target:g}.png"
+    plot_fronts(summaries, target, out / name)
+    lines = [f"Trade-off front (prune_bench/fronts.py): x = log(ppl / {baseline}'s), y = balanced retention; "
+             f"hypervolume inside x <= log 2, y >= 0, with its paired bootstrap interval (95 %).", "",
+             "| agent | points | on its front | hypervolume |", "|---|---|---|---|"]
+    for agent, summary in sorted(summaries.items(), key=lambda item: -item[1].hypervolume):
+        lines.append(f"| {agent} | {len(summary.labels)} | {int(summary.on_front.sum())} | "
+                     f"{summary.hypervolume:.4f} [{summary.low:.4f}, {summary.high:.4f}] |")
+    return lines + ["", f"![{name}]({name})", ""]

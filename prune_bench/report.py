@@ -9,6 +9,7 @@ import numpy as np
 
 from prune_env.files import atomic_write_text
 
+from .fronts import front_lines
 from .intervals import N_RESAMPLES, Comparison, Interval, has_paired_data, paired_bootstrap
 from .store import BALANCED, METRICS
 
@@ -204,6 +205,7 @@ def write_report(data: dict, out: str | Path, allocation_target: float | None = 
                  for r in rows if r["target"] == target and r["all_fallback"]]
         lines += [*notes, ""] if notes else []
         lines += interval_lines(data, rows, target)
+        lines += front_lines(data, rows, target, out, baseline_label(data))
     failed = [rec for rec in data["records"] if rec["status"] == "failed"]
     if failed:
         lines += ["## Failed cells", ""]
@@ -281,7 +283,10 @@ def write_plots(data: dict, out: Path, rows: list[dict], allocation_target: floa
     plots.append("ppl_vs_sparsity.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((axes[0], "fact_acc", "Fact accuracy"), (axes[1], "fact_retention", "Fact retention")):
+    balanced = any(r.get("fact_retention_balanced") for r in rows)
+    retention = ("fact_retention_balanced", "Balanced fact retention") if balanced else ("fact_retention",
+                                                                                          "Fact retention")
+    for ax, key, title in ((axes[0], "fact_acc", "Fact accuracy"), (axes[1], *retention)):
         curves(ax, key)
         if key == "fact_acc" and dense.get("fact_acc") is not None:
             ax.axhline(dense["fact_acc"], color="grey", lw=0.8, ls="--", label="dense")

@@ -72,6 +72,8 @@ def test_serial_grid(grid):
     out = Path(cfg.out)
     report = (out / "report.md").read_text()
     assert "## Target sparsity 0.5" in report and "| owl | 1/0 |" in report
+    assert report.count("| agent | points | on its front | hypervolume |") == 2  # a trade-off front per target
+    assert (out / "front_t0.5.png").stat().st_size > 1000 and "![front_t0.5.png](front_t0.5.png)" in report
     for png in ("allocation_t0.3.png", "allocation_t0.5.png", "ppl_vs_sparsity.png", "facts_vs_sparsity.png"):
         assert (out / png).stat().st_size > 1000 and f"![{png}]({png})" in report
 
