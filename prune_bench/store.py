@@ -153,31 +153,31 @@ def _sizes(data: dict) -> dict[str, int | None]:
             "windows": windows if is_int(windows) else None, "facts": facts if is_int(facts) else None}
 
 
+def _per_fact_errors(where: str, value: dict, keys: tuple[str, ...], n: int | None, kind: type, wanted: str
+                     ) -> list[str]:
+    """Each of `keys` in `value` is a list of `kind`, one entry per held-out fact."""
+    errors = []
+    for key in keys:
+        items = value.get(key)
+        if not isinstance(items, list) or not all(isinstance(x, kind) for x in items):
+            errors.append(f"{where}.{key} must be {wanted}")
+        elif n is not None and len(items) != n:
+            errors.append(f"{where}.{key} has {len(items)} entries but there are {n} held-out facts")
+    return errors
+
+
 def _flags_errors(where: str, value: Any, keys: tuple[str, ...], n: int | None) -> list[str]:
     if not isinstance(value, dict):
         return [f"{where} must be an object with {list(keys)}"]
-    errors = []
-    for key in keys:
-        flags = value.get(key)
-        if not isinstance(flags, list) or not all(isinstance(x, bool) for x in flags):
-            errors.append(f"{where}.{key} must be a list of true/false")
-        elif n is not None and len(flags) != n:
-            errors.append(f"{where}.{key} has {len(flags)} entries but there are {n} held-out facts")
-    return errors
+    return _per_fact_errors(where, value, keys, n, bool, "a list of true/false")
 
 
 def _labels_errors(dense: Any, n: int | None) -> list[str]:
     """The optional per-fact relation and answer names of dense_per_fact (both or neither)."""
     if not isinstance(dense, dict) or ("relation" not in dense and "answer" not in dense):
         return []
-    errors = []
-    for key in ("relation", "answer"):
-        names = dense.get(key)
-        if not isinstance(names, list) or not all(isinstance(x, str) for x in names):
-            errors.append(f"dense_per_fact.{key} must be a list of strings (one per held-out fact)")
-        elif n is not None and len(names) != n:
-            errors.append(f"dense_per_fact.{key} has {len(names)} entries but there are {n} held-out facts")
-    return errors
+    return _per_fact_errors("dense_per_fact", dense, ("relation", "answer"), n, str,
+                            "a list of strings (one per held-out fact)")
 
 
 def _balanced_errors(where: str, rec: dict) -> list[str]:
