@@ -64,12 +64,17 @@ class SFTOptions:
     data: str | None = "docs/results/llm-trained/sft-data.jsonl"
     max_steps: int = 200
     learning_rate: float = 2e-4
-    batch_size: int = 4
+    batch_size: int = 4  # examples per optimizer step
+    micro_batch_size: int = 1  # examples per forward (a 1,860-token SmolLM2 example holds ~5 GB of activations)
 
     def __post_init__(self) -> None:
         check_number("sft.max_steps", self.max_steps, low=0, integer=True)
         check_number("sft.learning_rate", self.learning_rate, low=0.0, low_open=True)
         check_number("sft.batch_size", self.batch_size, low=1, integer=True)
+        check_number("sft.micro_batch_size", self.micro_batch_size, low=1, integer=True)
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"sft.batch_size={self.batch_size} is not a multiple of sft.micro_batch_size="
+                             f"{self.micro_batch_size}")
 
 
 @dataclass
@@ -79,7 +84,9 @@ class GRPOOptions:
     max_steps: int = 500
     num_generations: int = 8
     prompts_per_step: int = 1
-    max_completion_length: int = 400
+    micro_batch_size: int = 1  # completions per forward/backward (the step's num_generations x prompts_per_step
+    #                            completions are generated at once, then trained on in micro-batches)
+    max_completion_length: int = 448  # a 30-unit SmolLM2 answer: 389-403 tokens + EOS
     temperature: float = 1.0
     learning_rate: float = 1e-5
     beta: float = 0.0  # KL weight to the warm-started reference (0: no reference model is kept)
@@ -90,6 +97,10 @@ class GRPOOptions:
         check_number("grpo.max_steps", self.max_steps, low=0, integer=True)
         check_number("grpo.num_generations", self.num_generations, low=2, integer=True)
         check_number("grpo.prompts_per_step", self.prompts_per_step, low=1, integer=True)
+        check_number("grpo.micro_batch_size", self.micro_batch_size, low=1, integer=True)
+        if (self.num_generations * self.prompts_per_step) % self.micro_batch_size:
+            raise ValueError(f"grpo.micro_batch_size={self.micro_batch_size} must divide num_generations x "
+                             f"prompts_per_step = {self.num_generations * self.prompts_per_step}")
         check_number("grpo.max_completion_length", self.max_completion_length, low=1, integer=True)
         check_number("grpo.temperature", self.temperature, low=0.0, low_open=True)
         check_number("grpo.learning_rate", self.learning_rate, low=0.0, low_open=True)
@@ -104,6 +115,7 @@ class TuningAlgo:
     model: str = "smollm2-135m"  # the policy LLM (SmolLM2-135M-Instruct), not the model being pruned
     seed: int = 0
     torch_threads: int | None = None
+    gradient_checkpointing: bool = True  # recompute activations in the backward: less memory, ~1/3 more compute
     target_range: list[float] = field(default_factory=lambda: [0.3, 0.6])
     lora: LoraOptions = field(default_factory=LoraOptions)
     sft: SFTOptions = field(default_factory=SFTOptions)
@@ -199,7 +211,7 @@ def _args(cls, config: TuningConfig, out: Path, max_steps: int, learning_rate: f
                save_total_limit=config.checkpoint.keep, logging_steps=1,
                report_to=["tensorboard"] if config.logging.tensorboard else "none",
                disable_tqdm=not config.logging.progress_bar, use_cpu=not torch.cuda.is_available(),
-               bf16=False, gradient_checkpointing=False, **extra)
+               bf16=False, gradient_checkpointing=config.algo.gradient_checkpointing, **extra)
 
 
 def _base(config: TuningConfig):
@@ -208,7 +220,23 @@ def _base(config: TuningConfig):
     model, tokenizer = load_model(config.algo.model, "cuda" if _cuda() else "cpu", "float32")
     ensure_chat_template(tokenizer)
     model.config.use_cache = True
-    return model, tokenizer
+    return trainable(model), tokenizer
+
+
+def trainable(model):
+    """`model` without transformers' GGUF marker. A .gguf file (the smollm2-135m alias) loads as plain
+    nn.Linear float weights, dequantized, yet keeps `hf_quantizer`, which Trainer refuses to train; a model
+    whose weights really stay packed in GGUF modules is refused here instead."""
+    if getattr(model, "hf_quantizer", None) is None:
+        return model
+    packed = sorted({type(m).__name__ for m in model.modules() if "gguf" in type(m).__name__.lower()})
+    if packed or not all(p.dtype.is_floating_point for p in model.parameters()):
+        raise ConfigError(f"algo.model={model.config._name_or_path!r} keeps quantized GGUF modules {packed}: LoRA "
+                          "training needs float weights (load an unquantized folder)")
+    model.hf_quantizer, model.is_quantized = None, False
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    return model
 
 
 def _cuda() -> bool:
@@ -258,7 +286,8 @@ def tune(config: TuningConfig, resume: bool = False, say=print) -> dict:
             model, tokenizer = _base(config)
             data = Dataset.from_list(sft_rows(ctx, read_records(algo.sft.data)))
             args = _args(SFTConfig, config, sft_dir, algo.sft.max_steps, algo.sft.learning_rate,
-                         per_device_train_batch_size=algo.sft.batch_size, max_length=None)
+                         per_device_train_batch_size=algo.sft.micro_batch_size, max_length=None,
+                         gradient_accumulation_steps=algo.sft.batch_size // algo.sft.micro_batch_size)
             trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                  peft_config=_lora(config))
             _run_phase(trainer, sft_dir, say)
@@ -271,10 +300,12 @@ def tune(config: TuningConfig, resume: bool = False, say=print) -> dict:
         g = algo.grpo
         reward = AllocationReward(env, g.malformed_penalty)
         targets = draw_targets(g.n_prompts, algo.seed, *algo.target_range)
+        accumulate = g.num_generations * g.prompts_per_step // g.micro_batch_size
         args = _args(GRPOConfig, config, grpo_dir, g.max_steps, g.learning_rate,
-                     per_device_train_batch_size=g.num_generations * g.prompts_per_step,
-                     num_generations=g.num_generations, max_completion_length=g.max_completion_length,
-                     temperature=g.temperature, beta=g.beta, steps_per_generation=1, log_completions=False)
+                     per_device_train_batch_size=g.micro_batch_size, gradient_accumulation_steps=accumulate,
+                     steps_per_generation=accumulate, num_generations=g.num_generations,
+                     max_completion_length=g.max_completion_length, temperature=g.temperature, beta=g.beta,
+                     log_completions=False)
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args,
                               train_dataset=Dataset.from_list(prompt_rows(ctx, targets)),
                               processing_class=tokenizer, peft_config=peft_config)
