@@ -123,14 +123,14 @@ def test_train_py_runs_sft_then_grpo_resumes_and_writes_a_safetensors_adapter(gr
     assert "--resume" in capsys.readouterr().err
     import shutil
 
-    shutil.rmtree(run_dir / "adapter")  # as if the first run had been killed before its end
-    (run_dir / "grpo" / "checkpoint-1" / "trainer_state.json").rename(run_dir / "grpo" / "state.json")
-    (run_dir / "grpo" / "checkpoint-0").mkdir()  # an unfinished save (no trainer_state.json) is passed over
-    (run_dir / "grpo" / "checkpoint-0" / "adapter_model.safetensors").write_bytes(b"cut")
-    (run_dir / "grpo" / "state.json").rename(run_dir / "grpo" / "checkpoint-1" / "trainer_state.json")
+    shutil.rmtree(run_dir / "adapter")  # as if the first run had been killed before its end ...
+    cut = run_dir / "grpo" / "checkpoint-7"  # ... while saving a later checkpoint: its state file is cut short
+    shutil.copytree(run_dir / "grpo" / "checkpoint-1", cut)
+    (cut / "trainer_state.json").write_text('{"global_step": 7, "log_hi')
     assert train.main(["--config", str(path), "--resume", *overrides]) == 0
     out = capsys.readouterr().out
-    assert "resuming grpo from" in out and "checkpoint-1" in out and "resuming sft" not in out
+    assert f"removed unfinished checkpoint {cut}" in out and not cut.exists()
+    assert f"resuming grpo from {run_dir / 'grpo' / 'checkpoint-1'}" in out and "resuming sft" not in out
     state = json.loads((run_dir / "grpo" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2
     assert not list((run_dir / "adapter").glob("*.bin")) and (run_dir / "adapter" / "adapter_model.safetensors").is_file()

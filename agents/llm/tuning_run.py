@@ -195,11 +195,32 @@ def _check_resume(run_dir: Path, config: dict, resume: bool) -> None:
                           "in a resumed run (start a new run_dir instead)")
 
 
+def _complete(checkpoint: Path) -> bool:
+    """Trainer writes trainer_state.json last (after the adapter, optimizer and RNG states): a checkpoint
+    with all of CHECKPOINT_FILES and a readable state was saved in full."""
+    if not all((checkpoint / name).is_file() for name in CHECKPOINT_FILES):
+        return False
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return False
+    return True
+
+
 def latest_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint-N folder with all of CHECKPOINT_FILES (a save cut short by a kill is skipped)."""
-    done = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-            and all((p / name).is_file() for name in CHECKPOINT_FILES)]
+    """The newest checkpoint-N folder saved in full (a save cut short by a kill is passed over)."""
+    done = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and _complete(p)]
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _save_adapter(model, folder: Path, tuning: dict | None = None) -> None:
+    """save_pretrained (safetensors) into folder.partial, then one rename: a kill leaves no half adapter."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(str(partial))
+    if tuning is not None:
+        atomic_write_json(partial / TUNING_FILE, tuning, indent=1)
+    partial.rename(folder)
 
 
 def _args(cls, config: TuningConfig, out: Path, max_steps: int, learning_rate: float, **extra):
@@ -254,6 +275,11 @@ def _lora(config: TuningConfig):
 
 
 def _run_phase(trainer, folder: Path, say) -> None:
+    """Train one phase, from its newest complete checkpoint; unfinished checkpoint folders are removed first
+    (Trainer would otherwise count them when it rotates checkpoints)."""
+    for partial in sorted(p for p in folder.glob("checkpoint-*") if p.is_dir() and not _complete(p)):
+        shutil.rmtree(partial)
+        say(f"removed unfinished checkpoint {partial}")
     latest = latest_complete_checkpoint(folder)
     if latest is not None:
         say(f"resuming {folder.name} from {latest}")
@@ -282,7 +308,7 @@ def tune(config: TuningConfig, resume: bool = False, say=print) -> dict:
             torch.set_num_threads(algo.torch_threads)
         started, ctx = time.time(), env.unwrapped.context
         sft_dir, sft_adapter, grpo_dir = run_dir / "sft", run_dir / "sft" / "adapter", run_dir / "grpo"
-        if algo.sft.max_steps and not (sft_adapter / "adapter_model.safetensors").exists():
+        if algo.sft.max_steps and not sft_adapter.exists():
             model, tokenizer = _base(config)
             data = Dataset.from_list(sft_rows(ctx, read_records(algo.sft.data)))
             args = _args(SFTConfig, config, sft_dir, algo.sft.max_steps, algo.sft.learning_rate,
@@ -291,9 +317,9 @@ def tune(config: TuningConfig, resume: bool = False, say=print) -> dict:
             trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                  peft_config=_lora(config))
             _run_phase(trainer, sft_dir, say)
-            trainer.model.save_pretrained(str(sft_adapter))
+            _save_adapter(trainer.model, sft_adapter)
         model, tokenizer = _base(config)
-        if (sft_adapter / "adapter_model.safetensors").exists():
+        if sft_adapter.exists():
             model, peft_config = PeftModel.from_pretrained(model, str(sft_adapter), is_trainable=True), None
         else:
             peft_config = _lora(config)
@@ -312,14 +338,10 @@ def tune(config: TuningConfig, resume: bool = False, say=print) -> dict:
         if g.max_steps:
             _run_phase(trainer, grpo_dir, say)
         final = run_dir / "adapter"
-        partial = run_dir / "adapter.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        trainer.model.save_pretrained(str(partial))
-        atomic_write_json(partial / TUNING_FILE, {
+        _save_adapter(trainer.model, final, {
             "base_model": algo.model, "max_new_tokens": g.max_completion_length, "prompt": "allocation_messages",
             "env": asdict(config.env), "target_range": algo.target_range, "sft_steps": algo.sft.max_steps,
-            "grpo_steps": g.max_steps, "seed": algo.seed}, indent=1)
-        partial.rename(final)
+            "grpo_steps": g.max_steps, "seed": algo.seed})
         summary = {"run_dir": str(run_dir), "adapter": str(final), "seconds": time.time() - started,
                    "reward_calls": reward.calls, "malformed": reward.malformed}
         say(f"done: adapter {final} ({summary['seconds']:.0f}s this session)")
