@@ -64,8 +64,8 @@ def test_reward_penalises_malformed_answers_and_ranks_allocations(synthetic):
                                    target=[0.5] * 4)
     assert malformed == [-10.0, -10.0] and reward.malformed == 2
     assert good > bad > -10.0
-    _, details = reward.score(hit_fragile, 0.5)
-    assert details["allocation"] == pytest.approx(details["allocation"]) and len(details["allocation"]) == 3
+    _, details = reward.score(hit_fragile, 0.5)  # the played allocation is the answer's, budget-matched
+    assert details["allocation"] == pytest.approx([0.75, 0.75, 0.0], abs=0.01)  # tiny-llama's blocks are equal
     assert ctx.weighted_sparsity(details["allocation"]) == pytest.approx(0.5, abs=1e-3)
 
 
