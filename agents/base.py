@@ -114,6 +114,7 @@ AGENTS: dict[str, str] = {
     "ramp": "agents.heuristics:RampAgent",
     "protect-first": "agents.heuristics:ProtectFirstAgent",
     "llm": "agents.llm:LLMAgent",
+    "llm-trained": "agents.llm.trained:TrainedLLMAgent",
     "rl": "agents.rl:RLAgent",
     "search": "agents.search:SearchAgent",
     "replay": "agents.replay:ReplayAgent",
