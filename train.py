@@ -5,7 +5,7 @@
     python train.py --config configs/ppo.yaml --resume      # continue from run_dir's latest checkpoint
     python train.py --config configs/smoke.yaml --print-config
     python train.py --eval runs/ppo-0/final_model.zip [--out alloc.json] [eval.data.n_facts=100]
-    python train.py --config configs/llm-grpo.yaml [--resume]  # LoRA SFT + GRPO (agents/llm/tuning_run.py)
+    python train.py --config configs/llm-grpo.yaml [--resume]  # LoRA SFT + GRPO (training/grpo.py)
 
 Training runs on the cheap `proxy` fidelity; every `eval.every_steps` steps a separate `exact` env
 plays one deterministic episode of the current policy. Its reward, ppl, fact_acc, fact_retention and
@@ -35,7 +35,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.utils import configure_logger, set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
-from agents.llm.tuning_run import is_grpo_config
+from training.grpo import is_grpo_config
 from agents.rl import CONFIG_NAME, FINAL_MODEL, load_policy, read_run_config, resolve_policy_path
 from training.safe_load import build_model, load_normalizer, read_policy_file
 from training.train_config import TrainConfig, resolve_config
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out is not None:
             raise ConfigError("--out only applies to --eval")
         if is_grpo_config(args.config or DEFAULT_CONFIG, args.overrides):  # the LLM agent's LoRA run (issue #27)
-            from agents.llm.tuning_run import main as tune_main
+            from training.grpo import main as tune_main
 
             return tune_main(args.config or DEFAULT_CONFIG, args.overrides, args.resume, args.print_config)
         config = resolve_config(args.config or DEFAULT_CONFIG, args.overrides)

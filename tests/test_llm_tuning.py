@@ -16,7 +16,7 @@ pytest.importorskip("peft")
 from agents.base import build_agent  # noqa: E402
 from agents.llm.tuning import (AllocationReward, answer_text, draw_targets, prompt_rows, reward_env,  # noqa: E402
                                search_records)
-from prune_env.config import ConfigError  # noqa: E402
+from prune_env.config_files import ConfigError  # noqa: E402
 from prune_env.surrogate import append_record, start_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def synthetic_surrogate(path: Path, tiny_data: dict, records: int = 40) -> None:
     """A surrogate data set for tiny-llama whose truth is known: block 0 is fragile (perplexity grows fast with
     its sparsity), blocks 1 and 2 are robust; facts follow perplexity."""
-    from prune_env.env import LayerPruneEnv
+    from prune_env.envs.layer import LayerPruneEnv
 
     exact = LayerPruneEnv(model="tiny-llama", data=tiny_data)
     ctx = exact.context
@@ -75,7 +75,8 @@ def test_a_config_that_is_not_surrogate_is_refused(synthetic):
 
 
 def test_prompts_are_the_agents_oneshot_prompt(synthetic):
-    from agents.llm.prompts import allocation_messages, profile_table
+    from agents.llm.prompts import allocation_messages
+    from prune_env.context import profile_table
 
     env = reward_env(synthetic)
     ctx = env.unwrapped.context

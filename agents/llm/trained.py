@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from agents.llm.agent import LLMAgent
-from agents.llm.backends import ChatBackend, LocalBackendConfig, LocalChatBackend
-from prune_env.config import ConfigError
+from agents.llm.chat import ChatBackend, LocalBackendConfig, LocalChatBackend
+from prune_env.config_files import ConfigError
 from prune_env.validation import check_device
 
 __all__ = ["TrainedLLMAgent", "load_adapter_model"]
@@ -26,7 +26,7 @@ PICKLED = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 def check_adapter_folder(adapter: str | Path) -> Path:
     """The adapter folder, refused (one line) when it is missing, incomplete, or holds pickled files."""
-    from agents.llm.tuning_run import TUNING_FILE
+    from training.grpo import TUNING_FILE
 
     folder = Path(adapter)
     missing = [name for name in ("adapter_config.json", "adapter_model.safetensors", TUNING_FILE)
@@ -45,7 +45,7 @@ def load_adapter_model(adapter: str | Path, model: str | None = None, device: st
     """(merged model, tokenizer): the base model (tuning.json's, or `model`) with the adapter merged in."""
     from peft import PeftModel
 
-    from agents.llm.tuning_run import read_tuning
+    from training.grpo import read_tuning
     from prune_env.models import load_model
 
     folder = check_adapter_folder(adapter)
@@ -64,7 +64,7 @@ class TrainedLLMAgent(LLMAgent):
 
     def __init__(self, adapter: str, model: str | None = None, device: str = "cpu", dtype: str = "float32",
                  max_new_tokens: int | None = None, agent: dict | None = None):
-        from agents.llm.tuning_run import read_tuning
+        from training.grpo import read_tuning
 
         folder = check_adapter_folder(adapter)  # before any model loads
         tuning = read_tuning(folder)

@@ -3,7 +3,7 @@
 The trained agent reads exactly the one-shot prompt the LLM agent sends (`allocation_messages` of the
 env's dense profile table and a target) and writes the same JSON. Training draws targets in
 [0.3, 0.6] (the PPO recipe's range), and scores an answer the way the agent's own answer is used:
-`parse_allocation` (the agent's parser and repairs), `budget_match`, then one LayerPrune-v1 episode on
+`read_answer_allocation` (the agent's parser and repairs), `budget_match`, then one LayerPrune-v1 episode on
 the SURROGATE fidelity (microseconds, the same env, reward and pessimism as configs/ppo-surrogate.yaml);
 the reward is that episode's return. An answer the parser refuses gets `malformed_penalty`, and a valid
 answer's return is floored one unit above it, so a valid answer always beats a malformed one in its group
@@ -26,11 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from agents.base import play
+from agents.base import play_allocation
 from agents.llm.candidates import budget_match
-from agents.llm.parsing import parse_allocation
-from agents.llm.prompts import allocation_messages, profile_table
-from prune_env.config import ConfigError
+from agents.llm.parsing import read_answer_allocation
+from agents.llm.prompts import allocation_messages
+from prune_env.context import profile_table
+from prune_env.config_files import ConfigError
 from prune_env.files import atomic_write_text
 
 __all__ = ["PLAIN_CHAT_TEMPLATE", "AllocationReward", "answer_text", "draw_targets", "ensure_chat_template",
@@ -60,7 +61,7 @@ def reward_env(env: dict):
     """The LayerPrune env an answer is played on: the given env keywords (EnvConfig's, as in
     configs/ppo-surrogate.yaml) on the surrogate fidelity, with absolute actions so `play` applies each
     ratio as asked (the surrogate's reward reads only the allocation, not how actions encode it)."""
-    from prune_env.factory import make_env
+    from prune_env.envs.factory import make_env
 
     kwargs = dict(env)
     if kwargs.get("fidelity") != "surrogate":
@@ -107,11 +108,11 @@ class AllocationReward:
 
     def score(self, text: str, target: float) -> tuple[float, dict]:
         """(reward, details) of one answer: its parse error, or the played allocation and its metrics."""
-        ratios, _, repairs, error = parse_allocation(text, self.table, fill=target)
+        ratios, _, repairs, error = read_answer_allocation(text, self.table, fill=target)
         if error is not None:
             return self.malformed_penalty, {"error": error}
         matched = budget_match(ratios, self.numel, target)
-        info = play(self.env, matched, target=target)
+        info = play_allocation(self.env, matched, target=target)
         quality = float(info["quality"])
         if not math.isfinite(quality):
             return self.malformed_penalty, {"error": f"non-finite return {quality}"}
@@ -142,7 +143,7 @@ def search_records(env, targets: list[float], episodes: int, seed: int, sigma0: 
     records = []
     for i, target in enumerate(targets):
         def evaluate(allocation: list[float], target: float = target) -> tuple[float, list[float]]:
-            info = play(env, allocation, target=target)
+            info = play_allocation(env, allocation, target=target)
             return float(info["quality"]), list(info["allocation"])
 
         result = search_allocation(evaluate, numel, target, u.min_sparsity, u.max_sparsity, config, seed + i)
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1000, help="targets and searches (training prompts use algo.seed)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_intermixed_args(argv)
-    from agents.llm.tuning_run import resolve_tuning_config
+    from training.grpo import resolve_tuning_config
 
     try:
         if args.targets < 1 or args.episodes < 1:

@@ -28,8 +28,8 @@ import yaml
 
 from agents.llm.tuning import AllocationReward, draw_targets, ensure_chat_template, prompt_rows, read_records, \
     reward_env, sft_rows
-from agents.train_config import CheckpointConfig, EnvConfig, LoggingConfig
-from prune_env.config import ConfigError, dataclass_from_dict, load_config, read_yaml
+from training.train_config import CheckpointConfig, EnvConfig, LoggingConfig
+from prune_env.config_files import ConfigError, dataclass_from_dict, load_config, read_yaml
 from prune_env.files import atomic_write_json, atomic_write_text, output_lock
 from prune_env.validation import check_choice, check_number, check_target
 
