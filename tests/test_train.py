@@ -255,3 +255,11 @@ def test_env_config_offers_every_env_keyword():
         config_class(init, modle="typo")
     with pytest.raises(TypeError, match=r"\['gone'\] are not keywords"):
         config_class(init, skip={"context": "live", "gone": "removed from the env"})
+
+
+def test_overrides_may_stand_on_both_sides_of_a_flag(capsys):
+    """`key=value --resume key=value` once failed with 'unrecognized arguments' (argparse's plain parse)."""
+    assert train.main(["--config", SMOKE, "algo.seed=3", "--resume", "algo.n_envs=1",
+                       "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "seed: 3" in printed and "n_envs: 1" in printed
