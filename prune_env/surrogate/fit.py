@@ -1,232 +1,61 @@
-"""A fast, faithful stand-in for LayerPrune-v0's exact reward, fitted on exactly evaluated allocations.
+"""The surrogate's fit: ridge regressions of the exact env's final metrics on a low-dimensional description
+of the allocation, refitted at load from the data set (milliseconds, pure numpy, ~0.1 ms a prediction).
 
-The data set (one JSON line per allocation, after a header line naming the model file, the data slices,
-the method and the code it was built from) is a research artefact in its own right: it is rebuilt by one
-command (`make surrogate`, i.e. `python scripts/build_surrogate.py`) and versioned with what it was built
-from, so a surrogate is only ever served for the model and data it describes.
+    surrogate = fit(read_dataset(path))
+    surrogate.predict(allocation, target_sparsity)  # {"ppl", "fact_acc", "fact_nll", "fact_retention", ...}
 
-    surrogate = load_surrogate(None, context)                 # the packaged data set, refused on mismatch
-    surrogate.predict(allocation, target_sparsity)            # {"ppl", "fact_acc", "fact_nll", "fact_retention"}
-
-The fit is ridge regression of log1p(log ppl ratio) and the fact metrics on a low-dimensional description
-of the allocation: the level of the damage (powers of the budget, hinges of the sparsity shared by all
-units), its shape (tilt along depth and along the dense profile's z-scores, spread, the end units) and
-per-unit terms whose weight the fit chooses by leave-one-out error, so the per-unit detail grows with the
-data. It is refitted at load from the data set (milliseconds), pure numpy, ~0.1 ms a prediction.
-`heldout` gives the k-fold figures (Spearman of predicted vs exact reward, overall and per target; bias).
+Regressed: log1p(log ppl ratio) and the fact metrics, plus the answer-balanced knowledge metrics
+(fact_retention_balanced, fact_acc_balanced) when every record carries them. Features: the level of the
+damage (powers of the budget, hinges of the sparsity shared by all units), its shape (tilt along depth and
+along the dense profile's z-scores, spread, the end units) and per-unit terms whose weight the fit chooses
+by leave-one-out error, so the per-unit detail grows with the data. `cross_validated` gives the k-fold
+figures (Spearman of predicted vs exact reward and balanced retention, overall and per target; bias):
+"held-out" is kept for the benchmark's unseen text and facts.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .files import atomic_write_text
-from .rewards import RewardConfig
-from .validation import is_finite_number, is_int
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .context import PruningContext
-
-FORMAT = "prune-gym-surrogate"
-VERSION = 1
-PACKAGED = Path(__file__).resolve().parent / "surrogates" / "smollm2-135m-wanda-block.jsonl"
-REBUILD = "make surrogate (python scripts/build_surrogate.py)"
-MATCH_KEYS = ("model", "dtype", "granularity", "method", "pattern", "units", "text", "facts")
-"""The parts of a context description a data set must share with the env it serves (device may differ)."""
-
-
-class SurrogateMismatchError(ValueError):
-    """The env's model or data are not the ones the surrogate's data set was built from."""
-
-
-class SurrogateDataError(ValueError):
-    """A data set line that cannot be used (not JSON, a field missing, of the wrong type, NaN): `file:line: ...`."""
-
-
-@dataclass
-class Dataset:
-    """A surrogate data set: its header (provenance) and one record per exactly evaluated allocation."""
-
-    header: dict
-    records: list[dict]
-
-
-# --------------------------------------------------------------------------- the file format
-
-
-def header_line(header: dict) -> dict:
-    return {"format": FORMAT, "version": VERSION, **header}
-
-
-def read_dataset(path: str | Path) -> Dataset:
-    """The header and the complete records of `path`; a last line cut short by a kill is ignored."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"surrogate data set {str(path)!r} does not exist: rebuild it with {REBUILD}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise SurrogateDataError(f"{path}: not UTF-8 text: give a data set written by {REBUILD}") from None
-    lines = text.split("\n")
-    if not text.endswith("\n"):
-        lines = lines[:-1]  # a half-written last line (the writer was killed mid-append)
-    numbered = [(number, line) for number, line in enumerate(lines, 1) if line]
-    if not numbered:
-        raise ValueError(f"surrogate data set {str(path)!r} is empty: rebuild it with {REBUILD}")
-    header = _parse_line(path, *numbered[0])
-    if header.get("format") != FORMAT or header.get("version") != VERSION:
-        raise ValueError(f"{str(path)!r} is not a {FORMAT} version {VERSION} data set "
-                         f"(header {str(numbered[0][1])[:80]!r}): rebuild it with {REBUILD}")
-    units = _check_header(header, f"{path}:{numbered[0][0]}")
-    records = []
-    for number, line in numbered[1:]:
-        records.append(_parse_line(path, number, line))
-        if units is None and "allocation" in records[-1]:
-            raise SurrogateDataError(f"{path}:{number}: a record with an allocation, but the header has no "
-                                     f"'unit_numel': rebuild the data set with {REBUILD}")
-        _check_record(records[-1], units, f"{path}:{number}")
-    return Dataset(header, records)
-
-
-RECORD_METRICS = ("ppl", "fact_acc", "fact_nll", "fact_retention")
-"""What each record carries (with its allocation) once the header gives the unit sizes: what the fit regresses."""
-RECORD_NUMBERS = ("target", "quality", "achieved_sparsity", "seconds")
-"""Optional record fields that must be finite numbers when present (held-out figures and reports read them)."""
-
-
-def _parse_line(path: Path, number: int, line: str) -> dict:
-    try:
-        value = json.loads(line)
-    except (json.JSONDecodeError, RecursionError) as error:
-        raise SurrogateDataError(f"{path}:{number}: not JSON ({str(error)[:80]}): remove the line or rebuild "
-                                 f"with {REBUILD}") from None
-    if not isinstance(value, dict):
-        raise SurrogateDataError(f"{path}:{number}: a {type(value).__name__}, not a JSON object: remove the line "
-                                 f"or rebuild with {REBUILD}")
-    return value
-
-
-def _bad(where: str, field: str, value, wanted: str) -> SurrogateDataError:
-    problem = ("is missing" if value is None else "is NaN" if isinstance(value, float) and value != value
-               else f"is {json.dumps(value)[:60]}, not {wanted}")
-    return SurrogateDataError(f"{where}: field {field!r} {problem}: fix or remove the line, or rebuild with {REBUILD}")
-
-
-def _numbers(where: str, field: str, values, length: int | None = None, positive: bool = False) -> None:
-    """`values`: a list of finite numbers (of `length` entries, each > 0 if `positive`)."""
-    if not isinstance(values, list) or (length is not None and len(values) != length) or not values:
-        wanted = f"a list of {length} numbers (one per unit)" if length else "a non-empty list of numbers"
-        raise _bad(where, field, values, wanted)
-    for i, value in enumerate(values):
-        if not is_finite_number(value) or (positive and value <= 0):
-            raise _bad(where, f"{field}[{i}]", value, "a positive number" if positive else "a finite number")
-
-
-def _check_header(header: dict, where: str) -> int | None:
-    """The header's fields that the fit and the env read; returns the number of units (None: not given)."""
-    if not isinstance(header.get("context"), dict):
-        raise _bad(where, "context", header.get("context"), "a mapping (the env description it was built for)")
-    units = None
-    if "unit_numel" in header:
-        _numbers(where, "unit_numel", header["unit_numel"], positive=True)
-        units = len(header["unit_numel"])
-    dense = header.get("dense")
-    if dense is not None or units is not None:
-        if not isinstance(dense, dict):
-            raise _bad(where, "dense", dense, "a mapping of the dense model's metrics")
-        for key in ("ppl", "fact_acc") if units is not None else ():
-            if key not in dense:
-                raise _bad(where, f"dense.{key}", None, "a number")
-        for key, value in dense.items():
-            if key == "retention_by_relation":  # per-relation detail (knowledge.py), not regressed
-                continue
-            if not is_finite_number(value) or (key == "ppl" and value <= 0):
-                raise _bad(where, f"dense.{key}", value, "a positive number" if key == "ppl" else "a finite number")
-    if header.get("profile") is not None:
-        if not isinstance(header["profile"], dict):
-            raise _bad(where, "profile", header["profile"], "a mapping")
-        for key in ("z_wanda", "z_grad"):
-            _numbers(where, f"profile.{key}", header["profile"].get(key), units)
-    if "reward" in header:
-        if not isinstance(header["reward"], dict):
-            raise _bad(where, "reward", header["reward"], "a mapping (the reward config)")
-        for key in ("ppl_weight", "fact_weight"):  # what the held-out figures and the spread read
-            if key in header["reward"] and not is_finite_number(header["reward"][key]):
-                raise _bad(where, f"reward.{key}", header["reward"][key], "a finite number")
-    return units
-
-
-def _check_record(record: dict, units: int | None, where: str) -> None:
-    """One record: the fit's fields required when the header gives `units` (None: unknown, as when appending);
-    every known field present is typed and finite."""
-    if "draw" in record and (not is_int(record["draw"]) or record["draw"] < 0):
-        raise _bad(where, "draw", record["draw"], "a draw number (an integer >= 0)")
-    if units is not None or "allocation" in record:
-        _numbers(where, "allocation", record.get("allocation"), units)
-        if not all(0.0 <= value <= 1.0 for value in record["allocation"]):
-            raise _bad(where, "allocation", record["allocation"], "ratios in [0, 1]")
-    for key in RECORD_METRICS + RECORD_NUMBERS:
-        if key in record or (units is not None and key in RECORD_METRICS):
-            value = record.get(key)
-            if not is_finite_number(value) or (key == "ppl" and value <= 0):
-                raise _bad(where, key, value, "a positive number" if key == "ppl" else "a finite number")
-
-
-def append_record(path: str | Path, record: dict) -> None:
-    """Append one record as a single write of one complete line, then fsync.
-
-    A file whose last line was cut short (a kill mid-write) is first trimmed back to its last complete
-    line, so a resumed build never glues a record onto a fragment."""
-    path = Path(path)
-    _check_record(record, None, f"{path} (new record)")
-    with open(path, "rb+") as handle:
-        data = handle.read()
-        if data and not data.endswith(b"\n"):
-            handle.truncate(data.rfind(b"\n") + 1)
-    line = (json.dumps(record, sort_keys=True, allow_nan=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _same(key: str, old, new) -> bool:
-    """Header entries agree; rewards are compared as RewardConfigs, so a key added to RewardConfig later
-    (with its default) does not make an old data set unresumable."""
-    if key == "reward" and isinstance(old, dict) and isinstance(new, dict):
-        return RewardConfig.from_dict(old) == RewardConfig.from_dict(new)
-    return old == new
-
-
-def start_dataset(path: str | Path, header: dict) -> Dataset:
-    """Open `path` for a (resumed) build: create it with `header`, or check that the header it already
-    has describes the same model, data, method and draw plan (then its records are kept)."""
-    path = Path(path)
-    wanted = header_line(header)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(wanted, sort_keys=True, allow_nan=False) + "\n")
-        return Dataset(wanted, [])
-    existing = read_dataset(path)
-    for key in ("context", "model_file", "dense", "plan", "reward", "env"):
-        if not _same(key, existing.header.get(key), wanted.get(key)):
-            raise ValueError(f"{str(path)!r} was built with a different {key} ({existing.header.get(key)!r}, "
-                             f"now {wanted.get(key)!r}): pass another --out or delete the file to start over")
-    return existing
-
+from ..rewards import RewardConfig, quality
+from .dataset import KNOWLEDGE, REBUILD, Dataset, SurrogateDataError
 
 # --------------------------------------------------------------------------- the fit
 
 TARGETS = ("log_ppl_ratio", "fact_acc", "fact_nll", "fact_retention")
-"""What is regressed: log(ppl / ppl_dense) (ppl spans orders of magnitude), and the fact metrics as they are."""
+"""What is always regressed: log(ppl / ppl_dense) (ppl spans orders of magnitude), and the fact metrics as
+they are; `KNOWLEDGE` (the balanced metrics) follow when every record carries them."""
+
+
+def targets_of(records: list[dict]) -> tuple[str, ...]:
+    """The regressed metrics of a set of records: TARGETS, plus KNOWLEDGE when every record has them (a mix
+    would fit them on a subset with other features' statistics: refused by leaving them out)."""
+    return TARGETS + (KNOWLEDGE if records and all(k in r for r in records for k in KNOWLEDGE) else ())
+
+
+class MissingKnowledgeError(SurrogateDataError, KeyError):
+    """A balanced knowledge metric was asked of a surrogate whose data set has no record carrying it."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+class SurrogateMetrics(dict):
+    """A prediction's metrics; reading a knowledge metric the data set lacks raises MissingKnowledgeError
+    (a reward term reading it fails with the reason instead of a bare KeyError or a silent 0)."""
+
+    def __init__(self, values: dict, source: str):
+        super().__init__(values)
+        self.source = source
+
+    def __missing__(self, key: str):
+        if key in KNOWLEDGE:
+            raise MissingKnowledgeError(
+                f"{key} is not predicted: the surrogate data set {self.source} has no record with it (built "
+                f"before records carried knowledge): rebuild it with {REBUILD} or use fidelity='exact'")
+        raise KeyError(key)
 
 
 @dataclass(frozen=True)
@@ -316,11 +145,13 @@ class Surrogate:
     config: FitConfig
     mean: np.ndarray      # feature standardisation
     scale: np.ndarray
-    coef: np.ndarray      # (1 + n_features, len(TARGETS)), intercept first
+    coef: np.ndarray      # (1 + n_features, len(targets)), intercept first
     penalties: list[tuple[float, float]]  # (ridge penalty, per-unit column scale) chosen for each metric
-    bounds: np.ndarray    # (2, len(TARGETS)): the fitted range of each regressed metric; predictions stay in it
+    bounds: np.ndarray    # (2, len(targets)): the fitted range of each regressed metric; predictions stay in it
     spread: list[tuple] | None = None  # per reward metric (log ppl, fact_acc): (vt, d, penalty, column scale,
     #                                    leave-one-out rms error), for `uncertainty`
+    targets: tuple[str, ...] = TARGETS  # the regressed metrics, in coef's column order
+    source: str = "(in memory)"  # the data set's path, named in errors
 
     def __post_init__(self) -> None:
         self._numel, profile = _profile(self.header)
@@ -341,9 +172,16 @@ class Surrogate:
     def _metrics(self, out: np.ndarray) -> dict[str, np.ndarray]:
         dense = self._dense
         log_ratio = np.expm1(out[:, 0]) if self.config.compress_ppl else out[:, 0]
-        return {"ppl": dense["ppl"] * np.exp(log_ratio),
-                "fact_acc": np.clip(out[:, 1], 0.0, 1.0), "fact_nll": np.maximum(out[:, 2], 0.0),
-                "fact_retention": np.clip(out[:, 3], 0.0, 1.0)}
+        metrics = {"ppl": dense["ppl"] * np.exp(log_ratio), "fact_nll": np.maximum(out[:, 2], 0.0)}
+        for column, name in enumerate(self.targets):
+            if column not in (0, 2):  # accuracies and retentions are shares
+                metrics[name] = np.clip(out[:, column], 0.0, 1.0)
+        return metrics
+
+    @property
+    def knows(self) -> bool:
+        """Whether the balanced knowledge metrics are predicted (every record of the data set carries them)."""
+        return self.targets[len(TARGETS):] == KNOWLEDGE
 
     def _spread(self, x: np.ndarray, out: np.ndarray) -> dict[str, np.ndarray]:
         spread = {}
@@ -383,7 +221,11 @@ class Surrogate:
             if abs(achieved - target_sparsity) > 1e-3:
                 raise ValueError(f"allocation averages {achieved:.4f}, not target_sparsity {target_sparsity}: "
                                  "pass the ratios the env applied")
-        return {key: float(value[0]) for key, value in self.predict_many(s).items()}
+        return self.as_metrics({key: float(value[0]) for key, value in self.predict_many(s).items()})
+
+    def as_metrics(self, values: dict) -> SurrogateMetrics:
+        """`values` as SurrogateMetrics: a knowledge metric this fit lacks fails clearly when read."""
+        return SurrogateMetrics(values, self.source)
 
 
 def _profile(header: dict) -> tuple[np.ndarray, np.ndarray | None]:
@@ -400,12 +242,13 @@ def fit(dataset: Dataset, config: FitConfig = FitConfig(), records: list[dict] |
         raise ValueError(f"a surrogate needs at least 3 records, the data set has {len(records)}: "
                          f"rebuild it with {REBUILD}")
     s = np.asarray([r["allocation"] for r in records], dtype=np.float64)
+    targets = targets_of(records)
     dense = dataset.header["dense"]
     log_ratio = np.log([r["ppl"] / dense["ppl"] for r in records])
     if config.compress_ppl:
         log_ratio = np.log1p(np.maximum(log_ratio, -0.99))
     y = np.stack([log_ratio] +
-                 [np.asarray([r[key] for r in records], dtype=np.float64) for key in TARGETS[1:]], axis=1)
+                 [np.asarray([r[key] for r in records], dtype=np.float64) for key in targets[1:]], axis=1)
     numel, profile = _profile(dataset.header)
     raw = features(s, config, numel, linear_map(config, numel, profile))
     mean, scale = raw.mean(axis=0), raw.std(axis=0)
@@ -432,7 +275,8 @@ def fit(dataset: Dataset, config: FitConfig = FitConfig(), records: list[dict] |
         column_scale = np.where(np.arange(x.shape[1]) < n_shared, 1.0, unit_scale)
         _, d, vt = np.linalg.svd(x * column_scale, full_matrices=False)
         spread.append((vt, d, penalty, column_scale, float(np.sqrt(errors[column]))))
-    return Surrogate(dataset.header, config, mean, scale, coef, chosen, bounds, spread)
+    return Surrogate(dataset.header, config, mean, scale, coef, chosen, bounds, spread, targets,
+                     repr(str(dataset.path)) if dataset.path else "(in memory)")
 
 
 def reward_spread(spread: dict, reward: dict) -> np.ndarray:
@@ -444,96 +288,78 @@ def reward_spread(spread: dict, reward: dict) -> np.ndarray:
                     reward["fact_weight"] * np.asarray(spread["fact_acc"]))
 
 
-def quality_of(metrics: dict, dense: dict, reward: dict) -> np.ndarray | float:
-    """LayerPrune-v0's terminal reward from (predicted or exact) metrics, as `rewards.quality` computes it."""
-    return (-reward["ppl_weight"] * np.log(np.asarray(metrics["ppl"]) / dense["ppl"])
-            - reward["fact_weight"] * (dense["fact_acc"] - np.asarray(metrics["fact_acc"])))
+def quality_of(metrics: dict, dense: dict, reward: dict) -> np.ndarray:
+    """LayerPrune-v0's terminal reward (its built-in part) of each (predicted or exact) metrics entry:
+    `rewards.quality` itself, so the formula has one home. `reward`: a RewardConfig as a dict."""
+    config = RewardConfig.from_dict(reward)
+    ppl, acc = np.broadcast_arrays(np.asarray(metrics["ppl"], float), np.asarray(metrics["fact_acc"], float))
+    values = [quality(p, a, dense["ppl"], dense["fact_acc"], config) for p, a in zip(ppl.ravel(), acc.ravel())]
+    return np.asarray(values).reshape(ppl.shape)
 
 
-# --------------------------------------------------------------------------- held-out fidelity
+# --------------------------------------------------------------------------- k-fold figures
 
 
-def heldout(dataset: Dataset, folds: int = 5, config: FitConfig = FitConfig()) -> dict:
-    """Fidelity on allocations the fit never saw: k-fold by draw number (fold = draw % folds). Returns the
-    Spearman rank correlation of predicted vs exact reward overall and within each target, the bias (mean
-    predicted - exact reward) and the mean absolute error, with the per-record predictions; and the same
-    within-target Spearman and error for fact retention: the reward does not pay it, and these say whether
-    a retention term could rest on this fit."""
+def cross_validated(dataset: Dataset, folds: int = 5, config: FitConfig = FitConfig()) -> dict:
+    """Fidelity on allocations the fit never saw: k-fold by draw number (fold = draw % folds), the fit
+    refitted on the other folds. For the reward (`quality`: top-level keys, with the per-record predictions)
+    and for each regressed metric (`metrics`: log_ppl, fact_acc, fact_retention and, when the records carry
+    them, the balanced knowledge metrics): the Spearman rank correlation of predicted vs exact, overall and
+    within each target, the bias (mean predicted - exact) and the mean absolute error. Within-target
+    Spearman is what matters: it says whether the fit ranks allocations of one budget as the exact env does."""
     from scipy.stats import spearmanr
 
     records = dataset.records
     if len(records) < 2 * folds:
-        raise ValueError(f"{len(records)} records are too few for {folds}-fold held-out figures")
+        raise ValueError(f"{len(records)} records are too few for {folds}-fold figures: build more "
+                         f"(python -m prune_env.surrogate build) or pass fewer folds")
+    missing = [key for key in ("draw", "target", "quality") if any(key not in r for r in records)]
+    if missing:
+        raise ValueError(f"records without {missing[0]!r} cannot be cross-validated (folds go by draw, figures by "
+                         f"target and reward): use a data set written by {REBUILD}")
     dense, reward = dataset.header["dense"], dataset.header["reward"]
-    exact = np.asarray([r["quality"] for r in records])
-    predicted, retention = np.empty(len(records)), np.empty(len(records))
+    names = ("ppl", "fact_acc", "fact_retention") + targets_of(records)[len(TARGETS):]
+    exact = {"quality": np.asarray([r["quality"] for r in records], dtype=np.float64)}
+    exact.update({name: np.asarray([r[name] for r in records], dtype=np.float64) for name in names})
+    guess = {name: np.empty(len(records)) for name in exact}
     for fold in range(folds):
         test = [i for i, r in enumerate(records) if r["draw"] % folds == fold]
-        train = [r for r in records if r["draw"] % folds != fold]
-        model = fit(dataset, config, train)
-        metrics = model.predict_many([records[i]["allocation"] for i in test])
-        predicted[test] = quality_of(metrics, dense, reward)
-        retention[test] = metrics["fact_retention"]
+        predicted = fit(dataset, config, [r for r in records if r["draw"] % folds != fold]).predict_many(
+            [records[i]["allocation"] for i in test])
+        guess["quality"][test] = quality_of(predicted, dense, reward)
+        for name in names:
+            guess[name][test] = predicted[name]
+    exact["log_ppl"], guess["log_ppl"] = np.log(exact.pop("ppl")), np.log(guess.pop("ppl"))  # bias in log ppl
     targets = np.asarray([r["target"] for r in records])
-    kept = np.asarray([r["fact_retention"] for r in records])
 
-    def per_target(truth: np.ndarray, guess: np.ndarray) -> dict:
-        figures = {}
+    def figures(truth: np.ndarray, value: np.ndarray) -> dict:
+        per_target = {}
         for t in sorted(set(targets.tolist())):
             pick = targets == t
-            figures[str(t)] = float(spearmanr(truth[pick], guess[pick]).statistic) if pick.sum() > 2 else None
-        return figures
+            per_target[str(t)] = float(spearmanr(truth[pick], value[pick]).statistic) if pick.sum() > 2 else None
+        return {"spearman": float(spearmanr(truth, value).statistic), "spearman_per_target": per_target,
+                "bias": float(np.mean(value - truth)), "mae": float(np.mean(np.abs(value - truth)))}
 
-    return {"records": len(records), "folds": folds, "spearman": float(spearmanr(exact, predicted).statistic),
-            "spearman_per_target": per_target(exact, predicted), "bias": float(np.mean(predicted - exact)),
-            "mae": float(np.mean(np.abs(predicted - exact))),
-            "retention_spearman_per_target": per_target(kept, retention),
-            "retention_mae": float(np.mean(np.abs(retention - kept))),
-            "exact": exact.tolist(), "predicted": predicted.tolist()}
+    return {"records": len(records), "folds": folds, **figures(exact["quality"], guess["quality"]),
+            "metrics": {name: figures(exact[name], guess[name]) for name in exact if name != "quality"},
+            "exact": exact["quality"].tolist(), "predicted": guess["quality"].tolist()}
 
 
-# --------------------------------------------------------------------------- serving
-
-_LOADED: dict[tuple, Surrogate] = {}
-
-
-def check_match(header: dict, description: dict, path: Path) -> None:
-    """Refuse a data set built for another model, dtype, operator or data slices than the env's."""
-    built = header["context"]
-    wanted = json.loads(json.dumps(description))
-    differ = [key for key in MATCH_KEYS if built.get(key) != wanted.get(key)]
-    if differ:
-        def show(d: dict) -> str:
-            return ", ".join(f"{k}={json.dumps(d.get(k))[:120]}" for k in differ)
-        raise SurrogateMismatchError(
-            f"surrogate data set {str(path)!r} was built for {show(built)}; this env has {show(wanted)}: "
-            f"build one for this env with `python scripts/build_surrogate.py --model {wanted.get('model')} "
-            f"--out PATH` and pass it as surrogate=PATH")
-
-
-def fitted_surrogate(path: str | Path | None, config: FitConfig = FitConfig(),
-                     description: dict | None = None) -> Surrogate:
-    """The surrogate fitted on the data set at `path` (None: the packaged one), kept per process; its header
-    says what it was built for. With `description` (a context's `describe()`) a data set built for another
-    model or data is refused before the fit (`check_match`). The fit takes milliseconds."""
-    path = Path(path) if path is not None else PACKAGED
-    stat = path.stat() if path.is_file() else None
-    key = (str(path.resolve()), stat.st_mtime_ns if stat else 0, stat.st_size if stat else 0, config)
-    if key not in _LOADED:
-        dataset = read_dataset(path)
-        if description is not None:
-            check_match(dataset.header, description, path)
-        _LOADED.clear()
-        _LOADED[key] = fit(dataset, config)
-    surrogate = _LOADED[key]
-    if description is not None:
-        check_match(surrogate.header, description, path)
-    return surrogate
-
-
-def load_surrogate(path: str | Path | None, context: "PruningContext | dict",
-                   config: FitConfig = FitConfig()) -> Surrogate:
-    """The surrogate fitted on the data set at `path` (None: the packaged SmolLM2-135M one), refused with
-    a clear error when the env's context (a PruningContext, a surrogate env's light `SurrogateContext`, or
-    its `describe()` dict) is not what the data set was built from."""
-    return fitted_surrogate(path, config, context if isinstance(context, dict) else context.describe())
+def summary(dataset: Dataset, folds: int = 5) -> str:
+    """Counts per target and kind, seconds per record and the fit's k-fold figures (by draw), as text."""
+    records = dataset.records
+    counts: dict = {}
+    for record in records:
+        counts.setdefault(record.get("target"), {}).setdefault(record.get("kind", "?"), 0)
+        counts[record.get("target")][record.get("kind", "?")] += 1
+    seconds = [r["seconds"] for r in records if "seconds" in r]
+    lines = [f"{dataset.path}: {len(records)} records"
+             + (f", {np.mean(seconds):.1f} s per exact episode" if seconds else "")]
+    lines += [f"  target {t}: {dict(sorted(c.items()))}" for t, c in sorted(counts.items(), key=lambda x: str(x[0]))]
+    if len(records) >= 2 * folds:
+        figures = cross_validated(dataset, folds)
+        for name, values in [("reward", figures), *figures["metrics"].items()]:
+            per_target = ", ".join(f"{t}: {v:.3f}" for t, v in values["spearman_per_target"].items() if v is not None)
+            lines.append(f"{folds}-fold (by draw) {name}: Spearman {values['spearman']:.3f} (per target "
+                         f"{per_target}), bias {values['bias']:+.4f}, MAE {values['mae']:.4f}")
+    return "\n".join(lines)
