@@ -238,7 +238,9 @@ def knowledge_of(header: dict, record: dict) -> dict[str, float]:
     dense_known = unpack_flags(facts["fact_greedy_exact"], n)
     retention, _ = index.means(unpack_flags(record["fact_greedy_exact"], n), dense_known)
     accuracy, _ = index.means(unpack_flags(record["fact_correct"], n), np.ones(n, bool))
-    return {"fact_retention_balanced": float(retention), "fact_acc_balanced": float(accuracy)}
+    # as `PruningContext.metrics` reports it: a dense model that knows no fact gives a pruned one 0, not NaN
+    return {"fact_retention_balanced": 0.0 if np.isnan(retention) else float(retention),
+            "fact_acc_balanced": float(accuracy)}
 
 
 def append_record(path: str | Path, record: dict) -> None:
