@@ -74,11 +74,12 @@ def replay_exact(visited: list[dict], ctx, log=print) -> None:
     from .build import fact_flags
 
     env = gym.make("prune_env/LayerPrune-v0", fidelity="exact", context=ctx, min_sparsity=0.0, max_sparsity=0.9)
+    exact = env.unwrapped.context  # model-backed even when `ctx` is a surrogate env's light context
     for count, entry in enumerate(visited, 1):
         start = time.perf_counter()
         info = play(env, entry["allocation"], target=entry["target"])
         entry.update({key: float(info[key]) for key in (*METRICS, "achieved_sparsity", "quality")})
-        entry.update(fact_flags(ctx))  # the model is left pruned at the episode's end
+        entry.update(fact_flags(exact))  # the model is left pruned at the episode's end
         entry["exact_allocation"], entry["seconds"] = list(info["allocation"]), time.perf_counter() - start
         log(f"[{count}/{len(visited)}] t={entry['target']} {entry['mode']}: predicted {entry['predicted']:.4f} "
             f"exact {entry['quality']:.4f} (ppl {entry['ppl']:.2f}, fact_acc {entry['fact_acc']:.3f}) "
@@ -109,7 +110,8 @@ def append(visited: list[dict], path: Path, policy: str, ctx) -> int:
     for key in MATCH_KEYS:
         if data.header["context"].get(key) != described.get(key):
             raise ValueError(f"{str(path)!r} describes another {key} than the policy's env: not appended")
-    knows = "fact_set" in data.header  # flags are only readable against the header's facts
+    # flags are only readable against the header's facts: the same slice of the same seeded permutation
+    knows = "fact_set" in data.header and data.header.get("data_config") == asdict(ctx.data)
     draw = max([VISITED_DRAWS - 1, *(r["draw"] for r in data.records)]) + 1
     machine = f"{platform.machine()} {platform.node()} {ctx.device}"
     for offset, entry in enumerate(visited):
