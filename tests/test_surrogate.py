@@ -439,3 +439,17 @@ def test_only_the_command_modules_import_agents():
                              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'agents'))"],
                             capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
+
+
+def test_a_build_resumes_on_the_same_facts_and_refuses_others(tmp_path):
+    """The dense flags are rescored at each start (a near tie may flip with the thread count): only the
+    facts themselves must agree for a resumed build."""
+    facts = {"labels": [["r", "a"], ["r", "b"]], "fact_greedy_exact": "1", "fact_correct": "3"}
+    header = {"context": CONTEXT, "plan": {"seed": 0}, "fact_set": facts}
+    path = tmp_path / "set.jsonl"
+    start_dataset(path, header)
+    append_record(path, {"draw": 0, "fact_greedy_exact": "1", "fact_correct": "2"})
+    resumed = start_dataset(path, {**header, "fact_set": {**facts, "fact_correct": "1"}})
+    assert resumed.header["fact_set"] == facts and len(resumed.records) == 1
+    with pytest.raises(ValueError, match="different fact_set"):
+        start_dataset(path, {**header, "fact_set": {**facts, "labels": [["r", "a"], ["r", "c"]]}})
