@@ -453,3 +453,14 @@ def test_a_build_resumes_on_the_same_facts_and_refuses_others(tmp_path):
     assert resumed.header["fact_set"] == facts and len(resumed.records) == 1
     with pytest.raises(ValueError, match="different fact_set"):
         start_dataset(path, {**header, "fact_set": {**facts, "labels": [["r", "a"], ["r", "c"]]}})
+
+
+def test_build_names_a_damaged_output_or_bad_data_before_the_model_loads(tmp_path, capsys):
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_text('{"format": "something-else"}\n')
+    code, _, err = _main(["build", "--model", "no-such-model", "--out", str(damaged)], capsys)
+    assert code == 2 and "is not a prune-gym-surrogate version 1 data set" in err and err.count("\n") == 1
+    code, _, err = _main(["build", "--model", "no-such-model", "--out", str(tmp_path / "new.jsonl"),
+                          "--data", '{"n_fact": 3}'], capsys)
+    assert code == 2 and "n_fact" in err and err.count("\n") == 1
+    assert not (tmp_path / "new.jsonl").exists()

@@ -77,6 +77,8 @@ def _build(args) -> None:
         raise ValueError(f"--shard {args.shard!r} must be I/N with 0 <= I < N, e.g. 0/4")
     if args.rounds < 0:
         raise ValueError(f"--rounds {args.rounds} must be >= 0")
+    if args.out.exists():
+        read_dataset(args.out)  # a damaged file is named before the model loads (its header is compared after)
     import torch
 
     from .commands.build import build
