@@ -154,7 +154,7 @@ def _check_header(header: dict, where: str) -> int | None:
     if "reward" in header:
         if not isinstance(header["reward"], dict):
             raise _bad(where, "reward", header["reward"], "a mapping (the reward config)")
-        for key in ("ppl_weight", "fact_weight"):  # what the held-out figures and the spread read
+        for key in ("ppl_weight", "fact_weight"):  # what the k-fold figures and the spread read
             if key in header["reward"] and not is_finite_number(header["reward"][key]):
                 raise _bad(where, f"reward.{key}", header["reward"][key], "a finite number")
     return units

@@ -81,7 +81,7 @@ def linear_map(config: FitConfig, numel: np.ndarray, profile: np.ndarray | None)
     handful of numpy calls). With d = s - t the deviation from the budget t (parameter-weighted mean):
     d projected on depth and depth^2, d of the first and last unit and mean d of the first and last three,
     d projected on the dense z-scores of Wanda scores and gradients (profile_terms, when the data set's header
-    records the profile: `build_surrogate.py` always does), then s itself
+    records the profile: the build always does), then s itself
     (unit_linear: each unit's own cost)."""
     n = numel.size
     weights = numel / numel.sum()
