@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,11 +191,8 @@ def unpack_flags(text: str, n: int) -> np.ndarray:
 
 def _hex_flags(where: str, field: str, value, n: int | None) -> None:
     digits = None if n is None else (n + 3) // 4
-    try:
-        ok = isinstance(value, str) and (digits is None or len(value) == digits) and int(value, 16) >= 0
-        ok = ok and (n is None or int(value, 16) < (1 << n))
-    except ValueError:
-        ok = False
+    ok = isinstance(value, str) and re.fullmatch("[0-9a-f]+", value) is not None
+    ok = ok and (n is None or (len(value) == digits and int(value, 16) < (1 << n)))
     if not ok:
         wanted = "a hex bitmask" + ("" if n is None else f" of {digits} digits (one bit per fact of the header's fact_set)")
         raise _bad(where, field, value, wanted)
