@@ -332,12 +332,15 @@ def cross_validated(dataset: Dataset, folds: int = 5, config: FitConfig = FitCon
     exact["log_ppl"], guess["log_ppl"] = np.log(exact.pop("ppl")), np.log(guess.pop("ppl"))  # bias in log ppl
     targets = np.asarray([r["target"] for r in records])
 
+    def rho(truth: np.ndarray, value: np.ndarray) -> float | None:
+        """Spearman's rank correlation; None where it is undefined (under 3 records, or one side constant,
+        e.g. no fact retained at all at a high target)."""
+        statistic = float(spearmanr(truth, value).statistic) if truth.size > 2 else float("nan")
+        return statistic if np.isfinite(statistic) else None
+
     def figures(truth: np.ndarray, value: np.ndarray) -> dict:
-        per_target = {}
-        for t in sorted(set(targets.tolist())):
-            pick = targets == t
-            per_target[str(t)] = float(spearmanr(truth[pick], value[pick]).statistic) if pick.sum() > 2 else None
-        return {"spearman": float(spearmanr(truth, value).statistic), "spearman_per_target": per_target,
+        per_target = {str(t): rho(truth[targets == t], value[targets == t]) for t in sorted(set(targets.tolist()))}
+        return {"spearman": rho(truth, value), "spearman_per_target": per_target,
                 "bias": float(np.mean(value - truth)), "mae": float(np.mean(np.abs(value - truth)))}
 
     return {"records": len(records), "folds": folds, **figures(exact["quality"], guess["quality"]),
@@ -359,7 +362,9 @@ def summary(dataset: Dataset, folds: int = 5) -> str:
     if len(records) >= 2 * folds:
         figures = cross_validated(dataset, folds)
         for name, values in [("reward", figures), *figures["metrics"].items()]:
-            per_target = ", ".join(f"{t}: {v:.3f}" for t, v in values["spearman_per_target"].items() if v is not None)
-            lines.append(f"{folds}-fold (by draw) {name}: Spearman {values['spearman']:.3f} (per target "
+            per_target = ", ".join(f"{t}: {'-' if v is None else f'{v:.3f}'}"
+                                   for t, v in values["spearman_per_target"].items())
+            overall = "-" if values["spearman"] is None else f"{values['spearman']:.3f}"
+            lines.append(f"{folds}-fold (by draw) {name}: Spearman {overall} (per target "
                          f"{per_target}), bias {values['bias']:+.4f}, MAE {values['mae']:.4f}")
     return "\n".join(lines)
