@@ -464,3 +464,13 @@ def test_build_names_a_damaged_output_or_bad_data_before_the_model_loads(tmp_pat
                           "--data", '{"n_fact": 3}'], capsys)
     assert code == 2 and "n_fact" in err and err.count("\n") == 1
     assert not (tmp_path / "new.jsonl").exists()
+
+
+def test_a_rank_correlation_that_is_undefined_is_none_not_nan():
+    """At a high target a small model may retain no fact at all: a constant truth has no rank correlation."""
+    data = synthetic()
+    for record in data.records:
+        if record["target"] == 0.6:
+            record["fact_retention"] = 0.0
+    per_target = cross_validated(data)["metrics"]["fact_retention"]["spearman_per_target"]
+    assert per_target["0.6"] is None and all(isinstance(per_target[t], float) for t in ("0.3", "0.4", "0.5"))
