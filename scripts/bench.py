@@ -68,10 +68,10 @@ def surrogate_figures(model: str, episodes: int) -> tuple[dict, dict]:
     import gymnasium as gym
 
     import prune_env  # noqa: F401  (registers the environments)
-    from prune_env.surrogate import PACKAGED, heldout, read_dataset
+    from prune_env.surrogate import PACKAGED, cross_validated, read_dataset
 
     torch.set_num_threads(2)
-    fidelity = heldout(read_dataset(PACKAGED))
+    fidelity = cross_validated(read_dataset(PACKAGED))
     env = gym.make("prune_env/LayerPrune-v0", model=model, fidelity="surrogate")
     env.action_space.seed(0)
     targets = (0.3, 0.4, 0.5, 0.6)
@@ -87,7 +87,7 @@ def surrogate_figures(model: str, episodes: int) -> tuple[dict, dict]:
     _, seconds = timed(lambda: [episode(i) for i in range(episodes)])
     figures = {"surrogate_episodes_per_s": episodes / seconds, "surrogate_exact_spearman": fidelity["spearman"]}
     details = {"surrogate_episodes": episodes, "surrogate_threads": torch.get_num_threads(),
-               "surrogate_heldout": {k: v for k, v in fidelity.items() if k not in ("exact", "predicted")}}
+               "surrogate_cross_validated": {k: v for k, v in fidelity.items() if k not in ("exact", "predicted")}}
     return figures, details
 
 
@@ -95,8 +95,8 @@ POLICY = "docs/results/ppo-surrogate/seed-0"  # the committed surrogate-trained 
 
 
 def visited_figures(policy: str, episodes: int) -> tuple[dict, dict]:
-    """Surrogate vs exact reward on allocations the policy visits (scripts/visited_fidelity.py)."""
-    import visited_fidelity
+    """Surrogate vs exact reward on allocations the policy visits (python -m prune_env.surrogate visited)."""
+    from prune_env.surrogate.commands import visited as visited_fidelity
 
     visited, env = visited_fidelity.rollouts(policy, visited_fidelity.TARGETS, episodes, seed=0)
     visited_fidelity.replay_exact(visited, env.unwrapped.context, log=lambda m: print(m, flush=True))

@@ -38,6 +38,42 @@ def test_surrogate_episode_is_forward_free_and_predicts(tiny_data, tmp_path):
     assert reward == pytest.approx(-np.log(info["ppl"] / dense.ppl) - (dense.fact_acc - info["fact_acc"]))
 
 
+def test_balanced_knowledge_is_reported_where_the_data_set_has_it(tiny_data, tmp_path):
+    """Records with balanced knowledge: the surrogate env's info carries the fit's prediction of it. Records
+    without: the fields are absent, and a reward term that reads one fails naming the data set (never 0)."""
+    import uuid
+
+    from prune_env.registry import register_reward_term
+    from prune_env.surrogate import MissingKnowledgeError
+
+    name = f"kept-{uuid.uuid4().hex[:8]}"
+    register_reward_term(name, lambda metrics, allocation, env: metrics["fact_retention_balanced"])
+    knowing, plain = tmp_path / "knowing.jsonl", tmp_path / "plain.jsonl"
+    write_tiny_dataset(knowing, tiny_data, knowledge=True)
+    write_tiny_dataset(plain, tiny_data)
+    env = LayerPruneEnv(model="tiny-llama", data=tiny_data, fidelity="surrogate", surrogate=str(knowing),
+                        reward={"terms": {name: 1.0}})
+    env.reset(seed=0)
+    for value in (0.2, 0.5, 0.8):
+        *_, info = env.step(np.array([value], dtype=np.float32))
+    predicted = load_surrogate(str(knowing), env.context).predict(info["allocation"])
+    assert info["fact_retention_balanced"] == predicted["fact_retention_balanced"]
+    assert info["fact_acc_balanced"] == predicted["fact_acc_balanced"]
+    env = LayerPruneEnv(model="tiny-llama", data=tiny_data, fidelity="surrogate", surrogate=str(plain))
+    env.reset(seed=0)
+    for value in (0.2, 0.5, 0.8):
+        *_, info = env.step(np.array([value], dtype=np.float32))
+    assert "fact_retention_balanced" not in info and "fact_acc_balanced" not in info
+    env = LayerPruneEnv(model="tiny-llama", data=tiny_data, fidelity="surrogate", surrogate=str(plain),
+                        reward={"terms": {name: 1.0}})
+    env.reset(seed=0)
+    env.step(np.array([0.2], dtype=np.float32))
+    env.step(np.array([0.5], dtype=np.float32))
+    with pytest.raises(MissingKnowledgeError, match=f"fact_retention_balanced is not predicted: the surrogate data "
+                                                    f"set '{plain}' has no record with it"):
+        env.step(np.array([0.8], dtype=np.float32))
+
+
 def test_packaged_surrogate_refuses_another_model(tiny_data):
     with pytest.raises(ValueError, match="was built for"):
         LayerPruneEnv(model="tiny-llama", data=tiny_data, fidelity="surrogate")
@@ -46,7 +82,7 @@ def test_packaged_surrogate_refuses_another_model(tiny_data):
 # ----------------------------------------------------------------------------- the model-free surrogate env
 
 def full_dataset(path, tiny_data, episodes: int = 8):
-    """A data set whose header describes the units as scripts/build_surrogate.py writes it (plus the per-linear
+    """A data set whose header describes the units as `python -m prune_env.surrogate build` writes it (plus the per-linear
     counts), with records from exact episodes; returns the exact env that measured them."""
     from dataclasses import asdict
 

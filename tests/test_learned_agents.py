@@ -11,8 +11,12 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import train
-from prune_env.envs.layer import LayerPruneEnv
-from prune_env.surrogate import load_surrogate, read_dataset
+from prune_env.env import LayerPruneEnv
+from prune_env.surrogate import load_surrogate, merge, read_dataset
+from prune_env.surrogate.__main__ import main as surrogate_main
+from prune_env.surrogate.commands import build as builder
+from prune_env.surrogate.commands import scores as scorer
+from prune_env.surrogate.commands import visited as visited_cmd
 from script_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +34,7 @@ def _surrogate_policy(tmp_path: Path, smoke_data: dict, rounds: int,
                       extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """A tiny surrogate data set (`rounds` of the plan) and a smoke PPO policy trained on it over 0.3-0.6."""
     data_set = tmp_path / "tiny-surrogate.jsonl"
-    load_script("build_surrogate").build("tiny-llama", data_set, rounds, 0, smoke_data, log=lambda m: None)
+    builder.build("tiny-llama", data_set, rounds, 0, smoke_data, log=lambda m: None)
     run_dir = tmp_path / "run"
     overrides = [f"env.data.text={smoke_data['text']}", f"env.data.facts={smoke_data['facts']}", f"run_dir={run_dir}",
                  "env.fidelity=surrogate", f"env.surrogate={data_set}", "env.action_mode=budget",
@@ -68,7 +72,6 @@ def test_budget_actions_need_continuous_actions(tiny_data):
 
 
 def test_shards_merge_into_the_unsharded_build(tmp_path, smoke_data):
-    builder = load_script("build_surrogate")
     whole = tmp_path / "whole.jsonl"
     builder.build("tiny-llama", whole, 1, 0, smoke_data, log=lambda m: None)
     shards = [tmp_path / f"s{i}.jsonl" for i in range(3)]
@@ -76,27 +79,26 @@ def test_shards_merge_into_the_unsharded_build(tmp_path, smoke_data):
         builder.build("tiny-llama", path, 1, 0, smoke_data, log=lambda m: None, shard=(index, 3))
         assert {r["draw"] % 3 for r in read_dataset(path).records} == {index}
     merged = tmp_path / "merged.jsonl"
-    assert builder.merge(shards, merged) == 20
+    assert merge(shards, merged) == 20
     expected, got = read_dataset(whole).records, read_dataset(merged).records
     assert [r["draw"] for r in got] == list(range(20))
     assert [(r["allocation"], r["ppl"], r["fact_acc"]) for r in got] == \
            [(r["allocation"], r["ppl"], r["fact_acc"]) for r in expected]
     with pytest.raises(FileExistsError):
-        builder.merge(shards, merged)
+        merge(shards, merged)
     other = tmp_path / "other.jsonl"
     builder.build("tiny-llama", other, 0, 5, smoke_data, log=lambda m: None)  # another plan seed
     with pytest.raises(ValueError, match="different plan"):
-        builder.merge([shards[0], other], tmp_path / "bad.jsonl")
+        merge([shards[0], other], tmp_path / "bad.jsonl")
 
 
 def test_visited_fidelity_replays_policy_allocations_exactly_and_reanchors(tmp_path, smoke_data):
     data_set, run_dir = _surrogate_policy(tmp_path, smoke_data, rounds=2)
     env = LayerPruneEnv(model="tiny-llama", data=smoke_data, fidelity="exact")
     surrogate = load_surrogate(str(data_set), env.context)  # the fit before re-anchoring
-    fidelity = load_script("visited_fidelity")
     out = tmp_path / "visited.json"
     records_before = len(read_dataset(data_set).records)
-    assert fidelity.main(["--policy", str(run_dir), "--targets", "0.4", "0.6", "--episodes", "2",
+    assert surrogate_main(["visited", "--policy", str(run_dir), "--targets", "0.4", "0.6", "--episodes", "2",
                           "--out", str(out), "--append", str(data_set)]) == 0
     report = json.loads(out.read_text())
     visited = report["visited"]
@@ -115,7 +117,7 @@ def test_visited_fidelity_replays_policy_allocations_exactly_and_reanchors(tmp_p
     data = read_dataset(data_set)
     added = data.records[records_before:]
     assert len(added) == len(visited) and {r["kind"] for r in added} == {"visited"}
-    assert min(r["draw"] for r in added) >= fidelity.VISITED_DRAWS
+    assert min(r["draw"] for r in added) >= visited_cmd.VISITED_DRAWS
     refit = load_surrogate(str(data_set), env.context)  # the re-anchored fit reads the new records
     assert refit.predict(visited[0]["exact_allocation"]) != surrogate.predict(visited[0]["exact_allocation"])
 
@@ -175,7 +177,6 @@ def test_eval_at_start_puts_the_untrained_policy_first_on_the_curve(tmp_path, sm
 
 
 def test_pessimism_lowers_the_reward_by_the_fits_spread_which_grows_off_the_data(tmp_path, smoke_data):
-    builder = load_script("build_surrogate")
     data_set = tmp_path / "tiny.jsonl"
     builder.build("tiny-llama", data_set, 3, 0, smoke_data, log=lambda m: None)
     rewards, stds = {}, {}
@@ -204,14 +205,14 @@ def test_a_surrogate_trained_policy_plays_on_data_its_surrogate_was_not_fitted_o
     from agents.base import build_agent
     from agents.rl import load_policy, read_run_config
     from prune_env.context import DataConfig, PruningContext
-    from prune_env.envs.factory import make_env
+    from prune_env.factory import make_env
 
     data_set, run_dir = _surrogate_policy(tmp_path, smoke_data, rounds=1)
     same = PruningContext("tiny-llama", data=DataConfig.from_dict(smoke_data))
     agent = build_agent({"name": "rl", "path": str(run_dir)})
     played = agent.allocate(same, 0.5, seed=0)
     env = make_env(**{**read_run_config(run_dir).env_kwargs(), "target_sparsity_range": None}, context=same)
-    assert played == load_policy(run_dir, env).rollout(env, seed=0, target=0.5)["allocation"]  # as on its surrogate
+    assert played == load_policy(run_dir, env).play(env, seed=0, target=0.5)["allocation"]  # as on its surrogate
     other = PruningContext("tiny-llama", data=DataConfig.from_dict({**smoke_data, "seed": 3}))
     with pytest.raises(ValueError, match="was built for"):
         make_env(**{**read_run_config(run_dir).env_kwargs(), "target_sparsity_range": None}, context=other)
@@ -241,12 +242,11 @@ def test_a_profile_blind_policy_allocates_the_same_whatever_the_calibration(tmp_
 def test_surrogate_scores_put_policies_and_rules_on_the_training_reward(tmp_path, smoke_data):
     """scripts/surrogate_scores.py: a policy's mean allocation and a rule's, scored by the policy's surrogate."""
     data_set, run_dir = _surrogate_policy(tmp_path, smoke_data, rounds=1)
-    scorer = load_script("surrogate_scores")
     n_units = len(LayerPruneEnv(model="tiny-llama", data=smoke_data, fidelity="proxy").units)
     rules = {"uniform": {t: [t] * n_units for t in (0.3, 0.6)}}
     rows = scorer.scores([str(run_dir)], rules, targets=(0.3, 0.6), pessimism=3.0)
     assert [(r["target"], r["player"]) for r in rows] == [(t, p) for t in (0.3, 0.6) for p in (str(run_dir), "uniform")]
-    visited, _ = load_script("visited_fidelity").rollouts(str(run_dir), (0.3, 0.6), 0, 0)
+    visited, _ = visited_cmd.rollouts(str(run_dir), (0.3, 0.6), 0, 0)
     assert [r["predicted"] for r in rows if r["player"] == str(run_dir)] == \
         pytest.approx([v["predicted"] for v in visited])  # the same rollout the fidelity check replays
     assert all(r["lower_bound"] < r["predicted"] for r in rows)  # 3 spreads below
@@ -256,7 +256,6 @@ def test_surrogate_scores_put_policies_and_rules_on_the_training_reward(tmp_path
 
 
 def test_surrogate_scores_read_rules_from_a_grid_and_name_a_missing_agent():
-    scorer = load_script("surrogate_scores")
     grid = ROOT / "docs" / "results" / "learned-smollm2" / "results.json"
     rules = scorer.rule_allocations(grid, ["uniform"])
     assert sorted(rules["uniform"]) == [0.3, 0.4, 0.5, 0.6]

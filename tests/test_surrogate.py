@@ -1,5 +1,6 @@
-"""The surrogate reward: its data-set builder (writes, resumes, survives a kill) and its fit (ranks
-held-out allocations of a known additive structure, refuses another model's env, is deterministic)."""
+"""The surrogate reward: its data-set builder (writes, resumes, survives a kill, records per-fact
+knowledge) and its fit (ranks unseen allocations of a known additive structure, predicts balanced knowledge
+where the records carry it, refuses another model's env, is deterministic); its command line."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from prune_env.surrogate import (Dataset, SurrogateMismatchError, append_record, fit, heldout, load_surrogate,
-                                 read_dataset, start_dataset)
-from script_modules import load_script
+from prune_env.surrogate import (Dataset, SurrogateMismatchError, append_record, cross_validated, fit,
+                                 load_surrogate, read_dataset, start_dataset)
+from prune_env.surrogate.commands import build as builder
+from prune_env.surrogate.commands import visited
 
 # --------------------------------------------------------------------------- synthetic data sets
 
@@ -48,7 +50,7 @@ def write(dataset: Dataset, path: Path) -> Path:
     return path
 
 
-def test_fit_ranks_heldout_allocations_of_a_known_additive_structure():
+def test_fit_ranks_unseen_allocations_of_a_known_additive_structure():
     data = synthetic()
     train = [r for r in data.records if r["draw"] < 120]
     test = [r for r in data.records if r["draw"] >= 120]
@@ -60,24 +62,27 @@ def test_fit_ranks_heldout_allocations_of_a_known_additive_structure():
     for t in (0.3, 0.4, 0.5, 0.6):  # within one target too, where only the shape of the allocation matters
         pick = [i for i, r in enumerate(test) if r["target"] == t]
         assert spearmanr([exact_q[i] for i in pick], [predicted_q[i] for i in pick]).statistic > 0.8
-    figures = heldout(data, folds=5)
+    figures = cross_validated(data, folds=5)
     assert figures["spearman"] > 0.95 and abs(figures["bias"]) < 0.05
     assert len(figures["predicted"]) == len(data.records)
-    assert min(figures["retention_spearman_per_target"].values()) > 0.8  # retention falls with weighted sparsity
-    assert figures["retention_mae"] < 0.05
+    retention = figures["metrics"]["fact_retention"]
+    assert min(retention["spearman_per_target"].values()) > 0.8  # retention falls with weighted sparsity
+    assert retention["mae"] < 0.05
+    assert figures["metrics"]["log_ppl"]["spearman"] > 0.95 and abs(figures["metrics"]["log_ppl"]["bias"]) < 0.05
+    assert "fact_retention_balanced" not in figures["metrics"]  # these records carry no balanced knowledge
 
 
 def test_fit_does_not_rank_noise():
-    """The held-out figure is a real test: on rewards unrelated to the allocation it is near zero."""
+    """The k-fold figure is a real test: on rewards unrelated to the allocation it is near zero."""
     data = synthetic()
     rng = np.random.default_rng(1)
     for record in data.records:
         record["ppl"] = DENSE["ppl"] * float(np.exp(rng.normal(0.0, 0.3)))
         record["quality"] = -float(np.log(record["ppl"] / DENSE["ppl"])) - (DENSE["fact_acc"] - record["fact_acc"])
         record["fact_retention"] = float(rng.uniform(0.0, 1.0))
-    figures = heldout(data, folds=5)
+    figures = cross_validated(data, folds=5)
     assert np.mean([abs(v) for v in figures["spearman_per_target"].values()]) < 0.5
-    assert np.mean([abs(v) for v in figures["retention_spearman_per_target"].values()]) < 0.5
+    assert np.mean([abs(v) for v in figures["metrics"]["fact_retention"]["spearman_per_target"].values()]) < 0.5
 
 
 def test_load_refuses_another_model_and_predicts_deterministically(tmp_path):
@@ -88,7 +93,7 @@ def test_load_refuses_another_model_and_predicts_deterministically(tmp_path):
     assert first == surrogate.predict(allocation, 0.3)
     assert first == load_surrogate(path, dict(CONTEXT)).predict(allocation, 0.3)
     assert set(first) == {"ppl", "fact_acc", "fact_nll", "fact_retention"}
-    with pytest.raises(SurrogateMismatchError, match=r"model=\"synthetic\".*model=\"tiny-llama\".*build_surrogate"):
+    with pytest.raises(SurrogateMismatchError, match=r"model=\"synthetic\".*model=\"tiny-llama\".*prune_env.surrogate build"):
         load_surrogate(path, {**CONTEXT, "model": "tiny-llama"})
     with pytest.raises(SurrogateMismatchError, match="facts"):
         load_surrogate(path, {**CONTEXT, "facts": {"source": "b", "n": 10, "offset": 200}})
@@ -113,7 +118,6 @@ def test_append_survives_a_write_cut_short(tmp_path):
 
 
 def test_builder_writes_resumes_and_never_duplicates(tmp_path, tiny_data):
-    builder = load_script("build_surrogate")
     path = tmp_path / "tiny.jsonl"
     assert builder.build("tiny-llama", path, 0, 0, tiny_data, log=lambda m: None) == 4  # round 0: uniform
     with open(path, "ab") as handle:
@@ -142,7 +146,6 @@ def test_builder_writes_resumes_and_never_duplicates(tmp_path, tiny_data):
 def test_every_draw_kind_is_budget_matched_and_reproducible(tiny_data):
     from prune_env.context import DataConfig, PruningContext
 
-    builder = load_script("build_surrogate")
     profile = builder.Profile(PruningContext("tiny-llama", data=DataConfig.from_dict(tiny_data)))
     draws = builder.plan(len(builder.STRUCTURED))
     assert {d["variant"] for d in draws if d["kind"] == "structured"} == set(builder.STRUCTURED)
@@ -172,7 +175,7 @@ def test_a_data_set_from_before_a_reward_option_existed_resumes(tmp_path):
 
 
 def test_spread_calibration_finds_the_round_the_fit_was_optimistic_about(tmp_path):
-    """scripts/visited_fidelity.py --calibration: each re-anchoring round is predicted by the fit on the
+    """python -m prune_env.surrogate visited --calibration: each re-anchoring round is predicted by the fit on the
     rest; a round whose exact rewards fall below the structure the fit learned shows up as positive z."""
     data = synthetic(n_records=200)
     for record in data.records[-24:]:  # two rounds of 12 policy-visited records
@@ -181,7 +184,7 @@ def test_spread_calibration_finds_the_round_the_fit_was_optimistic_about(tmp_pat
         if not honest:  # the exact model lost 20 % more perplexity than the structure says
             record["ppl"] *= 1.2
             record["quality"] -= float(np.log(1.2))
-    calibration = load_script("visited_fidelity").spread_calibration(write(data, tmp_path / "d.jsonl"))
+    calibration = visited.spread_calibration(write(data, tmp_path / "d.jsonl"))
     rounds = calibration["rounds"]
     assert set(rounds) == {"honest", "optimistic-about"} and calibration["records"] == 24
     assert rounds["optimistic-about"]["bias"] > 0.1 > abs(rounds["honest"]["bias"])
@@ -192,7 +195,7 @@ def test_spread_calibration_finds_the_round_the_fit_was_optimistic_about(tmp_pat
 
 def test_spread_calibration_needs_a_reanchoring_round(tmp_path):
     with pytest.raises(ValueError, match="no re-anchoring round"):
-        load_script("visited_fidelity").spread_calibration(write(synthetic(), tmp_path / "d.jsonl"))
+        visited.spread_calibration(write(synthetic(), tmp_path / "d.jsonl"))
 
 
 # --------------------------------------------------------------------------- issue #24: the data set is checked
@@ -261,3 +264,213 @@ def test_the_packaged_data_set_reads_unchanged():
     data = read_dataset(PACKAGED)
     assert data.header == json.loads(lines[0]) and data.records == [json.loads(line) for line in lines[1:]]
     assert len(data.records) == len(lines) - 1 > 800
+
+
+# --------------------------------------------------------------------------- issue #26: records that carry knowledge
+
+
+def with_knowledge(data: Dataset, n_facts: int = 24, seed: int = 0) -> Dataset:
+    """`data` with per-fact flags and balanced knowledge on every record: each fact is kept while the
+    sparsity of 'its' unit stays below a threshold, so balanced retention has a known shape (it falls with
+    the sparsity of the units that hold knowledge, not with the budget alone)."""
+    from prune_env.surrogate import knowledge_of, pack_flags
+
+    rng = np.random.default_rng(seed)
+    n_units = len(data.header["unit_numel"])
+    labels = [[f"r{i % 3}", f"a{i % 5}"] for i in range(n_facts)]
+    home, limit = rng.integers(0, n_units, n_facts), rng.uniform(0.3, 0.7, n_facts)
+    correct_dense = rng.random(n_facts) < 0.8
+    data.header["fact_set"] = {"labels": labels, "fact_greedy_exact": pack_flags([True] * n_facts),
+                               "fact_correct": pack_flags(correct_dense)}
+    for record in data.records:
+        s = np.asarray(record["allocation"])
+        kept = s[home] < limit
+        record.update(fact_greedy_exact=pack_flags(kept), fact_correct=pack_flags(kept & correct_dense))
+        record.update(knowledge_of(data.header, record))
+    return data
+
+
+def test_flags_pack_exactly_and_recompute_the_env_s_balanced_metrics():
+    from prune_env.facts import Fact
+    from prune_env.knowledge import balanced_accuracy, balanced_retention
+    from prune_env.surrogate import knowledge_of, pack_flags, unpack_flags
+
+    rng = np.random.default_rng(3)
+    flags = rng.random(37) < 0.5
+    assert pack_flags(flags) == pack_flags(list(flags)) and len(pack_flags(flags)) == 10
+    assert unpack_flags(pack_flags(flags), 37).tolist() == flags.tolist()
+    facts = [Fact(f"p{i}", f"a{i % 4}", (f"a{i % 4}", "x"), f"r{i % 3}") for i in range(37)]
+    dense, pruned, correct = rng.random(37) < 0.7, rng.random(37) < 0.4, rng.random(37) < 0.5
+    header = {"fact_set": {"labels": [[f.relation, f.answer] for f in facts], "fact_greedy_exact": pack_flags(dense),
+                           "fact_correct": pack_flags(dense)}}
+    got = knowledge_of(header, {"fact_greedy_exact": pack_flags(pruned), "fact_correct": pack_flags(correct)})
+    assert got["fact_retention_balanced"] == balanced_retention(facts, dense.tolist(), pruned.tolist())[0]
+    assert got["fact_acc_balanced"] == balanced_accuracy(facts, correct.tolist())
+
+
+def test_a_fit_on_records_with_knowledge_predicts_it():
+    data = with_knowledge(synthetic(n_records=200))
+    figures = cross_validated(data, folds=5)
+    balanced = figures["metrics"]["fact_retention_balanced"]
+    assert balanced["spearman"] > 0.8 and abs(balanced["bias"]) < 0.03
+    assert np.mean(list(balanced["spearman_per_target"].values())) > 0.6  # the shape, not only the budget
+    assert "fact_acc_balanced" in figures["metrics"]
+    model = fit(data, records=data.records[:160])
+    assert model.knows
+    test = data.records[160:]
+    predicted = [model.predict(r["allocation"])["fact_retention_balanced"] for r in test]
+    assert spearmanr(predicted, [r["fact_retention_balanced"] for r in test]).statistic > 0.8
+    shuffled = with_knowledge(synthetic(n_records=200))  # the same flags on other allocations: no structure
+    rng = np.random.default_rng(5)
+    values = [r["fact_retention_balanced"] for r in shuffled.records]
+    for record, value in zip(shuffled.records, rng.permutation(values)):
+        record["fact_retention_balanced"] = float(value)
+    assert cross_validated(shuffled)["metrics"]["fact_retention_balanced"]["spearman"] < 0.3
+
+
+def test_without_knowledge_in_every_record_the_balanced_metrics_are_absent_and_fail_clearly(tmp_path):
+    from prune_env.surrogate import MissingKnowledgeError
+
+    data = with_knowledge(synthetic(n_records=40))
+    for record in data.records[:3]:  # three old records: balanced knowledge is not fitted on a subset
+        for key in ("fact_retention_balanced", "fact_acc_balanced", "fact_greedy_exact", "fact_correct"):
+            record.pop(key)
+    path = write(data, tmp_path / "mixed.jsonl")
+    surrogate = load_surrogate(path, CONTEXT)
+    assert not surrogate.knows
+    metrics = surrogate.predict(data.records[5]["allocation"])
+    assert "fact_retention_balanced" not in metrics and metrics["fact_acc"] >= 0.0
+    with pytest.raises(MissingKnowledgeError, match=rf"fact_retention_balanced is not predicted: the surrogate "
+                                                    rf"data set '{path}' has no record with it.*rebuild"):
+        metrics["fact_retention_balanced"]
+    with pytest.raises(KeyError):
+        metrics["no_such_metric"]
+
+
+@pytest.mark.parametrize("change, line, message", [
+    (lambda r: {**r, "fact_correct": "zz"}, 2, "field 'fact_correct' is \"zz\", not a hex bitmask of 6 digits"),
+    (lambda r: {**r, "fact_greedy_exact": "f" * 7}, 3, "not a hex bitmask of 6 digits"),
+    (lambda r: {k: v for k, v in r.items() if k != "fact_correct"}, 4, "field 'fact_correct' is missing"),
+    (lambda h: {k: v for k, v in h.items() if k != "fact_set"}, 1, "2: per-fact flags, but the header has no 'fact_set'"),
+    (lambda h: {**h, "fact_set": {**h["fact_set"], "labels": [["r", 1]]}}, 1, "field 'fact_set.labels'"),
+])
+def test_bad_knowledge_fields_are_refused_naming_the_line(tmp_path, change, line, message):
+    path = _edit(write(with_knowledge(synthetic(n_records=6)), tmp_path / "set.jsonl"), line, change)
+    with pytest.raises(ValueError) as error:
+        read_dataset(path)
+    assert type(error.value).__name__ == "SurrogateDataError" and message in str(error.value)
+
+
+def test_quality_of_is_the_env_s_reward_formula():
+    from prune_env.rewards import RewardConfig, quality
+    from prune_env.surrogate import quality_of
+
+    reward = {**REWARD, "fact_weight": 2.5}
+    got = quality_of({"ppl": np.array([20.0, 31.0]), "fact_acc": np.array([0.8, 0.55])}, DENSE, reward)
+    config = RewardConfig.from_dict(reward)
+    assert got.tolist() == [quality(p, a, DENSE["ppl"], DENSE["fact_acc"], config) for p, a in ((20.0, 0.8), (31.0, 0.55))]
+
+
+# --------------------------------------------------------------------------- the command line and the layering
+
+
+def _main(argv: list[str], capsys) -> tuple[int, str, str]:
+    from prune_env.surrogate.__main__ import main
+
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # --help and argparse's own errors
+        code = stop.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_every_subcommand_has_help(capsys):
+    for command in ("build", "merge", "fit", "check", "visited", "scores"):
+        code, out, _ = _main([command, "--help"], capsys)
+        assert code == 0 and out.startswith(f"usage: python -m prune_env.surrogate {command}")
+
+
+def test_a_tiny_build_of_two_draws_then_check_and_fit(tmp_path, tiny_data, capsys):
+    path = tmp_path / "tiny.jsonl"
+    data = {**tiny_data, "n_facts": 0}
+    code, out, err = _main(["build", "--model", "tiny-llama", "--out", str(path), "--rounds", "0", "--shard", "0/2",
+                            "--data", json.dumps(data), "--no-fit"], capsys)
+    assert code == 0, err
+    built = read_dataset(path)
+    assert [r["draw"] for r in built.records] == [0, 2]
+    assert len(built.header["fact_set"]["labels"]) == built.header["context"]["facts"]["n"] > 0
+    from prune_env.surrogate import knowledge_of
+
+    for record in built.records:
+        assert knowledge_of(built.header, record) == {k: record[k] for k in ("fact_retention_balanced",
+                                                                              "fact_acc_balanced")}
+    code, out, err = _main(["check", str(path)], capsys)
+    assert code == 0 and "2 records" in out and "2 with per-fact flags, 0 whose flags disagree" in out
+    code, _, err = _main(["build", "--model", "tiny-llama", "--out", str(path), "--shard", "2/2"], capsys)
+    assert code == 2 and err.startswith("error: --shard '2/2' must be I/N") and err.count("\n") == 1
+    figures = tmp_path / "figures.json"
+    code, out, err = _main(["fit", str(write(with_knowledge(synthetic(n_records=40)), tmp_path / "s.jsonl")),
+                            "--json", str(figures)], capsys)
+    assert code == 0 and "5-fold (by draw) fact_retention_balanced: Spearman" in out
+    assert "fact_retention_balanced" in json.loads(figures.read_text())["metrics"]
+    code, out, _ = _main(["fit", str(path)], capsys)  # 2 records: counted, too few for k-fold figures
+    assert code == 0 and "2 records" in out and "fold" not in out
+
+
+def test_only_the_command_modules_import_agents():
+    """prune_env's library modules never import agents; the surrogate's commands (which draw with agents'
+    rules and load trained policies) are the one exception, and importing the package loads none of them."""
+    import ast
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "prune_env"
+    allowed = {root / "surrogate" / "__main__.py", *(root / "surrogate" / "commands").glob("*.py")}
+    offenders = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            if any(n == "agents" or n.startswith("agents.") for n in names) and path not in allowed:
+                offenders.append(str(path.relative_to(root.parent)))
+    assert not offenders, f"library modules importing agents: {offenders}"
+    loaded = subprocess.run([sys.executable, "-c", "import sys, prune_env, prune_env.surrogate, prune_env.fidelities; "
+                             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'agents'))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
+
+
+def test_a_build_resumes_on_the_same_facts_and_refuses_others(tmp_path):
+    """The dense flags are rescored at each start (a near tie may flip with the thread count): only the
+    facts themselves must agree for a resumed build."""
+    facts = {"labels": [["r", "a"], ["r", "b"]], "fact_greedy_exact": "1", "fact_correct": "3"}
+    header = {"context": CONTEXT, "plan": {"seed": 0}, "fact_set": facts}
+    path = tmp_path / "set.jsonl"
+    start_dataset(path, header)
+    append_record(path, {"draw": 0, "fact_greedy_exact": "1", "fact_correct": "2"})
+    resumed = start_dataset(path, {**header, "fact_set": {**facts, "fact_correct": "1"}})
+    assert resumed.header["fact_set"] == facts and len(resumed.records) == 1
+    with pytest.raises(ValueError, match="different fact_set"):
+        start_dataset(path, {**header, "fact_set": {**facts, "labels": [["r", "a"], ["r", "c"]]}})
+
+
+def test_build_names_a_damaged_output_or_bad_data_before_the_model_loads(tmp_path, capsys):
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_text('{"format": "something-else"}\n')
+    code, _, err = _main(["build", "--model", "no-such-model", "--out", str(damaged)], capsys)
+    assert code == 2 and "is not a prune-gym-surrogate version 1 data set" in err and err.count("\n") == 1
+    code, _, err = _main(["build", "--model", "no-such-model", "--out", str(tmp_path / "new.jsonl"),
+                          "--data", '{"n_fact": 3}'], capsys)
+    assert code == 2 and "n_fact" in err and err.count("\n") == 1
+    assert not (tmp_path / "new.jsonl").exists()
+
+
+def test_a_rank_correlation_that_is_undefined_is_none_not_nan():
+    """At a high target a small model may retain no fact at all: a constant truth has no rank correlation."""
+    data = synthetic()
+    for record in data.records:
+        if record["target"] == 0.6:
+            record["fact_retention"] = 0.0
+    per_target = cross_validated(data)["metrics"]["fact_retention"]["spearman_per_target"]
+    assert per_target["0.6"] is None and all(isinstance(per_target[t], float) for t in ("0.3", "0.4", "0.5"))

@@ -130,7 +130,7 @@ class LayerPruneEnv(PruneEnvBase):
     on exactly evaluated allocations (`surrogate=PATH` of a data set; None: the packaged SmolLM2-135M one,
     refused with `SurrogateMismatchError` for any other model or data), so an episode costs microseconds.
     When the data set's header describes the units (profile, unit sizes, dense metrics, data config:
-    `scripts/build_surrogate.py` writes them) no model is loaded at all: `env.context` is then a
+    `python -m prune_env.surrogate build` writes them) no model is loaded at all: `env.context` is then a
     `SurrogateContext` (units, numel, profile, dense, describe()) and the env builds in well under a second. `info["surrogate_std"]` is the fit's
     spread at the allocation (`Surrogate.uncertainty`, small where its data set has allocations);
     `surrogate_pessimism=k` makes the scalar reward (and `info["quality"]`) the lower bound prediction -

@@ -1,8 +1,12 @@
 """surrogate: no weight is touched and no forward runs; the terminal metrics are `prune_env.surrogate`'s
 prediction for the allocation, fitted on exactly evaluated allocations.
 
+The balanced knowledge metrics (fact_retention_balanced, fact_acc_balanced) are predicted when every record
+of the data set carries them; otherwise they are absent from the metrics and `info`, and a reward term that
+reads them fails with `MissingKnowledgeError` naming the data set (never a silent 0).
+
 A data set whose header records the dense profile, unit sizes, dense metrics and data config (what
-`scripts/build_surrogate.py` writes) needs no model at all: `surrogate_context` checks the env's model
+`python -m prune_env.surrogate build` writes) needs no model at all: `surrogate_context` checks the env's model
 arguments against the header and returns a `SurrogateContext`, a light stand-in for `PruningContext`
 that holds the units, their sizes, the profile and the dense metrics (a few kB; builds in milliseconds).
 """
@@ -110,7 +114,7 @@ def surrogate_context(path: str | None, model: str, device: str, dtype: str, gra
             return ", ".join(f"{key}={values[key]!r}"[:300] for key in differ)
         raise SurrogateMismatchError(
             f"surrogate data set {str(path or 'the packaged one')!r} was built for {show(have)}; this env has "
-            f"{show(wanted)}: build one for this env with `python scripts/build_surrogate.py --model {model} "
+            f"{show(wanted)}: build one for this env with `python -m prune_env.surrogate build --model {model} "
             f"--out PATH` and pass it as surrogate=PATH")
     linear_numel = header.get("linear_numel") or [[n] for n in header["unit_numel"]]
     units = [SurrogateUnit(f"block.{i}", i, [LinearCount(int(n)) for n in counts])
@@ -147,7 +151,8 @@ class SurrogateFidelity(Fidelity):
         many, spread = self._surrogate.predict_with_spread([ratios])
         predicted = {key: float(value[0]) for key, value in many.items()}
         std = float(reward_spread(spread, self._reward)[0])
-        return {**predicted, "achieved_sparsity": sum(zeros) / self.context.total_numel, "surrogate_std": std}
+        return self._surrogate.as_metrics({**predicted, "achieved_sparsity": sum(zeros) / self.context.total_numel,
+                                           "surrogate_std": std})
 
     def close(self) -> None:
         self._surrogate = None

@@ -1,6 +1,6 @@
 """Do trained policies beat a rule on their OWN training reward? Score both on the surrogate.
 
-    python scripts/surrogate_scores.py --policy docs/results/ppo-surrogate/seed-{0,1,2} \
+    python -m prune_env.surrogate scores --policy docs/results/ppo-surrogate/seed-{0,1,2} \
         --results docs/results/learned-smollm2/results.json --agents uniform protect-first ramp
 
 Each policy plays its mean actions once per target on its surrogate env; each named agent's allocation is
@@ -8,20 +8,17 @@ taken from a benchmark's results.json (what it chose at that target). All are sc
 policy's surrogate: its prediction and the lower bound the policies were paid (prediction - pessimism x
 spread). A policy below a rule here lost on the reward it optimised: an optimisation failure, which no
 amount of reward fidelity fixes. A policy above a rule here but below it on held-out data lost to the
-reward's fidelity. Costs seconds (no exact episode).
+reward's fidelity. Costs seconds (no exact episode). A command module: it imports agents (trained policies).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # visited_fidelity's rollouts
-
-from visited_fidelity import rollouts  # noqa: E402
+from ..fit import quality_of, reward_spread
+from ..serve import load_surrogate
+from .visited import rollouts
 
 TARGETS = (0.3, 0.4, 0.5, 0.6)
 
@@ -45,8 +42,8 @@ def scores(policies: list[str], rules: dict[str, dict[float, list[float]]], targ
            pessimism: float | None = None) -> list[dict]:
     """One row per (target, player): the surrogate's predicted reward and its lower bound."""
     from agents.rl import read_run_config
-    from prune_env.envs.rewards import RewardConfig
-    from prune_env.surrogate import load_surrogate, quality_of, reward_spread
+
+    from ...envs.rewards import RewardConfig
 
     played: dict[str, dict[float, list[float]]] = {}
     surrogate = weights = None
@@ -76,29 +73,3 @@ def table(rows: list[dict]) -> str:
     lines = ["| target | player | predicted reward | lower bound (the training reward) |", "|---|---|---|---|"]
     lines += [f"| {r['target']} | {r['player']} | {r['predicted']:.3f} | {r['lower_bound']:.3f} |" for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policy", nargs="+", required=True, help="run folders trained on fidelity=surrogate")
-    parser.add_argument("--results", type=Path, required=True, help="a benchmark results.json with the rules' cells")
-    parser.add_argument("--agents", nargs="+", default=["uniform", "protect-first"])
-    parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
-    parser.add_argument("--pessimism", type=float, default=None, help="default: the first policy's")
-    parser.add_argument("--out", type=Path, default=None, help="JSON with every row")
-    args = parser.parse_args(argv)
-    try:
-        rows = scores(args.policy, rule_allocations(args.results, args.agents), args.targets, args.pessimism)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(table(rows))
-    if args.out is not None:
-        from prune_env.files import atomic_write_json
-
-        atomic_write_json(args.out, {"policies": args.policy, "results": str(args.results), "rows": rows})
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

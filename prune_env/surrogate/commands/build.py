@@ -1,8 +1,9 @@
-"""`make surrogate`: (re)build the surrogate's data set of exactly evaluated allocations, then its fit.
+"""`python -m prune_env.surrogate build` (`make surrogate`): the surrogate's data set of exactly evaluated
+allocations (`merge` joins shards built on a GPU; `fit` prints the k-fold figures).
 
-    python scripts/build_surrogate.py [--model smollm2-135m] [--rounds 30] [--out PATH] [--threads 1]
-    python scripts/build_surrogate.py --device cuda --shard 3/12 --deadline 300 --out shard3.jsonl  # one of 12
-    python scripts/build_surrogate.py --merge shard*.jsonl --out merged.jsonl                      # then join
+    python -m prune_env.surrogate build [--model smollm2-135m] [--rounds 30] [--out PATH] [--threads 1]
+    python -m prune_env.surrogate build --device cuda --shard 3/12 --deadline 300 --out shard3.jsonl  # 1 of 12
+    python -m prune_env.surrogate merge shard*.jsonl --out merged.jsonl                               # then join
 
 Each draw is one allocation at one target in {0.3, 0.4, 0.5, 0.6}, played through LayerPrune-v0 with
 fidelity="exact" (one step per unit, as `agents.base.play_allocation` does) and appended as one JSON line with the
@@ -18,30 +19,33 @@ policy spends its time), random (Dirichlet weights, concentration 0.3-10), struc
 down, protected first / last / both ends, the z-score rule at several spreads, OWL and AlphaPruning at
 several strengths), smooth (a random low-frequency shape over depth: a cosine series of 1-4 terms with
 decaying amplitude, with the first or last blocks protected half of the time; the broad family of smooth
-non-uniform allocations a learning policy is drawn to, not any one rule). Every allocation is budget-matched with `agents.rules.match_budget` into the
-env's [min_sparsity, max_sparsity]. Only this script imports agents: prune_env never does.
+non-uniform allocations a learning policy is drawn to, not any one rule). Every allocation is budget-matched
+with `agents.rules.match_budget` into the env's [min_sparsity, max_sparsity]. The draws need agents'
+rules, so this is a command module: prune_env's library modules never import agents.
+
+Knowledge: each record carries the pruned model's per-fact flags on the env's facts (greedy-exact and
+multiple-choice correct, as hex bitmasks: the facts are scored once more on the pruned model after the
+episode, a full forward over the facts) and the balanced retention and accuracy the env reported; the
+header's `fact_set` holds every fact's (relation, answer) and the dense flags (`dataset.knowledge_of`).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from agents.rules import match_budget, zscore_greedy_ratios
+from agents.base import play_allocation
 
-from agents.rules import match_budget, zscore_greedy_ratios  # noqa: E402
-from agents.base import play_allocation  # noqa: E402
-from prune_env.surrogate import PACKAGED, append_record, heldout, read_dataset, start_dataset  # noqa: E402
+from ..dataset import append_record, pack_flags, start_dataset
 
 TARGETS = (0.3, 0.4, 0.5, 0.6)
 KINDS = ("near", "random", "structured", "smooth")
@@ -173,32 +177,12 @@ def machine(device: str) -> str:
     return where
 
 
-def merge(shards: list[Path], out: Path) -> int:
-    """Join shard files built with one header (model, data, plan) into one data set ordered by draw."""
-    first = read_dataset(shards[0])
-    records = {r["draw"]: r for r in first.records}
-    for path in shards[1:]:
-        other = read_dataset(path)
-        for key in ("context", "model_file", "dense", "plan", "reward", "env"):
-            if other.header.get(key) != first.header.get(key):
-                raise ValueError(f"{str(path)!r} was built with a different {key} than {str(shards[0])!r}: "
-                                 f"only shards of one build can be merged")
-        records.update({r["draw"]: r for r in other.records})
-    header = {k: v for k, v in first.header.items() if k not in ("format", "version")}
-    if out.exists():
-        raise FileExistsError(f"{str(out)!r} exists: merge into a new file")
-    start_dataset(out, header)
-    for draw in sorted(records):
-        append_record(out, records[draw])
-    return len(records)
-
-
 def git_commit() -> str:
     """HEAD of this checkout; $PRUNE_GYM_GIT_COMMIT names it for a copy without .git (a remote GPU machine)."""
     if os.environ.get("PRUNE_GYM_GIT_COMMIT"):
         return os.environ["PRUNE_GYM_GIT_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[3],
                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -213,8 +197,8 @@ def build(model: str, out: Path, rounds: int, seed: int, data: dict | None, log=
     import transformers
 
     import prune_env  # noqa: F401  (registers the environments)
-    from prune_env.context import DataConfig, PruningContext
-    from prune_env.envs.rewards import RewardConfig
+    from ...context import DataConfig, PruningContext
+    from ...envs.rewards import RewardConfig
 
     began = time.perf_counter()
     ctx = PruningContext(model, device=device, data=DataConfig.from_dict(data))
@@ -229,7 +213,7 @@ def build(model: str, out: Path, rounds: int, seed: int, data: dict | None, log=
                                                "structured": list(STRUCTURED), "seed": seed},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "numpy": np.__version__, "python": platform.python_version()},
-        "git_commit": git_commit(), "machine": machine(device),
+        "git_commit": git_commit(), "machine": machine(device), "fact_set": fact_set(ctx),
     }
     existing = start_dataset(out, header)
     done = {record["draw"] for record in existing.records}
@@ -247,11 +231,11 @@ def build(model: str, out: Path, rounds: int, seed: int, data: dict | None, log=
         ratios, params = allocation(draw, seed, profile)
         start = time.perf_counter()
         info = play_allocation(env, ratios, target=draw["target"], seed=seed)
+        flags = fact_flags(ctx)  # the model is left pruned at the episode's end
         seconds = time.perf_counter() - start
         record = {**draw, "params": params, "requested": ratios, "allocation": info["allocation"],
-                  "ppl": info["ppl"], "fact_acc": info["fact_acc"], "fact_nll": info["fact_nll"],
-                  "fact_retention": info["fact_retention"], "achieved_sparsity": info["achieved_sparsity"],
-                  "quality": info["quality"], "seconds": seconds, "commit": commit}
+                  **{key: info[key] for key in METRICS}, "achieved_sparsity": info["achieved_sparsity"],
+                  "quality": info["quality"], **flags, "seconds": seconds, "commit": commit}
         append_record(out, record)
         log(f"[{count}/{len(todo)}] draw {draw['draw']} t={draw['target']} {draw['kind']} {draw['variant']} "
             f"ppl={info['ppl']:.2f} fact_acc={info['fact_acc']:.3f} quality={info['quality']:.4f} {seconds:.1f}s")
@@ -259,57 +243,21 @@ def build(model: str, out: Path, rounds: int, seed: int, data: dict | None, log=
     return len(todo)
 
 
-def summary(out: Path) -> str:
-    """Counts per target and kind, seconds per record and the fit's held-out figures (5-fold by draw)."""
-    data = read_dataset(out)
-    counts: dict = {}
-    for record in data.records:
-        counts.setdefault(record["target"], {}).setdefault(record["kind"], 0)
-        counts[record["target"]][record["kind"]] += 1
-    lines = [f"{out}: {len(data.records)} records, "
-             f"{np.mean([r['seconds'] for r in data.records]):.1f} s per exact episode"]
-    lines += [f"  target {t}: {dict(sorted(c.items()))}" for t, c in sorted(counts.items())]
-    if len(data.records) >= 10:
-        figures = heldout(data)
-        per_target = ", ".join(f"{t}: {v:.3f}" for t, v in figures["spearman_per_target"].items() if v is not None)
-        lines.append(f"held-out (5-fold by draw) Spearman of predicted vs exact reward {figures['spearman']:.3f} "
-                     f"(per target {per_target}), bias {figures['bias']:+.4f}, MAE {figures['mae']:.4f}")
-    return "\n".join(lines)
+METRICS = ("ppl", "fact_acc", "fact_nll", "fact_retention", "fact_retention_balanced", "fact_acc_balanced")
+"""What a record keeps of the env's final info (with the allocation, sparsity, reward and per-fact flags)."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--out", type=Path, default=PACKAGED, help="the data set (appended to, resumable)")
-    parser.add_argument("--rounds", type=int, default=30, help="rounds of near/random/structured draws per target")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
-    parser.add_argument("--data", type=json.loads, default=None, help="DataConfig overrides as JSON")
-    parser.add_argument("--no-fit", dest="fit", action="store_false", help="only collect")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (float32 either way)")
-    parser.add_argument("--shard", default="0/1", help="I/N: play only the draws whose number is I modulo N")
-    parser.add_argument("--deadline", type=float, default=None, help="seconds after which no new draw starts")
-    parser.add_argument("--merge", type=Path, nargs="+", default=None, help="shard files to join into --out")
-    args = parser.parse_args(argv)
-    import torch
+def fact_flags(ctx) -> dict[str, str]:
+    """The model's per-fact greedy-exact and multiple-choice flags on the context's facts, packed."""
+    from ...data.evaluation import evaluate_facts
 
-    torch.set_num_threads(args.threads)
-    try:
-        if args.merge:
-            print(f"{args.out}: {merge(args.merge, args.out)} records merged", flush=True)
-        else:
-            index, _, count = args.shard.partition("/")
-            if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-                raise ValueError(f"--shard {args.shard!r} must be I/N with 0 <= I < N, e.g. 0/4")
-            build(args.model, args.out, args.rounds, args.seed, args.data, log=lambda m: print(m, flush=True),
-                  device=args.device, shard=(int(index), int(count)), deadline=args.deadline)
-    except (ValueError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.fit:
-        print(summary(args.out), flush=True)
-    return 0
+    scores = evaluate_facts(ctx.model, ctx.tokenizer, ctx.facts, ctx.data.fact_batch_size)
+    return {"fact_greedy_exact": pack_flags(scores.greedy_exact), "fact_correct": pack_flags(scores.correct)}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def fact_set(ctx) -> dict:
+    """Each fact's (relation, answer) and the dense model's flags: what makes records' flags readable. The
+    greedy-exact ones are the env's retention reference (its dense metrics), the correct ones scored here."""
+    ctx.restore()
+    return {"labels": [[fact.relation, fact.answer] for fact in ctx.facts], **fact_flags(ctx),
+            "fact_greedy_exact": pack_flags(ctx.dense.greedy_exact)}

@@ -1,8 +1,8 @@
 """Surrogate fidelity where a policy goes: roll a trained policy out on the surrogate, replay exactly.
 
-    python scripts/visited_fidelity.py --policy runs/ppo-surrogate-0 [--episodes 4] [--out fidelity.json]
-    python scripts/visited_fidelity.py --policy runs/ppo-surrogate-0 --append prune_env/surrogates/...jsonl
-    python scripts/visited_fidelity.py --calibration prune_env/surrogates/smollm2-135m-wanda-block.jsonl
+    python -m prune_env.surrogate visited --policy runs/ppo-surrogate-0 [--episodes 4] [--out fidelity.json]
+    python -m prune_env.surrogate visited --policy runs/ppo-surrogate-0 --append prune_env/surrogate/data/...jsonl
+    python -m prune_env.surrogate visited --calibration prune_env/surrogate/data/smollm2-135m-wanda-block.jsonl
 
 A surrogate is only as good as its agreement on the allocations the policy actually visits (random
 draws are not where a policy spends its time). For every target, the policy plays one episode with its
@@ -12,22 +12,24 @@ data, and the surrogate's predicted reward (its mean, whatever `surrogate_pessim
 with) is compared with the exact one: Spearman rank correlation
 (overall and per target) and bias (mean predicted - exact). `--append` adds the exact records to a
 surrogate data set (kind "visited"), which is the re-anchoring step: the next fit knows the region the
-policy went to. Exact episodes dominate the cost (about 20 s each on 2 CPU cores for SmolLM2-135M).
+policy went to. Exact episodes dominate the cost (about 20 s each on 2 CPU cores for SmolLM2-135M). A
+command module: it imports agents (trained policies), which prune_env's library modules never do.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ..dataset import FLAGS, MATCH_KEYS, append_record, read_dataset
+from ..fit import fit, quality_of, reward_spread
+from ..serve import load_surrogate
+from .build import METRICS
 
 TARGETS = (0.3, 0.4, 0.5, 0.6)
 VISITED_DRAWS = 1_000_000  # draw numbers of appended records start here: never a planned draw's number
@@ -38,9 +40,9 @@ def rollouts(policy_path: str, targets, episodes: int, seed: int) -> tuple[list[
     import torch
 
     from agents.rl import load_policy, read_run_config
-    from prune_env.envs.factory import make_env
-    from prune_env.envs.rewards import RewardConfig
-    from prune_env.surrogate import load_surrogate, quality_of
+
+    from ...envs.factory import make_env
+    from ...envs.rewards import RewardConfig
 
     config = read_run_config(policy_path, [])
     if config.env.fidelity != "surrogate":
@@ -69,12 +71,15 @@ def replay_exact(visited: list[dict], ctx, log=print) -> None:
 
     from agents.base import play_allocation
 
+    from .build import fact_flags
+
     env = gym.make("prune_env/LayerPrune-v0", fidelity="exact", context=ctx, min_sparsity=0.0, max_sparsity=0.9)
+    exact = env.unwrapped.context  # model-backed even when `ctx` is a surrogate env's light context
     for count, entry in enumerate(visited, 1):
         start = time.perf_counter()
         info = play_allocation(env, entry["allocation"], target=entry["target"])
-        entry.update({key: float(info[key]) for key in ("ppl", "fact_acc", "fact_nll", "fact_retention",
-                                                         "achieved_sparsity", "quality")})
+        entry.update({key: float(info[key]) for key in (*METRICS, "achieved_sparsity", "quality")})
+        entry.update(fact_flags(exact))  # the model is left pruned at the episode's end
         entry["exact_allocation"], entry["seconds"] = list(info["allocation"]), time.perf_counter() - start
         log(f"[{count}/{len(visited)}] t={entry['target']} {entry['mode']}: predicted {entry['predicted']:.4f} "
             f"exact {entry['quality']:.4f} (ppl {entry['ppl']:.2f}, fact_acc {entry['fact_acc']:.3f}) "
@@ -100,21 +105,21 @@ def agreement(visited: list[dict]) -> dict:
 
 def append(visited: list[dict], path: Path, policy: str, ctx) -> int:
     """Add the exact replays to a surrogate data set built for the same model and data (re-anchoring)."""
-    from prune_env.surrogate import MATCH_KEYS, append_record, read_dataset
-
     data = read_dataset(path)
     described = json.loads(json.dumps(ctx.describe()))
     for key in MATCH_KEYS:
         if data.header["context"].get(key) != described.get(key):
             raise ValueError(f"{str(path)!r} describes another {key} than the policy's env: not appended")
+    # flags are only readable against the header's facts: the same slice of the same seeded permutation
+    knows = "fact_set" in data.header and data.header.get("data_config") == asdict(ctx.data)
     draw = max([VISITED_DRAWS - 1, *(r["draw"] for r in data.records)]) + 1
     machine = f"{platform.machine()} {platform.node()} {ctx.device}"
     for offset, entry in enumerate(visited):
         append_record(path, {"draw": draw + offset, "target": entry["target"], "kind": "visited",
                              "variant": entry["mode"], "params": {"policy": policy},
                              "requested": entry["allocation"], "allocation": entry["exact_allocation"],
-                             **{k: entry[k] for k in ("ppl", "fact_acc", "fact_nll", "fact_retention",
-                                                       "achieved_sparsity", "quality", "seconds")},
+                             **{k: entry[k] for k in (*METRICS, "achieved_sparsity", "quality", "seconds")},
+                             **({k: entry[k] for k in FLAGS} if knows else {}),
                              "machine": machine})
     return len(visited)
 
@@ -124,8 +129,6 @@ def spread_calibration(path: Path, multiples=(1.0, 2.0, 3.0)) -> dict:
     each re-anchoring round (grouped by `params.policy`) are predicted by the fit on every other record.
     `surrogate_pessimism=k` pays prediction - k x spread, so `covered[k]` is the share of those errors the
     lower bound absorbs; positive z = the fit was optimistic."""
-    from prune_env.surrogate import fit, quality_of, read_dataset, reward_spread
-
     data = read_dataset(path)
     rounds: dict[str, list[dict]] = {}
     for record in data.records:
@@ -148,49 +151,3 @@ def spread_calibration(path: Path, multiples=(1.0, 2.0, 3.0)) -> dict:
     return {"records": len(z), "mean_z": float(z_all.mean()), "median_z": float(np.median(z_all)),
             "mean_z_per_target": {str(t): float(z_all[target_all == t].mean()) for t in sorted(set(targets))},
             "covered": {str(k): float((z_all <= k).mean()) for k in multiples}, "rounds": per_round}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--policy", help="a run folder or policy zip trained on fidelity=surrogate")
-    what.add_argument("--calibration", type=Path, help="a surrogate data set: how many spreads its fit is off on "
-                      "each re-anchoring round when fitted without it (sets surrogate_pessimism)")
-    parser.add_argument("--targets", type=float, nargs="+", default=list(TARGETS))
-    parser.add_argument("--episodes", type=int, default=4, help="sampled-action episodes per target (+1 mean)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--out", type=Path, default=None, help="JSON with every allocation and the figures")
-    parser.add_argument("--append", type=Path, default=None, help="surrogate data set to add the exact records to")
-    args = parser.parse_args(argv)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.calibration is not None:
-        try:
-            print(json.dumps(spread_calibration(args.calibration), indent=1))
-        except (ValueError, FileNotFoundError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        return 0
-    try:
-        visited, env = rollouts(args.policy, args.targets, args.episodes, args.seed)
-        ctx = env.unwrapped.context
-        replay_exact(visited, ctx, log=lambda m: print(m, flush=True))
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    figures = agreement(visited)
-    print(json.dumps({k: v for k, v in figures.items()}, indent=1), flush=True)
-    if args.out is not None:
-        from prune_env.files import atomic_write_json
-
-        atomic_write_json(args.out, {"policy": args.policy, "figures": figures, "visited": visited})
-    if args.append is not None:
-        print(f"{args.append}: {append(visited, args.append, args.policy, ctx)} visited records added", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
