@@ -43,7 +43,7 @@ def test_balanced_knowledge_is_reported_where_the_data_set_has_it(tiny_data, tmp
     without: the fields are absent, and a reward term that reads one fails naming the data set (never 0)."""
     import uuid
 
-    from prune_env.registry import register_reward_term
+    from prune_env.envs.plugins import register_reward_term
     from prune_env.surrogate import MissingKnowledgeError
 
     name = f"kept-{uuid.uuid4().hex[:8]}"

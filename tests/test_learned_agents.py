@@ -11,7 +11,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import train
-from prune_env.env import LayerPruneEnv
+from prune_env.envs.layer import LayerPruneEnv
 from prune_env.surrogate import load_surrogate, merge, read_dataset
 from prune_env.surrogate.__main__ import main as surrogate_main
 from prune_env.surrogate.commands import build as builder
@@ -205,14 +205,14 @@ def test_a_surrogate_trained_policy_plays_on_data_its_surrogate_was_not_fitted_o
     from agents.base import build_agent
     from agents.rl import load_policy, read_run_config
     from prune_env.context import DataConfig, PruningContext
-    from prune_env.factory import make_env
+    from prune_env.envs.factory import make_env
 
     data_set, run_dir = _surrogate_policy(tmp_path, smoke_data, rounds=1)
     same = PruningContext("tiny-llama", data=DataConfig.from_dict(smoke_data))
     agent = build_agent({"name": "rl", "path": str(run_dir)})
     played = agent.allocate(same, 0.5, seed=0)
     env = make_env(**{**read_run_config(run_dir).env_kwargs(), "target_sparsity_range": None}, context=same)
-    assert played == load_policy(run_dir, env).play(env, seed=0, target=0.5)["allocation"]  # as on its surrogate
+    assert played == load_policy(run_dir, env).rollout(env, seed=0, target=0.5)["allocation"]  # as on its surrogate
     other = PruningContext("tiny-llama", data=DataConfig.from_dict({**smoke_data, "seed": 3}))
     with pytest.raises(ValueError, match="was built for"):
         make_env(**{**read_run_config(run_dir).env_kwargs(), "target_sparsity_range": None}, context=other)

@@ -291,8 +291,8 @@ def with_knowledge(data: Dataset, n_facts: int = 24, seed: int = 0) -> Dataset:
 
 
 def test_flags_pack_exactly_and_recompute_the_env_s_balanced_metrics():
-    from prune_env.facts import Fact
-    from prune_env.knowledge import balanced_accuracy, balanced_retention
+    from prune_env.data.facts import Fact
+    from prune_env.data.knowledge import balanced_accuracy, balanced_retention
     from prune_env.surrogate import knowledge_of, pack_flags, unpack_flags
 
     rng = np.random.default_rng(3)
@@ -362,7 +362,7 @@ def test_bad_knowledge_fields_are_refused_naming_the_line(tmp_path, change, line
 
 
 def test_quality_of_is_the_env_s_reward_formula():
-    from prune_env.rewards import RewardConfig, quality
+    from prune_env.envs.rewards import RewardConfig, quality
     from prune_env.surrogate import quality_of
 
     reward = {**REWARD, "fact_weight": 2.5}
@@ -435,7 +435,7 @@ def test_only_the_command_modules_import_agents():
             if any(n == "agents" or n.startswith("agents.") for n in names) and path not in allowed:
                 offenders.append(str(path.relative_to(root.parent)))
     assert not offenders, f"library modules importing agents: {offenders}"
-    loaded = subprocess.run([sys.executable, "-c", "import sys, prune_env, prune_env.surrogate, prune_env.fidelities; "
+    loaded = subprocess.run([sys.executable, "-c", "import sys, prune_env, prune_env.surrogate, prune_env.envs.fidelities; "
                              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'agents'))"],
                             capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
