@@ -206,11 +206,15 @@ def test_unknown_knowledge_is_a_clear_error(make_env, tiny_data):
 
 
 def test_packaged_surrogate_without_knowledge_is_refused():
-    """configs/ppo-preference.yaml on the packaged data set (no balanced metric): the env refuses at once."""
+    """configs/ppo-preference.yaml without its knowledge data set: the packaged one was built on other facts
+    (refused by name), and on its own facts it has no balanced metric (refused, not read as 0)."""
     config = resolve_config(ROOT / "configs" / "ppo-preference.yaml")
     assert config.env.preference_range == [0.0, 1.0] and config.env.fidelity == "surrogate"
+    kwargs = {k: v for k, v in config.env_kwargs().items() if k != "env_id"}
+    with pytest.raises(ValueError, match="surrogate data set 'the packaged one' was built for .*offline-balanced"):
+        gym.make(config.env.env_id, **kwargs)
     with pytest.raises(ValueError, match="fact_retention_balanced.*NaN"):
-        gym.make(config.env.env_id, **{k: v for k, v in config.env_kwargs().items() if k != "env_id"})
+        gym.make(config.env.env_id, **{**kwargs, "data": {}})
 
 
 class WPolicy:
