@@ -335,7 +335,9 @@ def cross_validated(dataset: Dataset, folds: int = 5, config: FitConfig = FitCon
     def rho(truth: np.ndarray, value: np.ndarray) -> float | None:
         """Spearman's rank correlation; None where it is undefined (under 3 records, or one side constant,
         e.g. no fact retained at all at a high target)."""
-        statistic = float(spearmanr(truth, value).statistic) if truth.size > 2 else float("nan")
+        if truth.size < 3 or np.ptp(truth) == 0 or np.ptp(value) == 0:
+            return None
+        statistic = float(spearmanr(truth, value).statistic)
         return statistic if np.isfinite(statistic) else None
 
     def figures(truth: np.ndarray, value: np.ndarray) -> dict:
