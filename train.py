@@ -160,10 +160,12 @@ def _train_locked(config: TrainConfig, run_dir: Path, resume: bool, extra_callba
     subproc = algo.vec_env == "subproc" and algo.n_envs > 1
     _check_vec_env(config, subproc)
     try:
-        eval_env = make_env(**config.env_kwargs(evaluation=True)) if evaluating else None
+        # training envs first: a surrogate env builds in a second, so a data set it refuses fails before the
+        # exact evaluation env loads the model (construction draws no random number: the order changes nothing)
         vec_env = make_vec_env(make_env, n_envs=algo.n_envs, seed=algo.seed,
                                env_kwargs={**config.env_kwargs(), "torch_threads": algo.torch_threads},
                                vec_env_cls=SubprocVecEnv if subproc else DummyVecEnv)
+        eval_env = make_env(**config.env_kwargs(evaluation=True)) if evaluating else None
     except (ValueError, OSError) as error:
         raise ConfigError(f"could not build the envs: {error}") from error
     wandb_run = None
