@@ -10,6 +10,7 @@ import torch
 from gymnasium import spaces
 
 from .base import Z_CLIP, PruneEnvBase, check_whole, clip_observation
+from .increments import depth_bins, propose_increments
 from .plugins import observation_feature
 from ..context import Metrics, PruningContext, profile_table
 from .rewards import objectives, scalar_quality
@@ -22,41 +23,6 @@ GLOBAL_FEATURES = 6  # global sparsity, target, budget left, log ppl ratio, fact
 TARGET_TOL = 1e-9
 REWARD_MODES = ("scalar", "vector")
 UNMET_PENALTY = 20.0  # per unit of sparsity left unmet at truncation (v2's default; v0/v1 register 0)
-
-
-def _apportion(total: int, weights: list[float], caps: list[int]) -> list[int]:
-    """Split `total` whole weights in proportion to `weights`, none above its cap (largest remainder).
-
-    Each share is within one of its exact proportional value unless a cap binds; needs sum(caps) >= total.
-    """
-    n = len(weights)
-    wsum = float(sum(weights))
-    shares = [total * w / wsum for w in weights] if wsum > 0 else [0.0] * n
-    out = [min(int(math.floor(s)), c) for s, c in zip(shares, caps)]
-    left = total - sum(out)
-    order = sorted(range(n), key=lambda i: (-(shares[i] - math.floor(shares[i])), i))
-    while left > 0:
-        progressed = False
-        for i in order:
-            if left and out[i] < caps[i]:
-                out[i] += 1
-                left -= 1
-                progressed = True
-        if not progressed:
-            raise AssertionError(f"cannot apportion {total} over caps {caps}")  # callers guarantee capacity
-    return out
-
-
-def depth_bins(n_units: int, bins: int) -> list[list[int]]:
-    """The units of each of `bins` equal depth bins (unit i -> bin floor(i * bins / n)); a bin that holds
-    no unit (more bins than units) takes the unit nearest its centre, so every bin acts on something."""
-    members: list[list[int]] = [[] for _ in range(bins)]
-    for i in range(n_units):
-        members[i * bins // n_units].append(i)
-    for k, group in enumerate(members):
-        if not group:
-            group.append(min(n_units - 1, int((k + 0.5) * n_units / bins)))
-    return members
 
 
 @dataclass
@@ -397,29 +363,8 @@ class IterativePruneEnv(PruneEnvBase):
 
     def _propose(self, selected: np.ndarray) -> tuple[list[list[int]], list[float]]:
         """Per-linear zero counts and nominal ratios after this step's increments (scaled at the target)."""
-        proposal, nominal = [list(z) for z in self._zeros], list(self._nominal)
-        grow = [u for u in np.flatnonzero(selected).tolist() if self._nominal[u] < self._max_sparsity - 1e-12]
-        for u in grow:
-            nominal[u] = min(self._nominal[u] + self._increment, self._max_sparsity)
-            proposal[u] = [max(old, round(nominal[u] * ref.numel))
-                           for old, ref in zip(self._zeros[u], self.units[u].linears)]
-        pruned = self._pruned()
-        budget = self._needed() - pruned
-        added = sum(sum(proposal[u]) for u in grow) - sum(sum(self._zeros[u]) for u in grow)
-        if added <= budget:
-            return proposal, nominal
-        # uniform down-scaling: every unit gets the same fraction of its requested increment
-        requested = [(nominal[u] - self._nominal[u]) * self.units[u].numel for u in grow]
-        caps = [sum(proposal[u]) - sum(self._zeros[u]) for u in grow]
-        shares = _apportion(budget, requested, caps)
-        fraction = budget / sum(requested)
-        for u, share in zip(grow, shares):
-            refs = self.units[u].linears
-            lin_caps = [new - old for new, old in zip(proposal[u], self._zeros[u])]
-            extra = _apportion(share, [ref.numel for ref in refs], lin_caps)
-            proposal[u] = [old + e for old, e in zip(self._zeros[u], extra)]
-            nominal[u] = self._nominal[u] + fraction * (nominal[u] - self._nominal[u])
-        return proposal, nominal
+        return propose_increments(self._zeros, self._nominal, np.flatnonzero(selected).tolist(), self.units,
+                                  self._increment, self._max_sparsity, self._needed() - self._pruned())
 
     def _apply(self, zeros_by_unit: dict[int, list[int]]) -> None:
         """Set the masks of these units to the given per-linear zero counts (0: dense weights back)."""
