@@ -21,7 +21,7 @@ import numpy as np
 
 from prune_env.data.knowledge import BalancedIndex
 
-from .intervals import BOOTSTRAP_SEED, LEVEL, N_RESAMPLES
+from .intervals import BOOTSTRAP_SEED, LEVEL, N_RESAMPLES, fact_counts, resample_indices
 
 X_REFERENCE = float(np.log(2.0))  # the box ends at twice uniform's perplexity
 Y_REFERENCE = 0.0
@@ -100,10 +100,9 @@ def fronts(points: dict[str, dict[str, list[dict]]], baseline: list[dict], dense
     n_facts = known.size
     if index.groups.shape[0] != n_facts:
         raise ValueError(f"labels name {index.groups.shape[0]} facts but dense_exact has {n_facts}")
-    rng = np.random.default_rng(seed)
-    windows = np.vstack([np.arange(n_windows), rng.integers(0, n_windows, size=(n_resamples, n_windows))])
-    drawn = rng.integers(0, n_facts, size=(n_resamples, n_facts))
-    counts = np.vstack([np.ones(n_facts), np.stack([np.bincount(row, minlength=n_facts) for row in drawn])])
+    drawn_windows, drawn_facts = resample_indices(n_windows, n_facts, n_resamples, seed)
+    windows = np.vstack([np.arange(n_windows), drawn_windows])  # row 0: all data (the estimate)
+    counts = np.vstack([np.ones(n_facts), fact_counts(drawn_facts, n_facts)])
     uniform_log_ppl = _log_ppl(baseline, windows)  # row 0: all data
     summaries = {}
     for agent, by_label in points.items():

@@ -61,6 +61,19 @@ def _interval(samples: np.ndarray, estimate: float, null: float, lower_is_better
     return Interval(float(estimate), float(low), float(high), null, lower_is_better)
 
 
+def resample_indices(n_windows: int, n_facts: int, n_resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bootstrap's draws: window indices (R, n_windows) and fact indices (R, n_facts), windows first, so
+    every statistic of one seed (intervals, fronts) is computed on the same resampled data."""
+    rng = np.random.default_rng(seed)
+    return (rng.integers(0, n_windows, size=(n_resamples, n_windows)),
+            rng.integers(0, n_facts, size=(n_resamples, n_facts)))
+
+
+def fact_counts(facts: np.ndarray, n_facts: int) -> np.ndarray:
+    """How often each fact is drawn in each resample: the weights of the balanced mean (R, n_facts)."""
+    return np.stack([np.bincount(row, minlength=n_facts) for row in facts])
+
+
 def paired_bootstrap(agent: list[dict], baseline: list[dict], dense_exact: list[bool] | None = None,
                      n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED,
                      labels: tuple[list[str], list[str]] | None = None) -> Comparison:
@@ -79,9 +92,7 @@ def paired_bootstrap(agent: list[dict], baseline: list[dict], dense_exact: list[
     exact = np.array([[r["per_fact"]["greedy_exact"] for r in agent],
                       [r["per_fact"]["greedy_exact"] for r in baseline]], float)
     n_windows, n_facts = nll.shape[-1], correct.shape[-1]
-    rng = np.random.default_rng(seed)
-    windows = rng.integers(0, n_windows, size=(n_resamples, n_windows))
-    facts = rng.integers(0, n_facts, size=(n_resamples, n_facts))
+    windows, facts = resample_indices(n_windows, n_facts, n_resamples, seed)
 
     def log_ppl_gap(index) -> np.ndarray:  # mean over seeds of log ppl(agent) - log ppl(baseline)
         mean_nll = nll[..., index].sum(-1) / tokens[..., index].sum(-1)
@@ -111,7 +122,7 @@ def paired_bootstrap(agent: list[dict], baseline: list[dict], dense_exact: list[
         index = BalancedIndex.of(*labels)
         if index.groups.shape[0] != n_facts:
             raise ValueError(f"labels name {index.groups.shape[0]} facts but the records have {n_facts} facts")
-        counts = np.stack([np.bincount(row, minlength=n_facts) for row in facts])
+        counts = fact_counts(facts, n_facts)
         drawn, _ = index.means(exact, known, counts)  # (2, seeds, resamples)
         full, _ = index.means(exact, known)  # (2, seeds)
         balanced = _interval((drawn[0] - drawn[1]).mean(0), float((full[0] - full[1]).mean(0)), 0.0, False)
