@@ -146,11 +146,9 @@ DEFAULTS = asdict(TuningConfig())
 
 
 def is_grpo_config(path: str | Path, overrides: list[str]) -> bool:
-    """Whether a train.py config (after its overrides) asks for algo.name: grpo (this module's run)."""
-    for item in reversed(overrides):
-        if item.startswith("algo.name="):
-            return item.partition("=")[2].strip() == "grpo"
-    algo = (read_yaml(path, "config file") or {}).get("algo") or {}
+    """Whether a train.py config (after its overrides) asks for algo.name: grpo (this module's run); the same
+    YAML and override parsing as every config, before either schema checks its keys."""
+    algo = load_config(path, overrides).get("algo") or {}
     return isinstance(algo, dict) and algo.get("name") == "grpo"
 
 
