@@ -16,12 +16,12 @@ from prune_env.data.knowledge import knowledge_fields, majority_baseline
 
 from .bench_config import BenchmarkConfig
 from .heldout import heldout_facts
+from .intervals import fact_labels
 
 
 def needs_backfill(data: dict) -> bool:
     """True when the dense facts have no relation/answer names (a file from before the balanced metric)."""
-    per_fact = data.get("dense_per_fact") or {}
-    return "greedy_exact" in per_fact and not {"relation", "answer"} <= set(per_fact)
+    return "greedy_exact" in (data.get("dense_per_fact") or {}) and fact_labels(data) is None
 
 
 def backfill_knowledge(data: dict, facts: list[Fact] | None = None) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 
 from prune_env.data.knowledge import BalancedIndex
 
-from .intervals import BOOTSTRAP_SEED, LEVEL, N_RESAMPLES, fact_counts, resample_indices
+from .intervals import BOOTSTRAP_SEED, LEVEL, N_RESAMPLES, fact_counts, fact_labels, resample_indices
 
 X_REFERENCE = float(np.log(2.0))  # the box ends at twice uniform's perplexity
 Y_REFERENCE = 0.0
@@ -154,8 +154,8 @@ def front_lines(data: dict, rows: list[dict], target: float, out, baseline: str 
     """report.md's trade-off section at one target: each agent's hypervolume with its interval, and the plot
     front_t<target>.png. Empty without the per-window and per-fact data or the facts' names (old files:
     `--report-only` backfills the names)."""
-    per_fact = data.get("dense_per_fact") or {}
-    if baseline is None or not {"relation", "answer", "greedy_exact"} <= set(per_fact):
+    labels = fact_labels(data)
+    if baseline is None or labels is None:
         return []
     at = {row["agent"]: row["records"] for row in rows if row["target"] == target and row["records"]}
     if baseline not in at or not all(r.get("per_window") and r.get("per_fact") for rs in at.values() for r in rs):
@@ -163,7 +163,7 @@ def front_lines(data: dict, rows: list[dict], target: float, out, baseline: str 
     points: dict[str, dict[str, list[dict]]] = {}
     for label, records in at.items():
         points.setdefault(point_agent(label), {})[label] = records
-    summaries = fronts(points, at[baseline], per_fact["greedy_exact"], (per_fact["relation"], per_fact["answer"]))
+    summaries = fronts(points, at[baseline], data["dense_per_fact"]["greedy_exact"], labels)
     name = f"front_t{target:g}.png"
     plot_fronts(summaries, target, out / name)
     lines = [f"Trade-off front (prune_bench/fronts.py): x = log(ppl / {baseline}'s), y = balanced retention; "

@@ -55,6 +55,13 @@ def has_paired_data(record: dict) -> bool:
     return record.get("per_window") is not None and record.get("per_fact") is not None
 
 
+def fact_labels(data: dict) -> tuple[list[str], list[str]] | None:
+    """(relation, answer) of every held-out fact from results.json's dense_per_fact, or None in files written
+    before the balanced metric (`benchmark.py --report-only` backfills them)."""
+    per_fact = data.get("dense_per_fact") or {}
+    return (per_fact["relation"], per_fact["answer"]) if {"relation", "answer"} <= set(per_fact) else None
+
+
 def _interval(samples: np.ndarray, estimate: float, null: float, lower_is_better: bool) -> Interval:
     tail = (1 - LEVEL) / 2 * 100
     low, high = np.nanpercentile(samples, [tail, 100 - tail])

@@ -10,7 +10,7 @@ import numpy as np
 from prune_env.files import atomic_write_text
 
 from .fronts import front_lines
-from .intervals import N_RESAMPLES, Comparison, Interval, has_paired_data, paired_bootstrap
+from .intervals import N_RESAMPLES, Comparison, Interval, fact_labels, has_paired_data, paired_bootstrap
 from .store import BALANCED, METRICS
 
 BASELINE = "uniform"
@@ -79,9 +79,8 @@ def compare(data: dict, agent_records: list[dict], baseline_records: list[dict])
         return "no interval (no ok uniform record of the same seed)"
     if not all(has_paired_data(r) for pair in pairs for r in pair):
         return OLD_RECORD
-    per_fact = data.get("dense_per_fact") or {}
-    labels = (per_fact["relation"], per_fact["answer"]) if "relation" in per_fact and "answer" in per_fact else None
-    return paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs], per_fact.get("greedy_exact"), labels=labels)
+    dense_exact = (data.get("dense_per_fact") or {}).get("greedy_exact")
+    return paired_bootstrap([a for a, _ in pairs], [b for _, b in pairs], dense_exact, labels=fact_labels(data))
 
 
 def _fallback_moves(rec: dict) -> str:

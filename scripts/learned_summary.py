@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prune_bench.intervals import Interval, paired_bootstrap
+from prune_bench.intervals import Interval, fact_labels, paired_bootstrap
 from prune_bench.report import format_interval
 from prune_bench.store import ResultsError, load_results
 
@@ -63,8 +63,7 @@ def summary(draws: list[dict], policies: list[str]) -> list[str]:
     if len(set(starts)) != len(starts):
         raise ValueError("two results files have the same calibration windows: pool each draw once")
     dense_exact = draws[0].get("dense_per_fact", {}).get("greedy_exact")
-    per_fact = draws[0].get("dense_per_fact", {})
-    labels = (per_fact["relation"], per_fact["answer"]) if {"relation", "answer"} <= set(per_fact) else None
+    labels = fact_labels(draws[0])
     baseline = (draws[0].get("knowledge_baseline") or {}).get("fact_retention_balanced")
     ok = [[r for r in results["records"] if r["status"] == "ok" and r.get("per_window") and r["seed"] == 0]
           for results in draws]
