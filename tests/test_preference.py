@@ -205,16 +205,44 @@ def test_unknown_knowledge_is_a_clear_error(make_env, tiny_data):
         gym.make(ENV_ID, model="tiny-llama", data=tiny_data, fidelity="proxy", preference_range=(0.0, 1.0))
 
 
-def test_packaged_surrogate_without_knowledge_is_refused():
-    """configs/ppo-preference.yaml without its knowledge data set: the packaged one was built on other facts
-    (refused by name), and on its own facts it has no balanced metric (refused, not read as 0)."""
+def test_the_preference_recipe_builds_on_its_joined_data_set_and_refuses_the_packaged_one():
+    """configs/ppo-preference.yaml plays model-free on its data set (knowledge records + the packaged
+    perplexities). Without it: the packaged data set was built on other facts (refused by name), and on its own
+    facts it has no balanced metric (refused, not read as 0)."""
     config = resolve_config(ROOT / "configs" / "ppo-preference.yaml")
     assert config.env.preference_range == [0.0, 1.0] and config.env.fidelity == "surrogate"
     kwargs = {k: v for k, v in config.env_kwargs().items() if k != "env_id"}
+    env = gym.make(config.env.env_id, **kwargs)
+    assert env.unwrapped.context.total_numel > 0 and not hasattr(env.unwrapped.context, "model")
+    _, info = env.reset(seed=0, options={"preference": 0.25})
+    terminated = False
+    while not terminated:
+        _, reward, terminated, _, end = env.step(np.ones(env.action_space.shape, dtype=np.float32) * 0.5)
+    assert end["preference"] == 0.25 and 0.0 < end["fact_acc_balanced"] < 1.0 and np.isfinite(reward)
+    env.close()
+    packaged = {**kwargs, "surrogate": None}
     with pytest.raises(ValueError, match="surrogate data set 'the packaged one' was built for .*offline-balanced"):
-        gym.make(config.env.env_id, **kwargs)
-    with pytest.raises(ValueError, match="fact_retention_balanced.*NaN"):
-        gym.make(config.env.env_id, **{**kwargs, "data": {}})
+        gym.make(config.env.env_id, **packaged)
+    with pytest.raises(ValueError, match="fact_acc_balanced.*NaN"):
+        gym.make(config.env.env_id, **{**packaged, "data": {}})
+
+
+def test_the_knowledge_metric_is_chosen_and_checked(make_env):
+    from prune_env.envs.rewards import KNOWLEDGE_METRICS
+
+    env = make_env(fidelity="proxy", preference_range=(0.0, 1.0), reward={"knowledge_metric": "fact_acc_balanced"})
+    dense = env.unwrapped.reference
+    metrics = {"fact_acc_balanced": dense.fact_acc_balanced / 2, "fact_retention_balanced": 0.0}
+    assert knowledge_objective(metrics, env.unwrapped, "fact_acc_balanced") == pytest.approx(-0.5)
+    assert knowledge_objective(metrics, env.unwrapped, KNOWLEDGE_METRICS[0]) == -1.0
+    _, info = env.reset(seed=0, options={"preference": 1.0})
+    terminated = False
+    while not terminated:
+        _, reward, terminated, _, end = env.step(np.zeros(env.action_space.shape, dtype=np.float32))
+    assert reward == pytest.approx(end["fact_acc_balanced"] / dense.fact_acc_balanced - 1.0, abs=1e-9)
+    with pytest.raises(ValueError, match="knowledge_metric='fact_acc' is not a knowledge metric: use one of "
+                                         "fact_retention_balanced, fact_acc_balanced"):
+        RewardConfig.from_dict({"knowledge_metric": "fact_acc"})
 
 
 class WPolicy:

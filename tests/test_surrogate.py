@@ -328,11 +328,11 @@ def test_a_fit_on_records_with_knowledge_predicts_it():
     assert cross_validated(shuffled)["metrics"]["fact_retention_balanced"]["spearman"] < 0.3
 
 
-def test_without_knowledge_in_every_record_the_balanced_metrics_are_absent_and_fail_clearly(tmp_path):
+def test_with_knowledge_in_too_few_records_the_balanced_metrics_are_absent_and_fail_clearly(tmp_path):
     from prune_env.surrogate import MissingKnowledgeError
 
     data = with_knowledge(synthetic(n_records=40))
-    for record in data.records[:3]:  # three old records: balanced knowledge is not fitted on a subset
+    for record in data.records[2:]:  # two records with knowledge: too few to fit it on
         for key in ("fact_retention_balanced", "fact_acc_balanced", "fact_greedy_exact", "fact_correct"):
             record.pop(key)
     path = write(data, tmp_path / "mixed.jsonl")
@@ -345,6 +345,67 @@ def test_without_knowledge_in_every_record_the_balanced_metrics_are_absent_and_f
         metrics["fact_retention_balanced"]
     with pytest.raises(KeyError):
         metrics["no_such_metric"]
+
+
+def test_each_metric_is_fitted_on_the_records_that_carry_it():
+    """Knowledge on a subset: the fit's knowledge columns ignore the records without it (their values would
+    otherwise have to be invented): adding records without knowledge ranks unseen allocations' knowledge as
+    well as the fit on the knowledge records alone (they differ only in the shared feature scaling)."""
+    data = with_knowledge(synthetic(n_records=200))
+    subset = Dataset(data.header, data.records[:60])
+    mixed = Dataset(data.header, [dict(r) for r in data.records])
+    for record in mixed.records[60:]:
+        for key in ("fact_retention_balanced", "fact_acc_balanced", "fact_greedy_exact", "fact_correct"):
+            record.pop(key)
+    test = [r["allocation"] for r in data.records[100:]]
+    alone, joined = fit(subset).predict_many(test), fit(mixed).predict_many(test)
+    for name in ("fact_retention_balanced", "fact_acc_balanced"):
+        truth = [r[name] for r in data.records[100:]]
+        assert spearmanr(joined[name], truth).statistic > max(0.8, spearmanr(alone[name], truth).statistic - 0.03)
+    truth = [r["ppl"] for r in data.records[100:]]  # log ppl is fitted on all 200 records: better than on 60
+    assert spearmanr(joined["ppl"], truth).statistic >= spearmanr(alone["ppl"], truth).statistic
+    figures = cross_validated(mixed)
+    assert figures["metrics"]["fact_acc_balanced"]["n"] == 60 and figures["metrics"]["log_ppl"]["n"] == 200
+
+
+def _lender(data: Dataset, seed: int) -> Dataset:
+    """The same allocations (same draws) evaluated on other facts, plus more draws: what the packaged data
+    set is to a knowledge build."""
+    lender = synthetic(n_records=240, seed=seed)
+    lender.records[:len(data.records)] = [
+        {**r, "ppl": r["ppl"] * 1.001, "fact_acc": 0.123} for r in synthetic(n_records=len(data.records)).records]
+    lender.header["context"] = {**CONTEXT, "facts": {"source": "other", "n": 99, "offset": 0}}
+    return lender
+
+
+def test_merge_lends_perplexities_of_a_data_set_on_other_facts(tmp_path, capsys):
+    knowledge = with_knowledge(synthetic(n_records=40))
+    shard, lender = write(knowledge, tmp_path / "k.jsonl"), write(_lender(knowledge, seed=1), tmp_path / "ppl.jsonl")
+    code, out, _ = _main(["merge", str(shard), "--perplexity-from", str(lender), "--out", str(tmp_path / "j.jsonl")],
+                         capsys)
+    assert code == 0 and "240 records merged" in out
+    joined = read_dataset(tmp_path / "j.jsonl")
+    assert joined.header["perplexity_from"] == [str(lender)] and joined.header["context"] == CONTEXT
+    assert joined.records[:40] == knowledge.records  # a draw in both is the knowledge build's own record
+    lent = joined.records[40:]
+    assert all(r["perplexity_only"] and "fact_acc" not in r and "quality" not in r for r in lent)
+    assert [r["ppl"] for r in lent] == [r["ppl"] for r in read_dataset(lender).records[40:]]  # same dense ppl
+    model = fit(joined)
+    assert model.knows and model.predict(lent[0]["allocation"])["fact_acc_balanced"] >= 0.0
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda h: {**h, "context": {**h["context"], "text": {"source": "z"}}}, "different text"),
+    (lambda h: {**h, "dense": {**h["dense"], "ppl": 30.0}}, "dense perplexity 30.000"),
+])
+def test_merge_refuses_perplexities_of_another_evaluation(tmp_path, capsys, change, message):
+    knowledge = with_knowledge(synthetic(n_records=20))
+    lender = _lender(knowledge, seed=1)
+    lender.header = change(lender.header)
+    paths = write(knowledge, tmp_path / "k.jsonl"), write(lender, tmp_path / "ppl.jsonl")
+    code, _, err = _main(["merge", str(paths[0]), "--perplexity-from", str(paths[1]), "--out",
+                          str(tmp_path / "j.jsonl")], capsys)
+    assert code == 2 and message in err and not (tmp_path / "j.jsonl").exists()
 
 
 @pytest.mark.parametrize("change, line, message", [

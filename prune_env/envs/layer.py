@@ -267,7 +267,7 @@ class LayerPruneEnv(PruneEnvBase):
             self._fidelity = make_fidelity(fidelity, self.context, proxy_eval_tokens=proxy_eval_tokens,
                                            proxy_facts=proxy_facts, surrogate=surrogate, reward=fidelity_reward)
             if self.reward_config.knowledge_weight is not None:  # an undefined knowledge reward fails now
-                check_knowledge_reference(self._fidelity.reference)
+                check_knowledge_reference(self._fidelity.reference, self.reward_config.knowledge_metric)
         except BaseException:
             self.close()  # an owned context's model and file go at once, not at garbage collection
             raise

@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     join = commands.add_parser("merge", help="join shards of one build into --out")
     join.add_argument("shards", type=Path, nargs="+")
     join.add_argument("--out", type=Path, required=True, help="a new file")
+    join.add_argument("--perplexity-from", type=Path, nargs="+", default=[], metavar="DATA",
+                      help="data sets of the same model and text but other facts (e.g. the packaged one): their "
+                           "other draws join as perplexity-only records")
     for name, text in (("fit", "k-fold figures of the fit"), ("check", "check every line and each record's knowledge")):
         command = commands.add_parser(name, help=text)
         command.add_argument("data", type=Path, nargs="?", default=PACKAGED, help="a data set (default: the packaged one)")
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "merge":
-            print(f"{args.out}: {merge(args.shards, args.out)} records merged", flush=True)
+            print(f"{args.out}: {merge(args.shards, args.out, args.perplexity_from)} records merged", flush=True)
         else:
             COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError) as error:

@@ -90,7 +90,8 @@ def read_dataset(path: str | Path) -> Dataset:
 
 
 RECORD_METRICS = ("ppl", "fact_acc", "fact_nll", "fact_retention")
-"""What each record carries (with its allocation) once the header gives the unit sizes: what the fit regresses."""
+"""What each record carries (with its allocation) once the header gives the unit sizes: what the fit regresses.
+A perplexity-only record (`"perplexity_only": true`, joined by `merge --perplexity-from`) carries ppl alone."""
 RECORD_NUMBERS = ("target", "quality", "achieved_sparsity", "seconds")
 """Optional record fields that must be finite numbers when present (the k-fold figures and reports read them)."""
 KNOWLEDGE = ("fact_retention_balanced", "fact_acc_balanced")
@@ -170,8 +171,9 @@ def _check_record(record: dict, units: int | None, where: str) -> None:
         _numbers(where, "allocation", record.get("allocation"), units)
         if not all(0.0 <= value <= 1.0 for value in record["allocation"]):
             raise _bad(where, "allocation", record["allocation"], "ratios in [0, 1]")
+    required = ("ppl",) if record.get("perplexity_only") is True else RECORD_METRICS
     for key in RECORD_METRICS + RECORD_NUMBERS + KNOWLEDGE:
-        if key in record or (units is not None and key in RECORD_METRICS):
+        if key in record or (units is not None and key in required):
             value = record.get(key)
             if not is_finite_number(value) or (key == "ppl" and value <= 0):
                 raise _bad(where, key, value, "a positive number" if key == "ppl" else "a finite number")
@@ -291,8 +293,16 @@ def start_dataset(path: str | Path, header: dict) -> Dataset:
     return existing
 
 
-def merge(shards: list[Path], out: Path) -> int:
-    """Join shard files built with one header (model, data, plan) into one data set ordered by draw."""
+PERPLEXITY_KEYS = ("model", "dtype", "granularity", "method", "pattern", "units", "text")
+"""What a data set lending its perplexities must share with the one it joins (not the facts)."""
+
+
+def merge(shards: list[Path], out: Path, perplexity_from: list[Path] = ()) -> int:
+    """Join shard files built with one header (model, data, plan) into one data set ordered by draw.
+
+    `perplexity_from`: data sets of the same model, text, method and units but other facts (e.g. the packaged
+    one), whose draws the shards lack join as perplexity-only records: their allocation and ppl, not their fact
+    metrics, which are for other facts. A draw in both is the shards' record (same plan seed, same allocation)."""
     first = read_dataset(shards[0])
     records = {r["draw"]: r for r in first.records}
     for path in shards[1:]:
@@ -302,10 +312,33 @@ def merge(shards: list[Path], out: Path) -> int:
                 raise ValueError(f"{str(path)!r} was built with a different {key} than {str(shards[0])!r}: "
                                  f"only shards of one build can be merged")
         records.update({r["draw"]: r for r in other.records})
+    lent = 0
+    for path in perplexity_from:
+        lender = read_dataset(path)
+        for key in PERPLEXITY_KEYS:
+            if lender.header["context"].get(key) != first.header["context"].get(key):
+                raise ValueError(f"{str(path)!r} was built with a different {key} than {str(shards[0])!r}: only a "
+                                 f"data set of the same model, text, method and units can lend its perplexities")
+        dense = lender.header["dense"]["ppl"], first.header["dense"]["ppl"]
+        if abs(dense[0] / dense[1] - 1.0) > 0.01:
+            raise ValueError(f"{str(path)!r} measured the dense perplexity {dense[0]:.3f}, {str(shards[0])!r} "
+                             f"{dense[1]:.3f}: the evaluation differs, so its perplexities cannot join")
+        for record in lender.records:
+            if record["draw"] not in records:
+                records[record["draw"]] = {key: record[key] for key in PERPLEXITY_RECORD if key in record} | {
+                    "perplexity_only": True, "ppl": record["ppl"] * (dense[1] / dense[0])}
+                lent += 1
     header = {k: v for k, v in first.header.items() if k not in ("format", "version")}
+    if perplexity_from:
+        header["perplexity_from"] = [str(path) for path in perplexity_from]
     if out.exists():
         raise FileExistsError(f"{str(out)!r} exists: merge into a new file")
     start_dataset(out, header)
     for draw in sorted(records):
         append_record(out, records[draw])
     return len(records)
+
+
+PERPLEXITY_RECORD = ("draw", "target", "kind", "variant", "params", "allocation", "requested", "achieved_sparsity",
+                     "seconds", "commit")
+"""The fields a perplexity-only record keeps from its lender (with its ppl, on the joined set's dense scale)."""

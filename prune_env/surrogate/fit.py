@@ -26,13 +26,23 @@ from .dataset import KNOWLEDGE, REBUILD, Dataset, SurrogateDataError
 
 TARGETS = ("log_ppl_ratio", "fact_acc", "fact_nll", "fact_retention")
 """What is always regressed: log(ppl / ppl_dense) (ppl spans orders of magnitude), and the fact metrics as
-they are; `KNOWLEDGE` (the balanced metrics) follow when every record carries them."""
+they are; `KNOWLEDGE` (the balanced metrics) follow when records carry them."""
+MIN_RECORDS = 3
+"""The fewest records a metric is fitted on (the ridge's intercept, slope and leave-one-out error)."""
 
 
 def targets_of(records: list[dict]) -> tuple[str, ...]:
-    """The regressed metrics of a set of records: TARGETS, plus KNOWLEDGE when every record has them (a mix
-    would fit them on a subset with other features' statistics: refused by leaving them out)."""
-    return TARGETS + (KNOWLEDGE if records and all(k in r for r in records for k in KNOWLEDGE) else ())
+    """The regressed metrics of a set of records: TARGETS, plus KNOWLEDGE when at least MIN_RECORDS records
+    carry them. Each metric is fitted on the records that carry it: log ppl on all of them, the fact metrics on
+    those with facts (a data set joined with `merge --perplexity-from` holds perplexity-only records), the
+    balanced knowledge on those with per-fact flags."""
+    carrying = sum(all(k in r for k in KNOWLEDGE) for r in records)
+    return TARGETS + (KNOWLEDGE if carrying >= MIN_RECORDS else ())
+
+
+def _column(records: list[dict], name: str) -> np.ndarray:
+    """A regressed metric of every record, NaN where a record does not carry it."""
+    return np.asarray([r.get(name, np.nan) for r in records], dtype=np.float64)
 
 
 class MissingKnowledgeError(SurrogateDataError, KeyError):
@@ -236,44 +246,48 @@ def _profile(header: dict) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def fit(dataset: Dataset, config: FitConfig = FitConfig(), records: list[dict] | None = None) -> Surrogate:
-    """Fit on `records` (default: all of the data set's)."""
+    """Fit on `records` (default: all of the data set's); each metric on the records that carry it, all with
+    one standardisation of the features (that of every record)."""
     records = dataset.records if records is None else records
-    if len(records) < 3:
-        raise ValueError(f"a surrogate needs at least 3 records, the data set has {len(records)}: "
-                         f"rebuild it with {REBUILD}")
+    with_facts = sum("fact_acc" in r for r in records)
+    if len(records) < MIN_RECORDS or with_facts < MIN_RECORDS:
+        raise ValueError(f"a surrogate needs at least {MIN_RECORDS} records with fact metrics, the data set has "
+                         f"{with_facts} (of {len(records)}): rebuild it with {REBUILD}")
     s = np.asarray([r["allocation"] for r in records], dtype=np.float64)
     targets = targets_of(records)
     dense = dataset.header["dense"]
     log_ratio = np.log([r["ppl"] / dense["ppl"] for r in records])
     if config.compress_ppl:
         log_ratio = np.log1p(np.maximum(log_ratio, -0.99))
-    y = np.stack([log_ratio] +
-                 [np.asarray([r[key] for r in records], dtype=np.float64) for key in targets[1:]], axis=1)
+    y = np.stack([log_ratio] + [_column(records, key) for key in targets[1:]], axis=1)
     numel, profile = _profile(dataset.header)
     raw = features(s, config, numel, linear_map(config, numel, profile))
     mean, scale = raw.mean(axis=0), raw.std(axis=0)
     scale[scale < 1e-12] = 1.0
     x = (raw - mean) / scale
     n_shared = x.shape[1] - s.shape[1] * (int(config.unit_linear) + len(config.unit_knots))
-    best = None
-    for unit_scale in config.unit_scales:
-        column_scale = np.where(np.arange(x.shape[1]) < n_shared, 1.0, unit_scale)
-        coef, errors, penalties = _ridge(x * column_scale, y, config.penalties)
-        coef[1:] *= column_scale[:, None]  # back to coefficients of the unscaled standardised features
-        if best is None:
-            best = [coef, errors, [(p, unit_scale) for p in penalties]]
-            continue
-        better = errors < best[1]
-        best[0][:, better] = coef[:, better]
-        best[1] = np.where(better, errors, best[1])
-        best[2] = [(p, unit_scale) if b else old for p, b, old in zip(penalties, better, best[2])]
-    coef, errors, chosen = best
-    bounds = np.stack([y.min(axis=0), y.max(axis=0)])
+    coef = np.zeros((1 + x.shape[1], y.shape[1]))
+    errors = np.zeros(y.shape[1])
+    chosen: list = [None] * y.shape[1]
+    rows_of = [np.isfinite(y[:, j]) for j in range(y.shape[1])]
+    groups: dict[bytes, list[int]] = {}
+    for j, rows in enumerate(rows_of):
+        groups.setdefault(rows.tobytes(), []).append(j)
+    for columns in groups.values():  # metrics carried by the same records share one SVD
+        rows = rows_of[columns[0]]
+        for unit_scale in config.unit_scales:
+            column_scale = np.where(np.arange(x.shape[1]) < n_shared, 1.0, unit_scale)
+            part, part_errors, penalties = _ridge(x[rows] * column_scale, y[rows][:, columns], config.penalties)
+            part[1:] *= column_scale[:, None]  # back to coefficients of the unscaled standardised features
+            for k, j in enumerate(columns):
+                if chosen[j] is None or part_errors[k] < errors[j]:
+                    coef[:, j], errors[j], chosen[j] = part[:, k], part_errors[k], (penalties[k], unit_scale)
+    bounds = np.stack([np.nanmin(y, axis=0), np.nanmax(y, axis=0)])
     spread = []
     for column in (0, 1):  # the reward's metrics: log ppl ratio and fact accuracy
         penalty, unit_scale = chosen[column]
         column_scale = np.where(np.arange(x.shape[1]) < n_shared, 1.0, unit_scale)
-        _, d, vt = np.linalg.svd(x * column_scale, full_matrices=False)
+        _, d, vt = np.linalg.svd(x[rows_of[column]] * column_scale, full_matrices=False)
         spread.append((vt, d, penalty, column_scale, float(np.sqrt(errors[column]))))
     return Surrogate(dataset.header, config, mean, scale, coef, chosen, bounds, spread, targets,
                      repr(str(dataset.path)) if dataset.path else "(in memory)")
@@ -313,15 +327,15 @@ def cross_validated(dataset: Dataset, folds: int = 5, config: FitConfig = FitCon
     if len(records) < 2 * folds:
         raise ValueError(f"{len(records)} records are too few for {folds}-fold figures: build more "
                          f"(python -m prune_env.surrogate build) or pass fewer folds")
-    missing = [key for key in ("draw", "target", "quality") if any(key not in r for r in records)]
+    missing = [key for key in ("draw", "target") if any(key not in r for r in records)]
     if missing:
         raise ValueError(f"records without {missing[0]!r} cannot be cross-validated (folds go by draw, figures by "
-                         f"target and reward): use a data set written by {REBUILD}")
+                         f"target): use a data set written by {REBUILD}")
     dense, reward = dataset.header["dense"], dataset.header["reward"]
     names = ("ppl", "fact_acc", "fact_retention") + targets_of(records)[len(TARGETS):]
-    exact = {"quality": np.asarray([r["quality"] for r in records], dtype=np.float64)}
-    exact.update({name: np.asarray([r[name] for r in records], dtype=np.float64) for name in names})
-    guess = {name: np.empty(len(records)) for name in exact}
+    exact = {"quality": _column(records, "quality")}
+    exact.update({name: _column(records, name) for name in names})
+    guess = {name: np.full(len(records), np.nan) for name in exact}
     for fold in range(folds):
         test = [i for i, r in enumerate(records) if r["draw"] % folds == fold]
         predicted = fit(dataset, config, [r for r in records if r["draw"] % folds != fold]).predict_many(
@@ -341,13 +355,21 @@ def cross_validated(dataset: Dataset, folds: int = 5, config: FitConfig = FitCon
         return statistic if np.isfinite(statistic) else None
 
     def figures(truth: np.ndarray, value: np.ndarray) -> dict:
-        per_target = {str(t): rho(truth[targets == t], value[targets == t]) for t in sorted(set(targets.tolist()))}
-        return {"spearman": rho(truth, value), "spearman_per_target": per_target,
+        """On the records that carry the metric (perplexity-only records have no facts and no reward)."""
+        carried = np.isfinite(truth)
+        truth, value, where = truth[carried], value[carried], targets[carried]
+        per_target = {str(t): rho(truth[where == t], value[where == t]) for t in sorted(set(where.tolist()))}
+        return {"n": int(carried.sum()), "spearman": rho(truth, value), "spearman_per_target": per_target,
                 "bias": float(np.mean(value - truth)), "mae": float(np.mean(np.abs(value - truth)))}
 
     return {"records": len(records), "folds": folds, **figures(exact["quality"], guess["quality"]),
             "metrics": {name: figures(exact[name], guess[name]) for name in exact if name != "quality"},
-            "exact": exact["quality"].tolist(), "predicted": guess["quality"].tolist()}
+            "exact": _listed(exact["quality"]), "predicted": _listed(guess["quality"])}
+
+
+def _listed(values: np.ndarray) -> list[float | None]:
+    """JSON-ready: None where a record has no value (a perplexity-only record's reward)."""
+    return [float(v) if np.isfinite(v) else None for v in values]
 
 
 def summary(dataset: Dataset, folds: int = 5) -> str:
