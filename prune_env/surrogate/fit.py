@@ -389,6 +389,6 @@ def summary(dataset: Dataset, folds: int = 5) -> str:
             per_target = ", ".join(f"{t}: {'-' if v is None else f'{v:.3f}'}"
                                    for t, v in values["spearman_per_target"].items())
             overall = "-" if values["spearman"] is None else f"{values['spearman']:.3f}"
-            lines.append(f"{folds}-fold (by draw) {name}: Spearman {overall} (per target "
+            lines.append(f"{folds}-fold (by draw) {name} on {values['n']} records: Spearman {overall} (per target "
                          f"{per_target}), bias {values['bias']:+.4f}, MAE {values['mae']:.4f}")
     return "\n".join(lines)
