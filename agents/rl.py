@@ -151,7 +151,8 @@ def rollout_policy(model, env, *, train_fidelity: str = "proxy", normalize: Call
             "dense_ppl": float(unwrapped.reference.ppl), "dense_fact_acc": float(unwrapped.reference.fact_acc),
             "target_sparsity": float(info["target_sparsity"]), "allocation": [float(r) for r in info["allocation"]],
             "steps": steps, "seconds": time.time() - started,
-            **({"preference": float(info["preference"])} if "preference" in info else {})}
+            **{key: float(info[key]) for key in ("fact_retention_balanced", "fact_acc_balanced", "preference")
+               if key in info}}
 
 
 class RLAgent(Agent):

@@ -334,3 +334,17 @@ def test_surrogate_pessimism_lowers_only_the_ppl_objective():
     for w in (0.0, 0.4, 1.0):
         assert preference_quality(metrics, [], env, env_config, w, ppl_pessimism=0.3) == \
             pytest.approx((1 - w) * (-1.0 - 0.3) + w * (0.25 - 1.0))
+
+
+def test_preference_sweep_plays_the_committed_policy_at_each_w_model_free():
+    """scripts/preference_sweep.py on a committed preference policy: one row per (target, w), read from the
+    surrogate without a model, and the policy's allocation moves with the observed w."""
+    from script_modules import load_script
+
+    sweep = load_script("preference_sweep").sweep
+    rows = sweep(str(ROOT / "docs/results/ppo-preference/seed-0"), [0.6], [0.0, 1.0])
+    cells = [row.strip("|").split("|") for row in rows]
+    assert len(rows) == 2 and all(float(c[1]) == 0.6 and float(c[3]) > 24.0 for c in cells)
+    assert [c[2].strip() for c in cells] == ["0", "1"] and rows[0].split("|")[4:] != rows[1].split("|")[4:]
+    with pytest.raises(SystemExit, match="not trained on the surrogate with a preference_range"):
+        sweep(str(ROOT / "docs/results/ppo-surrogate/seed-0"), [0.5], [0.0])
