@@ -312,7 +312,6 @@ def merge(shards: list[Path], out: Path, perplexity_from: list[Path] = ()) -> in
                 raise ValueError(f"{str(path)!r} was built with a different {key} than {str(shards[0])!r}: "
                                  f"only shards of one build can be merged")
         records.update({r["draw"]: r for r in other.records})
-    lent = 0
     for path in perplexity_from:
         lender = read_dataset(path)
         for key in PERPLEXITY_KEYS:
@@ -327,7 +326,6 @@ def merge(shards: list[Path], out: Path, perplexity_from: list[Path] = ()) -> in
             if record["draw"] not in records:
                 records[record["draw"]] = {key: record[key] for key in PERPLEXITY_RECORD if key in record} | {
                     "perplexity_only": True, "ppl": record["ppl"] * (dense[1] / dense[0])}
-                lent += 1
     header = {k: v for k, v in first.header.items() if k not in ("format", "version")}
     if perplexity_from:
         header["perplexity_from"] = [str(path) for path in perplexity_from]

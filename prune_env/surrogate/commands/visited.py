@@ -132,7 +132,7 @@ def spread_calibration(path: Path, multiples=(1.0, 2.0, 3.0)) -> dict:
     data = read_dataset(path)
     rounds: dict[str, list[dict]] = {}
     for record in data.records:
-        if record.get("kind") == "visited":
+        if record.get("kind") == "visited" and not record.get("perplexity_only"):  # a lent ppl has no reward
             rounds.setdefault(str(record.get("params", {}).get("policy")), []).append(record)
     if not rounds:
         raise ValueError(f"{str(path)!r} has no re-anchoring round to hold out (records of kind 'visited'): "
