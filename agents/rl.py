@@ -27,7 +27,7 @@ from training.safe_load import NormalizerStats, build_model, load_normalizer, lo
 from training.train_config import DEFAULTS, TrainConfig, config_from_dict
 from prune_env.config_files import ConfigError, load_config, merge, read_yaml
 from prune_env.envs.factory import make_env
-from prune_env.envs.rewards import check_preference
+from prune_env.envs.rewards import KNOWLEDGE_METRICS, check_preference
 
 if TYPE_CHECKING:  # pragma: no cover
     from prune_env.context import PruningContext
@@ -151,8 +151,7 @@ def rollout_policy(model, env, *, train_fidelity: str = "proxy", normalize: Call
             "dense_ppl": float(unwrapped.reference.ppl), "dense_fact_acc": float(unwrapped.reference.fact_acc),
             "target_sparsity": float(info["target_sparsity"]), "allocation": [float(r) for r in info["allocation"]],
             "steps": steps, "seconds": time.time() - started,
-            **{key: float(info[key]) for key in ("fact_retention_balanced", "fact_acc_balanced", "preference")
-               if key in info}}
+            **{key: float(info[key]) for key in (*KNOWLEDGE_METRICS, "preference") if key in info}}
 
 
 class RLAgent(Agent):

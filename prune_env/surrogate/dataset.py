@@ -22,7 +22,7 @@ import numpy as np
 
 from ..files import atomic_write_text
 from ..data.knowledge import BalancedIndex
-from ..envs.rewards import RewardConfig
+from ..envs.rewards import KNOWLEDGE_METRICS, RewardConfig
 from ..validation import is_finite_number, is_int
 
 FORMAT = "prune-gym-surrogate"
@@ -94,8 +94,9 @@ RECORD_METRICS = ("ppl", "fact_acc", "fact_nll", "fact_retention")
 A perplexity-only record (`"perplexity_only": true`, joined by `merge --perplexity-from`) carries ppl alone."""
 RECORD_NUMBERS = ("target", "quality", "achieved_sparsity", "seconds")
 """Optional record fields that must be finite numbers when present (the k-fold figures and reports read them)."""
-KNOWLEDGE = ("fact_retention_balanced", "fact_acc_balanced")
-"""Optional record metrics (answer-balanced, prune_env/knowledge.py): fitted when every record has them."""
+KNOWLEDGE = KNOWLEDGE_METRICS
+"""Optional record metrics (answer-balanced, prune_env/data/knowledge.py; the ones a knowledge reward can read):
+fitted on the records that carry them, when 3 or more do."""
 FLAGS = ("fact_greedy_exact", "fact_correct")
 """Optional per-fact flags of a record (hex bitmasks over the header's `fact_set`): knowledge recomputable."""
 
@@ -293,8 +294,11 @@ def start_dataset(path: str | Path, header: dict) -> Dataset:
     return existing
 
 
-PERPLEXITY_KEYS = ("model", "dtype", "granularity", "method", "pattern", "units", "text")
-"""What a data set lending its perplexities must share with the one it joins (not the facts)."""
+PERPLEXITY_KEYS = tuple(key for key in MATCH_KEYS if key != "facts")
+"""What a data set lending its perplexities must share with the one it joins: MATCH_KEYS but the facts."""
+PERPLEXITY_RECORD = ("draw", "target", "kind", "variant", "params", "allocation", "requested", "achieved_sparsity",
+                     "seconds", "commit")
+"""The fields a perplexity-only record keeps from its lender (with its ppl, on the joined set's dense scale)."""
 
 
 def merge(shards: list[Path], out: Path, perplexity_from: list[Path] = ()) -> int:
@@ -335,8 +339,3 @@ def merge(shards: list[Path], out: Path, perplexity_from: list[Path] = ()) -> in
     for draw in sorted(records):
         append_record(out, records[draw])
     return len(records)
-
-
-PERPLEXITY_RECORD = ("draw", "target", "kind", "variant", "params", "allocation", "requested", "achieved_sparsity",
-                     "seconds", "commit")
-"""The fields a perplexity-only record keeps from its lender (with its ppl, on the joined set's dense scale)."""
