@@ -41,7 +41,8 @@ def backfill_knowledge(data: dict, facts: list[Fact] | None = None) -> dict:
     for record in data["records"]:
         per_fact = record.get("per_fact")
         if record.get("status") == "ok" and per_fact is not None:
-            record = {**record, **knowledge_fields(facts, dense, per_fact["greedy_exact"], per_fact["correct"])}
+            record = {**record, **knowledge_fields(facts, dense, per_fact["greedy_exact"], per_fact["correct"],
+                                                        per_fact.get("answer_nll"))}
         records.append(record)
     return {**data, "dense_per_fact": {**data["dense_per_fact"], **names}, "records": records,
             "knowledge_baseline": majority_baseline(facts, dense).as_dict()}

@@ -11,7 +11,7 @@ from prune_env.files import atomic_write_text
 
 from .fronts import front_lines
 from .intervals import N_RESAMPLES, Comparison, Interval, fact_labels, has_paired_data, paired_bootstrap
-from .store import BALANCED, METRICS
+from .store import ANSWER_PPL, BALANCED, METRICS
 
 BASELINE = "uniform"
 OLD_RECORD = "no interval (old record)"
@@ -47,7 +47,7 @@ def summarise(data: dict) -> list[dict]:
         for key in (*METRICS, "achieved_sparsity"):
             if ok:
                 row[key] = _stats([r[key] for r in ok])
-        for key in BALANCED:  # absent in records written before the balanced metric: no cell then
+        for key in (*BALANCED, ANSWER_PPL):  # absent in records written before the metric: no cell then
             if ok and all(r.get(key) is not None for r in ok):
                 row[key] = _stats([r[key] for r in ok])
         if ok and all(r.get("retention_by_relation") is not None for r in ok):
@@ -188,15 +188,15 @@ def write_report(data: dict, out: str | Path, allocation_target: float | None = 
     for target in targets:
         lines += [f"## Target sparsity {target:g}", "",
                   f"| agent | ok/failed | ppl | fact acc | retention | balanced retention ({_baseline_note(data)}) "
-                  "| balanced acc | fact nll | achieved | seconds |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| balanced acc | answer ppl | fact nll | achieved | seconds |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for agent in agents:
             r = by.get((agent, target))
             if r is not None:
                 lines.append(f"| {_label(r)} | {r['n_ok']}/{r['n_failed']} | {_fmt(r.get('ppl'))} | "
                              f"{_fmt(r.get('fact_acc'))} | {_fmt(r.get('fact_retention'))} | "
                              f"{_fmt(r.get('fact_retention_balanced'))} | {_fmt(r.get('fact_acc_balanced'))} | "
-                             f"{_fmt(r.get('fact_nll'))} | {_fmt(r.get('achieved_sparsity'), 4)} | "
+                             f"{_fmt(r.get(ANSWER_PPL), 2)} | {_fmt(r.get('fact_nll'))} | {_fmt(r.get('achieved_sparsity'), 4)} | "
                              f"{_fmt(r.get('seconds'), 1)} |")
         lines.append("")
         lines += relation_lines(data, rows, target)

@@ -113,7 +113,8 @@ class Runner:
         facts = evaluate_facts(ctx.model, ctx.tokenizer, ctx.facts, ctx.data.fact_batch_size)
         metrics = ctx.metrics(windows.ppl, facts).as_dict()
         per_window = {"nll": windows.nll, "tokens": windows.tokens}
-        per_fact = {"correct": list(facts.correct), "greedy_exact": list(facts.greedy_exact)}
+        per_fact = {"correct": list(facts.correct), "greedy_exact": list(facts.greedy_exact),
+                    "answer_nll": [round(x, 5) for x in facts.answer_nll]}
         return metrics, per_window, per_fact
 
     def run_cell(self, agent: str, target: float, seed: int) -> dict:
@@ -149,7 +150,7 @@ class Runner:
             record.update(status="failed", error=f"{type(error).__name__}: {error}",
                           traceback=traceback.format_exc(limit=20), ppl=None, fact_acc=None, fact_nll=None,
                           fact_retention=None, fact_retention_balanced=None, fact_acc_balanced=None,
-                          retention_by_relation=None, per_window=None, per_fact=None)
+                          fact_answer_ppl_balanced=None, retention_by_relation=None, per_window=None, per_fact=None)
             if impl is not None:
                 _agent_info(record, impl)
         finally:

@@ -28,9 +28,11 @@ Top level:
         ppl, fact_acc, fact_nll, fact_retention   floats (null when failed)
         fact_retention_balanced, fact_acc_balanced, retention_by_relation  optional (absent in old records):
                           answer-balanced floats in [0, 1] and {relation: float} (prune_env/data/knowledge.py)
+        fact_answer_ppl_balanced  optional: the answer-balanced answer perplexity, a number > 0
         per_window        {"nll": [summed NLL], "tokens": [count]} per held-out window, or null (failed,
                           or absent in records written before intervals existed)
-        per_fact          {"correct": [bool], "greedy_exact": [bool]} per held-out fact, or null / absent
+        per_fact          {"correct": [bool], "greedy_exact": [bool], "answer_nll": [float] (optional: the right
+                          answer's NLL per token)} per held-out fact, or null / absent
         allocation        per-unit ratios (list of floats, len == len(units)) or null
         seconds           wall seconds of the cell (0 for reused records)
         timings           {"allocate", "prune", "evaluate"} seconds
@@ -65,6 +67,7 @@ from prune_env.validation import is_finite_number, is_int
 SCHEMA_VERSION = 1
 METRICS = ("ppl", "fact_acc", "fact_nll", "fact_retention")
 BALANCED = ("fact_retention_balanced", "fact_acc_balanced")  # optional: older records lack them
+ANSWER_PPL = "fact_answer_ppl_balanced"  # optional, > 0: older records lack it
 REDACTED = "***"
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|password|secret|authorization|access_token|auth_token|bearer_token)$",
                          re.IGNORECASE)
@@ -100,7 +103,8 @@ def redact_secrets(value: Any) -> Any:
 def new_record(agent: str, agent_config: dict, target: float, seed: int) -> dict:
     return {"agent": agent, "agent_config": agent_config, "seed": int(seed), "target_sparsity": float(target),
             "achieved_sparsity": None, "ppl": None, "fact_acc": None, "fact_nll": None, "fact_retention": None,
-            "fact_retention_balanced": None, "fact_acc_balanced": None, "retention_by_relation": None,
+            "fact_retention_balanced": None, "fact_acc_balanced": None, "fact_answer_ppl_balanced": None,
+            "retention_by_relation": None,
             "per_window": None, "per_fact": None, "allocation": None, "seconds": 0.0, "timings": {},
             "status": "failed", "error": None, "llm_model": None, "iterations": None, "rollbacks": None,
             "reused_from_seed": None}
@@ -188,6 +192,9 @@ def _balanced_errors(where: str, rec: dict) -> list[str]:
         value = rec.get(key)
         if key in rec and (value is not None or ok) and not (is_finite_number(value) and 0.0 <= value <= 1.0):
             errors.append(f"{where}: {key!r} must be a number in [0, 1]{'' if ok else ' or null'}, got {value!r}")
+    value = rec.get(ANSWER_PPL)
+    if value is not None and not (is_finite_number(value) and value > 0.0):
+        errors.append(f"{where}: {ANSWER_PPL!r} must be a positive number or null, got {value!r}")
     by_relation = rec.get("retention_by_relation")
     if by_relation is not None and not (isinstance(by_relation, dict) and all(
             isinstance(k, str) and is_finite_number(v) and 0.0 <= v <= 1.0 for k, v in by_relation.items())):
@@ -244,6 +251,9 @@ def _record_errors(i: int, rec: Any, sizes: dict, seen: dict) -> list[str]:
     if rec.get("per_fact") is not None:
         errors.extend(_flags_errors(f"{where}: per_fact", rec["per_fact"], ("correct", "greedy_exact"),
                                     sizes["facts"]))
+        if isinstance(rec["per_fact"], dict) and "answer_nll" in rec["per_fact"]:
+            errors.extend(_per_fact_errors(f"{where}: per_fact", rec["per_fact"], ("answer_nll",), sizes["facts"],
+                                           float, "a list of numbers (NLL per answer token)"))
     if rec.get("llm") is not None:
         errors.extend(_llm_errors(where, rec["llm"]))
     errors.extend(_balanced_errors(where, rec))

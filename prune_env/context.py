@@ -109,8 +109,8 @@ class Unit:
 @dataclass
 class Metrics:
     """One model state's quality. The balanced fields are the knowledge metric that repeating a frequent
-    answer cannot game (prune_env/data/knowledge.py): retention and accuracy with every (relation, answer)
-    weighing the same within its relation and every relation the same; `retention_by_relation` is the
+    answer cannot game (prune_env/data/knowledge.py): retention, accuracy and the answer perplexity with every
+    (relation, answer) weighing the same within its relation and every relation the same; `retention_by_relation` is the
     balanced retention of each relation the dense model knows a fact of. Required (no defaults), so a
     dense cache written before they existed fails to load and is rebuilt rather than read without them."""
 
@@ -120,6 +120,7 @@ class Metrics:
     fact_retention: float
     fact_retention_balanced: float
     fact_acc_balanced: float
+    fact_answer_ppl_balanced: float
     retention_by_relation: dict[str, float]
     greedy_exact: list[bool] = field(default_factory=list, repr=False)
 
@@ -357,7 +358,7 @@ class PruningContext:
         questions = self.facts[:len(facts.greedy_exact)] if questions is None else questions
         return Metrics(ppl=ppl, fact_acc=facts.accuracy, fact_nll=facts.nll,
                        fact_retention=kept if not math.isnan(kept) else 0.0,
-                       **knowledge_fields(questions, reference, facts.greedy_exact, facts.correct),
+                       **knowledge_fields(questions, reference, facts.greedy_exact, facts.correct, facts.answer_nll),
                        greedy_exact=facts.greedy_exact)
 
     @cached_property

@@ -137,15 +137,21 @@ def test_records_and_header_carry_the_balanced_metric(grid):
     for rec in records.values():
         assert 0.0 <= rec["fact_retention_balanced"] <= 1.0 and 0.0 <= rec["fact_acc_balanced"] <= 1.0
         assert isinstance(rec["retention_by_relation"], dict)
+        assert rec["fact_answer_ppl_balanced"] > 1.0 and len(rec["per_fact"]["answer_nll"]) == 40
     report = (config.out_dir / "report.md").read_text()
     assert "| balanced retention (majority baseline " in report and "balanced retention diff |" in report
+    assert "| balanced acc | answer ppl |" in report
     validate_results(data)
     bad = copy.deepcopy(data)
     bad["records"][0]["fact_retention_balanced"] = 1.5
+    bad["records"][1]["fact_answer_ppl_balanced"] = 0.0
+    bad["records"][2]["per_fact"]["answer_nll"] = [1.0] * 39
     bad["dense_per_fact"]["answer"] = bad["dense_per_fact"]["answer"][:3]
     with pytest.raises(ResultsError) as error:
         validate_results(bad)
     assert "'fact_retention_balanced' must be a number in [0, 1]" in str(error.value)
+    assert "'fact_answer_ppl_balanced' must be a positive number or null, got 0.0" in str(error.value)
+    assert "per_fact.answer_nll has 39 entries but there are 40 held-out facts" in str(error.value)
     assert "dense_per_fact.answer has 3 entries but there are 40 held-out facts" in str(error.value)
 
 

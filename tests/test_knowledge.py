@@ -16,8 +16,8 @@ from prune_env.context import PruningContext
 from prune_env.data.evaluation import FactScores, retention
 from prune_env.data.facts import Fact, load_facts
 from prune_env.pruning.scoring import cache_dir
-from prune_env.data.knowledge import (BalancedIndex, balanced_accuracy, balanced_retention, majority_baseline,
-                                 majority_flags)
+from prune_env.data.knowledge import (BalancedIndex, balanced_accuracy, balanced_answer_ppl, balanced_retention,
+                                     majority_baseline, majority_flags)
 
 
 def _facts(rows: list[tuple[str, str]]) -> list[Fact]:
@@ -91,6 +91,20 @@ def test_balanced_accuracy_counts_every_fact_and_weighs_answers_equally():
     assert balanced_accuracy(facts, [True] * 9) == 1.0
 
 
+def test_balanced_answer_ppl_weighs_answers_equally_and_is_a_perplexity():
+    facts = _facts(ROWS)
+    # continent: Africa x4 (NLL 1 each), Asia 3, Europe 3, Oceania 3 -> 4 answers averaging 2.5; symbol: 0 and 2 -> 1
+    nll = [1.0] * 4 + [3.0, 3.0, 0.0, 2.0, 3.0]
+    assert balanced_answer_ppl(facts, nll) == pytest.approx(math.exp((2.5 + 1.0) / 2))
+    # one nat less on the frequent answer (4 facts of Africa) counts as much as on one rare fact (Asia)
+    frequent = [0.0] * 4 + nll[4:]
+    rare = nll[:4] + [2.0] + nll[5:]
+    assert balanced_answer_ppl(facts, frequent) == pytest.approx(balanced_answer_ppl(facts, rare))
+    assert balanced_answer_ppl(facts, [0.0] * 9) == 1.0  # every answer certain
+    with pytest.raises(ValueError, match="8 per-fact values for 9 facts"):
+        balanced_answer_ppl(facts, nll[:8])
+
+
 @pytest.mark.parametrize("source", ["offline", "offline-balanced"])
 def test_majority_baseline_on_the_offline_facts(source):
     """With every fact known, the balanced baseline is 1 / distinct answers exactly, per relation."""
@@ -122,16 +136,21 @@ def test_context_metrics_carry_the_balanced_fields(tiny_data):
     dense_exact = [i % 3 != 0 for i in range(len(facts))]
     pruned_exact = [i % 2 == 0 for i in range(len(facts))]
     correct = [i % 4 == 0 for i in range(len(facts))]
-    scores = FactScores(accuracy=sum(correct) / len(facts), nll=1.0, greedy_exact=pruned_exact, correct=correct)
+    answer_nll = [0.5 + i for i in range(len(facts))]
+    scores = FactScores(accuracy=sum(correct) / len(facts), nll=1.0, greedy_exact=pruned_exact, correct=correct,
+                        answer_nll=answer_nll)
     metrics = ctx.metrics(10.0, scores, dense_exact)
     assert (metrics.fact_retention_balanced, metrics.retention_by_relation) == \
         balanced_retention(facts, dense_exact, pruned_exact)
     assert metrics.fact_acc_balanced == balanced_accuracy(facts, correct)
+    assert metrics.fact_answer_ppl_balanced == balanced_answer_ppl(facts, answer_nll)
     as_dict = metrics.as_dict()
-    assert {"fact_retention_balanced", "fact_acc_balanced", "retention_by_relation"} <= set(as_dict)
+    assert {"fact_retention_balanced", "fact_acc_balanced", "fact_answer_ppl_balanced",
+            "retention_by_relation"} <= set(as_dict)
     assert "greedy_exact" not in as_dict
     # the proxy scores the first facts only: the same prefix of the context's facts is used
-    head = FactScores(accuracy=0.0, nll=1.0, greedy_exact=pruned_exact[:4], correct=correct[:4])
+    head = FactScores(accuracy=0.0, nll=1.0, greedy_exact=pruned_exact[:4], correct=correct[:4],
+                      answer_nll=answer_nll[:4])
     assert ctx.metrics(10.0, head, dense_exact[:4]).fact_retention_balanced == \
         balanced_retention(facts[:4], dense_exact[:4], pruned_exact[:4])[0]
     other = [dataclasses.replace(f, relation="other") for f in facts[:4]]  # facts the caller names

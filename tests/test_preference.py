@@ -240,8 +240,20 @@ def test_the_knowledge_metric_is_chosen_and_checked(make_env):
     while not terminated:
         _, reward, terminated, _, end = env.step(np.zeros(env.action_space.shape, dtype=np.float32))
     assert reward == pytest.approx(end["fact_acc_balanced"] / dense.fact_acc_balanced - 1.0, abs=1e-9)
+    # the answer perplexity's objective has the ppl objective's form: doubling it costs log 2 nats per token
+    doubled = {"fact_answer_ppl_balanced": dense.fact_answer_ppl_balanced * 2}
+    assert knowledge_objective(doubled, env.unwrapped, "fact_answer_ppl_balanced") == pytest.approx(-math.log(2))
+    answer_env = make_env(fidelity="proxy", preference_range=(0.0, 1.0),
+                          reward={"knowledge_metric": "fact_answer_ppl_balanced"})
+    answer_env.reset(seed=0, options={"preference": 1.0})
+    terminated = False
+    while not terminated:
+        _, reward, terminated, _, end = answer_env.step(np.zeros(answer_env.action_space.shape, dtype=np.float32))
+    assert reward == pytest.approx(-math.log(end["fact_answer_ppl_balanced"] / dense.fact_answer_ppl_balanced))
+    assert end["fact_answer_ppl_balanced"] > dense.fact_answer_ppl_balanced  # pruning loses answer likelihood
     with pytest.raises(ValueError, match="knowledge_metric='fact_acc' is not a knowledge metric: use one of "
-                                         "fact_retention_balanced, fact_acc_balanced"):
+                                         "fact_retention_balanced, fact_acc_balanced, "
+                                         "fact_answer_ppl_balanced"):
         RewardConfig.from_dict({"knowledge_metric": "fact_acc"})
 
 

@@ -47,7 +47,7 @@ def test_cli_writes_metrics_masks_and_model(tmp_path, text_file, facts_file, cap
     assert [p.name for p in out.parent.iterdir()] == ["wanda50"]  # no staging folder left beside it
     metrics = json.loads((out / "metrics.json").read_text())
     for part in ("dense", "pruned"):
-        assert set(metrics[part]) == {"ppl", "fact_acc", "fact_nll", "fact_retention", "fact_retention_balanced", "fact_acc_balanced", "retention_by_relation"}
+        assert set(metrics[part]) == {"ppl", "fact_acc", "fact_nll", "fact_retention", "fact_retention_balanced", "fact_acc_balanced", "fact_answer_ppl_balanced", "retention_by_relation"}
     assert metrics["method"] == "wanda" and metrics["target_sparsity"] == 0.5
     assert metrics["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
 

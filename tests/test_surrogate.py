@@ -328,6 +328,26 @@ def test_a_fit_on_records_with_knowledge_predicts_it():
     assert cross_validated(shuffled)["metrics"]["fact_retention_balanced"]["spearman"] < 0.3
 
 
+def test_the_answer_perplexity_is_fitted_on_the_records_that_carry_it_by_its_log():
+    """Records built before the answer perplexity existed keep the other knowledge metrics; the ones built
+    after it teach the fit the answer perplexity, which is regressed by its log and predicted positive."""
+    data = with_knowledge(synthetic(n_records=200))
+    for record in data.records[100:]:  # the newer half carries it: exp of a shape the allocation sets
+        s = np.asarray(record["allocation"])
+        record["fact_answer_ppl_balanced"] = float(np.exp(1.0 + 3.0 * s[-3:].mean() + 0.5 * s[:3].mean()))
+    model = fit(data)
+    assert model.knows and model.targets[-3:] == ("fact_retention_balanced", "fact_acc_balanced",
+                                                  "fact_answer_ppl_balanced")
+    figures = cross_validated(data, folds=5)["metrics"]["fact_answer_ppl_balanced"]
+    assert figures["n"] == 100 and figures["spearman"] > 0.9
+    allocations = [r["allocation"] for r in data.records[:20]]
+    predicted = model.predict_many(allocations)["fact_answer_ppl_balanced"]
+    assert (predicted > 0).all() and "fact_acc_balanced" in model.predict(allocations[0])
+    for record in data.records[102:]:  # two carry it: too few, the other knowledge metrics stay
+        record.pop("fact_answer_ppl_balanced")
+    assert fit(data).targets[-2:] == ("fact_retention_balanced", "fact_acc_balanced")
+
+
 def test_with_knowledge_in_too_few_records_the_balanced_metrics_are_absent_and_fail_clearly(tmp_path):
     from prune_env.surrogate import MissingKnowledgeError
 

@@ -25,12 +25,14 @@ FACT_BATCH_ELEMENTS = 2 ** 24
 
 @dataclass
 class FactScores:
-    """Fact metrics, plus per fact whether the multiple choice was right (for paired bootstraps)."""
+    """Fact metrics, plus per fact whether the multiple choice was right (for paired bootstraps) and the
+    right answer's NLL per answer token (the smooth knowledge signal: `knowledge.balanced_answer_ppl`)."""
 
     accuracy: float
     nll: float
     greedy_exact: list[bool]
     correct: list[bool] = field(default_factory=list)
+    answer_nll: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"fact_acc": self.accuracy, "fact_nll": self.nll,
@@ -215,14 +217,17 @@ def check_fact_lengths(tokenizer, facts: list[Fact], limit: int | None, model: s
 
 @dataclass
 class ChoiceScores:
-    """Per (fact, choice): summed answer log-likelihood and whether every answer token is the argmax."""
+    """Per (fact, choice): summed answer log-likelihood, whether every answer token is the argmax, and the
+    answer's token count."""
 
-    loglik: dict[tuple[int, int], float]
-    greedy: dict[tuple[int, int], bool]
+    loglik: dict[tuple[int, int], float] = field(default_factory=dict)
+    greedy: dict[tuple[int, int], bool] = field(default_factory=dict)
+    tokens: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def merge(self, other: "ChoiceScores") -> None:
         self.loglik.update(other.loglik)
         self.greedy.update(other.greedy)
+        self.tokens.update(other.tokens)
 
 
 @torch.no_grad()
@@ -248,31 +253,35 @@ def choice_scores(model: nn.Module, batch: FactBatch, last_hidden: torch.Tensor 
         logprobs.append(torch.log_softmax(logits, -1).gather(1, targets[i:i + chunk, None]).squeeze(1))
         maxima.append(logits.argmax(-1) == targets[i:i + chunk])
     logprob, is_max = torch.cat(logprobs), torch.cat(maxima)
-    scores, offset = ChoiceScores({}, {}), 0
+    scores, offset = ChoiceScores(), 0
     for _, _, span_targets, f_index, c_index in batch.spans:
         n = len(span_targets)
         scores.loglik[(f_index, c_index)] = float(logprob[offset:offset + n].double().sum())
         scores.greedy[(f_index, c_index)] = bool(is_max[offset:offset + n].all())
+        scores.tokens[(f_index, c_index)] = n
         offset += n
     return scores
 
 
 def summarise_facts(facts: list[Fact], scores: ChoiceScores) -> FactScores:
-    """MC accuracy by summed log-likelihood, mean NLL of the correct answer, greedy-exact flags."""
-    correct, nll, exact = [], 0.0, []
+    """MC accuracy by summed log-likelihood, mean NLL of the correct answer, greedy-exact flags, and the
+    correct answer's NLL per token."""
+    correct, nll, exact, per_token = [], 0.0, [], []
     for f_index, fact in enumerate(facts):
         gold = fact.choices.index(fact.answer)
         lls = [scores.loglik[(f_index, c)] for c in range(len(fact.choices))]
         correct.append(max(range(len(lls)), key=lambda c: (lls[c], -c)) == gold)
         nll -= lls[gold]
         exact.append(scores.greedy[(f_index, gold)])
+        per_token.append(-lls[gold] / scores.tokens[(f_index, gold)])
     n = max(len(facts), 1)
-    return FactScores(accuracy=sum(correct) / n, nll=nll / n, greedy_exact=exact, correct=correct)
+    return FactScores(accuracy=sum(correct) / n, nll=nll / n, greedy_exact=exact, correct=correct,
+                      answer_nll=per_token)
 
 
 @torch.no_grad()
 def evaluate_facts(model: nn.Module, tokenizer, facts: list[Fact], batch_size: int = 64) -> FactScores:
-    scores = ChoiceScores({}, {})
+    scores = ChoiceScores()
     for batch in fact_batches(tokenizer, facts, batch_size, packed=supports_packing(model)):
         scores.merge(choice_scores(model, batch))
     return summarise_facts(facts, scores)

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..files import atomic_write_text
 from ..data.knowledge import BalancedIndex
-from ..envs.rewards import KNOWLEDGE_METRICS, RewardConfig
+from ..envs.rewards import KNOWLEDGE_METRICS, LOWER_IS_BETTER, RewardConfig
 from ..validation import is_finite_number, is_int
 
 FORMAT = "prune-gym-surrogate"
@@ -176,8 +176,9 @@ def _check_record(record: dict, units: int | None, where: str) -> None:
     for key in RECORD_METRICS + RECORD_NUMBERS + KNOWLEDGE:
         if key in record or (units is not None and key in required):
             value = record.get(key)
-            if not is_finite_number(value) or (key == "ppl" and value <= 0):
-                raise _bad(where, key, value, "a positive number" if key == "ppl" else "a finite number")
+            positive = key == "ppl" or key in LOWER_IS_BETTER
+            if not is_finite_number(value) or (positive and value <= 0):
+                raise _bad(where, key, value, "a positive number" if positive else "a finite number")
 
 
 def pack_flags(flags) -> str:

@@ -4,8 +4,8 @@ of the allocation, refitted at load from the data set (milliseconds, pure numpy,
     surrogate = fit(read_dataset(path))
     surrogate.predict(allocation, target_sparsity)  # {"ppl", "fact_acc", "fact_nll", "fact_retention", ...}
 
-Regressed: log1p(log ppl ratio) and the fact metrics, plus the answer-balanced knowledge metrics
-(fact_retention_balanced, fact_acc_balanced) when every record carries them. Features: the level of the
+Regressed: log1p(log ppl ratio) and the fact metrics, plus each answer-balanced knowledge metric
+(fact_retention_balanced, fact_acc_balanced, and the log of fact_answer_ppl_balanced) that records carry. Features: the level of the
 damage (powers of the budget, hinges of the sparsity shared by all units), its shape (tilt along depth and
 along the dense profile's z-scores, spread, the end units) and per-unit terms whose weight the fit chooses
 by leave-one-out error, so the per-unit detail grows with the data. `cross_validated` gives the k-fold
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..envs.rewards import RewardConfig, quality
+from ..envs.rewards import LOWER_IS_BETTER, RewardConfig, quality
 from .dataset import KNOWLEDGE, REBUILD, Dataset, SurrogateDataError
 
 # --------------------------------------------------------------------------- the fit
@@ -32,17 +32,22 @@ MIN_RECORDS = 3
 
 
 def targets_of(records: list[dict]) -> tuple[str, ...]:
-    """The regressed metrics of a set of records: TARGETS, plus KNOWLEDGE when at least MIN_RECORDS records
-    carry them. Each metric is fitted on the records that carry it: log ppl on all of them, the fact metrics on
-    those with facts (a data set joined with `merge --perplexity-from` holds perplexity-only records), the
-    balanced knowledge on those with per-fact flags."""
-    carrying = sum(all(k in r for k in KNOWLEDGE) for r in records)
-    return TARGETS + (KNOWLEDGE if carrying >= MIN_RECORDS else ())
+    """The regressed metrics of a set of records: TARGETS, plus each KNOWLEDGE metric that at least
+    MIN_RECORDS records carry. Each metric is fitted on the records that carry it: log ppl on all of them, the
+    fact metrics on those with facts (a data set joined with `merge --perplexity-from` holds perplexity-only
+    records), each balanced knowledge metric on the records built since the code reported it."""
+    return TARGETS + tuple(k for k in KNOWLEDGE if sum(k in r for r in records) >= MIN_RECORDS)
 
 
 def _column(records: list[dict], name: str) -> np.ndarray:
-    """A regressed metric of every record, NaN where a record does not carry it."""
+    """A metric of every record, NaN where a record does not carry it."""
     return np.asarray([r.get(name, np.nan) for r in records], dtype=np.float64)
+
+
+def _regressed(records: list[dict], name: str) -> np.ndarray:
+    """What the fit regresses for a metric: a perplexity (LOWER_IS_BETTER) by its log, a share as it is."""
+    column = _column(records, name)
+    return np.log(column) if name in LOWER_IS_BETTER else column
 
 
 class MissingKnowledgeError(SurrogateDataError, KeyError):
@@ -184,14 +189,16 @@ class Surrogate:
         log_ratio = np.expm1(out[:, 0]) if self.config.compress_ppl else out[:, 0]
         metrics = {"ppl": dense["ppl"] * np.exp(log_ratio), "fact_nll": np.maximum(out[:, 2], 0.0)}
         for column, name in enumerate(self.targets):
-            if column not in (0, 2):  # accuracies and retentions are shares
+            if name in LOWER_IS_BETTER:  # regressed as its log
+                metrics[name] = np.exp(out[:, column])
+            elif column not in (0, 2):  # accuracies and retentions are shares
                 metrics[name] = np.clip(out[:, column], 0.0, 1.0)
         return metrics
 
     @property
     def knows(self) -> bool:
-        """Whether the balanced knowledge metrics are predicted (every record of the data set carries them)."""
-        return self.targets[len(TARGETS):] == KNOWLEDGE
+        """Whether any balanced knowledge metric is predicted (records of the data set carry it)."""
+        return len(self.targets) > len(TARGETS)
 
     def _spread(self, x: np.ndarray, out: np.ndarray) -> dict[str, np.ndarray]:
         spread = {}
@@ -259,7 +266,7 @@ def fit(dataset: Dataset, config: FitConfig = FitConfig(), records: list[dict] |
     log_ratio = np.log([r["ppl"] / dense["ppl"] for r in records])
     if config.compress_ppl:
         log_ratio = np.log1p(np.maximum(log_ratio, -0.99))
-    y = np.stack([log_ratio] + [_column(records, key) for key in targets[1:]], axis=1)
+    y = np.stack([log_ratio] + [_regressed(records, key) for key in targets[1:]], axis=1)
     numel, profile = _profile(dataset.header)
     raw = features(s, config, numel, linear_map(config, numel, profile))
     mean, scale = raw.mean(axis=0), raw.std(axis=0)

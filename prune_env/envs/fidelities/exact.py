@@ -78,7 +78,7 @@ class ExactFidelity(Fidelity):
         for batch, hidden in zip(self._windows, self._states["text"].hidden):
             nll, n = nll_from_hidden(ctx.model, batch, hidden)
             total, count = total + nll, count + n
-        scores = ChoiceScores({}, {})
+        scores = ChoiceScores()
         for batch, hidden in zip(self._fact_batches, self._states["facts"].hidden):
             scores.merge(choice_scores(ctx.model, batch, hidden))
         metrics = ctx.metrics(math.exp(total / count), summarise_facts(self._facts, scores))

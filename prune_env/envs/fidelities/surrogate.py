@@ -1,8 +1,8 @@
 """surrogate: no weight is touched and no forward runs; the terminal metrics are `prune_env.surrogate`'s
 prediction for the allocation, fitted on exactly evaluated allocations.
 
-The balanced knowledge metrics (fact_retention_balanced, fact_acc_balanced) are predicted when every record
-of the data set carries them; otherwise they are absent from the metrics and `info`, and a reward term that
+Each balanced knowledge metric (fact_retention_balanced, fact_acc_balanced, fact_answer_ppl_balanced) is
+predicted when records of the data set carry it; otherwise it is absent from the metrics and `info`, and a reward term that
 reads them fails with `MissingKnowledgeError` naming the data set (never a silent 0).
 
 A data set whose header records the dense profile, unit sizes, dense metrics and data config (what
@@ -129,7 +129,7 @@ def _dense_metrics(dense: dict) -> Metrics:
     """The header's dense metrics; data sets built before the balanced knowledge metric lack its fields,
     which then read NaN (unknown), never 0: a reward that needs them fails instead of using a fake value."""
     unknown = {"fact_retention_balanced": float("nan"), "fact_acc_balanced": float("nan"),
-               "retention_by_relation": {}}
+               "fact_answer_ppl_balanced": float("nan"), "retention_by_relation": {}}
     return Metrics(**{**unknown, **dense})
 
 

@@ -243,7 +243,8 @@ def build(model: str, out: Path, rounds: int, seed: int, data: dict | None, log=
     return len(todo)
 
 
-METRICS = ("ppl", "fact_acc", "fact_nll", "fact_retention", "fact_retention_balanced", "fact_acc_balanced")
+METRICS = ("ppl", "fact_acc", "fact_nll", "fact_retention", "fact_retention_balanced", "fact_acc_balanced",
+           "fact_answer_ppl_balanced")
 """What a record keeps of the env's final info (with the allocation, sparsity, reward and per-fact flags)."""
 
 
