@@ -49,6 +49,8 @@ class Comparison:
     acc_diff: Interval  # agent accuracy - baseline accuracy
     retention_diff: Interval | None  # None without dense greedy-exact flags, or when none is set
     balanced_retention_diff: Interval | None = None  # also None without the facts' relations and answers
+    answer_ppl_ratio: Interval | None = None  # agent / baseline answer perplexity; None without labels or per-fact
+    #                                           answer NLLs (records written before they were kept)
 
 
 def has_paired_data(record: dict) -> bool:
@@ -86,8 +88,9 @@ def paired_bootstrap(agent: list[dict], baseline: list[dict], dense_exact: list[
                      labels: tuple[list[str], list[str]] | None = None) -> Comparison:
     """Intervals of `agent` records against `baseline` records (paired lists, one per seed).
 
-    `labels` = (relation, answer) of every fact (results.json's dense_per_fact) adds the interval of the
-    answer-balanced retention difference, on the same resampled facts as the others."""
+    `labels` = (relation, answer) of every fact (results.json's dense_per_fact) adds the intervals of the
+    answer-balanced retention difference and, when every record keeps per-fact answer NLLs, of the balanced
+    answer-perplexity ratio, on the same resampled facts as the others."""
     if not agent or len(agent) != len(baseline):
         raise ValueError(f"paired_bootstrap needs one baseline record per agent record, got {len(agent)} "
                          f"and {len(baseline)}")
@@ -133,4 +136,16 @@ def paired_bootstrap(agent: list[dict], baseline: list[dict], dense_exact: list[
         drawn, _ = index.means(exact, known, counts)  # (2, seeds, resamples)
         full, _ = index.means(exact, known)  # (2, seeds)
         balanced = _interval((drawn[0] - drawn[1]).mean(0), float((full[0] - full[1]).mean(0)), 0.0, False)
-    return Comparison(ppl, acc, retention, balanced)
+    answer = None
+    if labels is not None and all("answer_nll" in r["per_fact"] for r in (*agent, *baseline)):
+        index = BalancedIndex.of(*labels)
+        if index.groups.shape[0] != n_facts:
+            raise ValueError(f"labels name {index.groups.shape[0]} facts but the records have {n_facts} facts")
+        answer_nll = np.array([[r["per_fact"]["answer_nll"] for r in agent],
+                               [r["per_fact"]["answer_nll"] for r in baseline]], float)
+        everyone = np.ones(n_facts, bool)
+        drawn, _ = index.means(answer_nll, everyone, fact_counts(facts, n_facts))  # (2, seeds, resamples)
+        full, _ = index.means(answer_nll, everyone)
+        answer = _interval(np.exp((drawn[0] - drawn[1]).mean(0)), float(np.exp((full[0] - full[1]).mean(0))),
+                           1.0, True)
+    return Comparison(ppl, acc, retention, balanced, answer)

@@ -5,8 +5,9 @@
 
 For each target, the policies' records (one per training seed) are paired with the other agent's record
 (the same held-out windows and facts) and `prune_bench.intervals.paired_bootstrap` gives the 95 % interval
-of the mean over the seeds of: perplexity ratio (policy / other), fact-accuracy difference and
-fact-retention difference. "beats" means the interval excludes no difference in the policy's favour.
+of the mean over the seeds of: perplexity ratio (policy / other), fact-accuracy difference,
+fact-retention differences (plain and answer-balanced) and the answer-perplexity ratio (records that keep
+per-fact answer NLLs: the column is left out for grids written before them). "beats" means the interval excludes no difference in the policy's favour.
 
 Several results.json of one grid run with different calibration draws (`data.calib_seed`; the same
 held-out windows and facts) pool: every (draw, policy seed) pair counts once, paired within its draw, so
@@ -67,6 +68,7 @@ def summary(draws: list[dict], policies: list[str]) -> list[str]:
     baseline = (draws[0].get("knowledge_baseline") or {}).get("fact_retention_balanced")
     ok = [[r for r in results["records"] if r["status"] == "ok" and r.get("per_window") and r["seed"] == 0]
           for results in draws]
+    answers = all("answer_nll" in r["per_fact"] for records in ok for r in records)
     lines = []
     for target in sorted({r["target_sparsity"] for records in ok for r in records}):
         at = [{r["agent"]: r for r in records if r["target_sparsity"] == target} for records in ok]
@@ -84,8 +86,8 @@ def summary(draws: list[dict], policies: list[str]) -> list[str]:
                   f"{mean['fact_acc']:.3f}, retention {mean['fact_retention']:.3f}, balanced retention "
                   f"{_fmt(mean['fact_retention_balanced'])} (majority baseline {_fmt(baseline)})", "",
                   "| against | its ppl / acc / retention / balanced | ppl ratio (policies / it) | fact acc diff | "
-                  "retention diff | balanced retention diff |",
-                  "|---|---|---|---|---|---|"]
+                  "retention diff | balanced retention diff |" + " answer ppl ratio |" * answers,
+                  "|---|---|---|---|---|---|" + "---|" * answers]
         others = sorted(set.intersection(*(set(agents) for agents in at)) - set(policies),
                         key=lambda name: (np.mean([agents[name]["ppl"] for agents in at]), name))
         for name in others:
@@ -95,7 +97,8 @@ def summary(draws: list[dict], policies: list[str]) -> list[str]:
             lines.append(f"| {name} | {its['ppl']:.2f} / {its['fact_acc']:.3f} / {its['fact_retention']:.3f} / "
                          f"{_fmt(its['fact_retention_balanced'])} | {verdict(result.ppl_ratio, 4)} | "
                          f"{verdict(result.acc_diff)} | {verdict(result.retention_diff)} | "
-                         f"{verdict(result.balanced_retention_diff)} |")
+                         f"{verdict(result.balanced_retention_diff)} |"
+                         + f" {verdict(result.answer_ppl_ratio, 4)} |" * answers)
         lines.append("")
     return lines
 

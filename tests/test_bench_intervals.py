@@ -203,3 +203,22 @@ def test_balanced_interval_sees_what_plain_retention_misses():
     assert paired_bootstrap([gamer], [diverse], dense).balanced_retention_diff is None  # no labels, no interval
     with pytest.raises(ValueError, match="labels name 39 facts"):
         paired_bootstrap([gamer], [diverse], dense, labels=(relations[:-1], answers[:-1]))
+
+
+def test_answer_ppl_interval_is_the_balanced_ratio_and_needs_the_per_fact_nll():
+    """The answer-perplexity ratio: exp of the balanced mean NLL gap, a frequent answer counting once."""
+    relations = ["continent"] * 30 + ["symbol"] * 10
+    answers = ["Africa"] * 20 + [f"c{i}" for i in range(10)] + [f"s{i}" for i in range(10)]
+    window = {"nll": [10.0] * 4, "tokens": [9] * 4}
+    flags = {"correct": [True] * 40, "greedy_exact": [True] * 40}
+    base = {"per_window": window, "per_fact": {**flags, "answer_nll": [1.0] * 40}}
+    # one nat worse on the 20 Africa facts: one answer group of 11 in continent, so the balanced gap is (1/11) / 2
+    frequent = {"per_window": window, "per_fact": {**flags, "answer_nll": [2.0] * 20 + [1.0] * 20}}
+    result = paired_bootstrap([frequent], [base], [True] * 40, labels=(relations, answers))
+    assert result.answer_ppl_ratio.estimate == pytest.approx(math.exp(1 / 22))
+    assert result.answer_ppl_ratio.lower_is_better and result.answer_ppl_ratio.null == 1.0
+    everywhere = {"per_window": window, "per_fact": {**flags, "answer_nll": [2.0] * 40}}
+    worse = paired_bootstrap([everywhere], [base], [True] * 40, labels=(relations, answers)).answer_ppl_ratio
+    assert worse.estimate == pytest.approx(math.e) and worse.low == pytest.approx(math.e) and worse.verdict == "worse"
+    old = {"per_window": window, "per_fact": flags}  # written before answer NLLs were kept
+    assert paired_bootstrap([old], [base], [True] * 40, labels=(relations, answers)).answer_ppl_ratio is None
