@@ -219,6 +219,12 @@ def test_the_preference_recipe_builds_on_its_joined_data_set_and_refuses_the_pac
     while not terminated:
         _, reward, terminated, _, end = env.step(np.ones(env.action_space.shape, dtype=np.float32) * 0.5)
     assert end["preference"] == 0.25 and 0.0 < end["fact_acc_balanced"] < 1.0 and np.isfinite(reward)
+    # each objective is lowered by the pessimism times its own spread (the knowledge one in its units)
+    dense, k = env.unwrapped.reference, env.unwrapped.surrogate_pessimism
+    assert k > 0 and end["surrogate_knowledge_std"] > 0 and end["surrogate_std"] > 0
+    ppl = -math.log(end["ppl"] / dense.ppl) - k * end["surrogate_std"]
+    knowledge = end["fact_acc_balanced"] / dense.fact_acc_balanced - 1 - k * end["surrogate_knowledge_std"]
+    assert reward == pytest.approx(0.75 * ppl + 0.25 * knowledge, abs=1e-9)
     env.close()
     packaged = {**kwargs, "surrogate": None}
     with pytest.raises(ValueError, match="surrogate data set 'the packaged one' was built for .*offline-balanced"):

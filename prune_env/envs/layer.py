@@ -135,8 +135,9 @@ class LayerPruneEnv(PruneEnvBase):
     spread at the allocation (`Surrogate.uncertainty`, small where its data set has allocations);
     `surrogate_pessimism=k` makes the scalar reward (and `info["quality"]`) the lower bound prediction -
     k * spread, so neither a policy nor a search is paid for leaving the data (conservative model-based
-    optimisation); the vector reward stays the prediction. With a preference only the ppl objective is
-    lowered (by k * its log-ppl spread, so by (1 - w) * k * spread in the reward).
+    optimisation); the vector reward stays the prediction. With a preference each objective is lowered by
+    k times its own spread: the ppl one by its log-ppl spread, the knowledge one by
+    `info["surrogate_knowledge_std"]` (its metric's spread in the objective's units).
 
     ## Starting State
     The dense model (weights restored bit-exactly on every `reset`), the first unit to decide.
@@ -324,7 +325,8 @@ class LayerPruneEnv(PruneEnvBase):
                     final -= self.surrogate_pessimism * metrics["surrogate_std"]
             else:
                 final = preference_quality(metrics, allocation, self, self.reward_config, self.preference,
-                                           self.surrogate_pessimism * metrics.get("surrogate_std", 0.0))
+                                           self.surrogate_pessimism * metrics.get("surrogate_std", 0.0),
+                                           self.surrogate_pessimism * metrics.get("surrogate_knowledge_std", 0.0))
             vector += objectives(metrics, allocation, self, self.reward_config)
             reward += final
             score = None if self._task is None else reference.normalised_score(self._task, self.target_sparsity, final)

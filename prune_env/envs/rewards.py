@@ -157,8 +157,8 @@ def check_preference_range(value) -> tuple[float, float] | None:
 def preference_configs(config: RewardConfig, preference_range: tuple[float, float] | None
                        ) -> tuple[RewardConfig, RewardConfig]:
     """(the env's reward config, the fidelity's): `config` twice without preference conditioning; with it the
-    vector gains "knowledge" and a surrogate's spread (`surrogate_std`) is the log-ppl one alone, the only
-    part its pessimism lowers."""
+    vector gains "knowledge" and a surrogate's spread (`surrogate_std`) is the log-ppl one alone (the
+    knowledge objective's is `surrogate_knowledge_std`)."""
     if preference_range is None:
         return config, config
     if (config.ppl_weight, config.fact_weight, config.knowledge_weight) != (1.0, 1.0, None):
@@ -179,8 +179,9 @@ def draw_preference(preference_range: tuple[float, float] | None, options: dict,
 
 
 def preference_quality(metrics: dict, allocation: list[float], env, config: RewardConfig, preference: float,
-                       ppl_pessimism: float = 0.0) -> float:
-    """(1 - w) * (-log(ppl / ppl_dense) - ppl_pessimism) + w * knowledge_objective + the user terms.
+                       ppl_pessimism: float = 0.0, knowledge_pessimism: float = 0.0) -> float:
+    """(1 - w) * (-log(ppl / ppl_dense) - ppl_pessimism) + w * (knowledge_objective - knowledge_pessimism)
+    + the user terms.
 
     w = `preference` is the share of the knowledge objective; ppl_weight and fact_weight do not apply.
     Both objectives are 0 for the dense model; the ppl one is unbounded below (about -1.6 to -2.1 at 60 %
@@ -188,7 +189,7 @@ def preference_quality(metrics: dict, allocation: list[float], env, config: Rewa
     fact costs as much as an e-fold perplexity at w = 0.5, and w must be near 1 before retention outweighs
     perplexity; the answer-perplexity one is in the ppl objective's units and falls about 5x as fast
     (-3.2 to -3.9 nats per answer token at 50 % against -0.6 to -0.7 for the text).
-    `ppl_pessimism` lowers the ppl objective (a surrogate's lower confidence bound)."""
+    The pessimisms lower each objective (a surrogate's lower confidence bound)."""
     ppl = -math.log(metrics["ppl"] / env.reference.ppl) - ppl_pessimism
-    return (1.0 - preference) * ppl + preference * knowledge_objective(metrics, env, config.knowledge_metric) + \
-        _terms(metrics, allocation, env, config)
+    knowledge = knowledge_objective(metrics, env, config.knowledge_metric) - knowledge_pessimism
+    return (1.0 - preference) * ppl + preference * knowledge + _terms(metrics, allocation, env, config)

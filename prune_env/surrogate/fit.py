@@ -163,7 +163,8 @@ class Surrogate:
     coef: np.ndarray      # (1 + n_features, len(targets)), intercept first
     penalties: list[tuple[float, float]]  # (ridge penalty, per-unit column scale) chosen for each metric
     bounds: np.ndarray    # (2, len(targets)): the fitted range of each regressed metric; predictions stay in it
-    spread: list[tuple] | None = None  # per reward metric (log ppl, fact_acc): (vt, d, penalty, column scale,
+    spread: list[tuple] | None = None  # per reward metric (log ppl, fact_acc, then each knowledge target, in
+    #                                    targets' order): (vt, d, penalty, column scale,
     #                                    leave-one-out rms error), for `uncertainty`
     targets: tuple[str, ...] = TARGETS  # the regressed metrics, in coef's column order
     source: str = "(in memory)"  # the data set's path, named in errors
@@ -202,7 +203,8 @@ class Surrogate:
 
     def _spread(self, x: np.ndarray, out: np.ndarray) -> dict[str, np.ndarray]:
         spread = {}
-        for name, (vt, d, penalty, column_scale, rms) in zip(("log_ppl_ratio", "fact_acc"), self.spread or []):
+        names = ("log_ppl_ratio", "fact_acc", *self.targets[len(TARGETS):])
+        for name, (vt, d, penalty, column_scale, rms) in zip(names, self.spread or []):
             xs = x * column_scale
             along = xs @ vt.T
             leverage = (along ** 2 / (d ** 2 + penalty)).sum(1) + \
@@ -220,7 +222,8 @@ class Surrogate:
         """How far an allocation is from what the data set covers, in each reward metric's units: the
         leave-one-out rms error times sqrt(x'(X'X + pI)^-1 x) (the ridge's Bayesian posterior spread: small
         where the data are, growing where a policy extrapolates). log_ppl_ratio is the spread of
-        log(ppl / ppl_dense) (through the log1p compression), fact_acc of the accuracy."""
+        log(ppl / ppl_dense) (through the log1p compression), fact_acc of the accuracy, each knowledge metric's
+        in its regressed units (the log of the answer perplexity, the share itself for the others)."""
         return self.predict_with_spread(allocations)[1]
 
     def predict_with_spread(self, allocations) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -291,7 +294,7 @@ def fit(dataset: Dataset, config: FitConfig = FitConfig(), records: list[dict] |
                     coef[:, j], errors[j], chosen[j] = part[:, k], part_errors[k], (penalties[k], unit_scale)
     bounds = np.stack([np.nanmin(y, axis=0), np.nanmax(y, axis=0)])
     spread = []
-    for column in (0, 1):  # the reward's metrics: log ppl ratio and fact accuracy
+    for column in (0, 1, *range(len(TARGETS), len(targets))):  # the rewards' metrics: log ppl, fact acc, knowledge
         penalty, unit_scale = chosen[column]
         column_scale = np.where(np.arange(x.shape[1]) < n_shared, 1.0, unit_scale)
         _, d, vt = np.linalg.svd(x[rows_of[column]] * column_scale, full_matrices=False)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from ...context import DataConfig, Metrics, PruningContext
 from ...pruning.masking import parse_pattern
 from ...pruning.methods import check_method
-from ..rewards import RewardConfig
+from ..rewards import LOWER_IS_BETTER, RewardConfig
 from ...surrogate import Surrogate, SurrogateMismatchError, fitted_surrogate, load_surrogate, reward_spread
 from ...validation import check_device, check_dtype
 from .base import Fidelity
@@ -151,8 +151,13 @@ class SurrogateFidelity(Fidelity):
         many, spread = self._surrogate.predict_with_spread([ratios])
         predicted = {key: float(value[0]) for key, value in many.items()}
         std = float(reward_spread(spread, self._reward)[0])
-        return self._surrogate.as_metrics({**predicted, "achieved_sparsity": sum(zeros) / self.context.total_numel,
-                                           "surrogate_std": std})
+        extra = {"achieved_sparsity": sum(zeros) / self.context.total_numel, "surrogate_std": std}
+        metric = self._reward["knowledge_metric"]
+        dense = getattr(self.reference, metric)
+        if metric in spread and dense > 0:  # the knowledge objective's spread, in its units (knowledge_objective)
+            units = 1.0 if metric in LOWER_IS_BETTER else 1.0 / dense
+            extra["surrogate_knowledge_std"] = float(spread[metric][0]) * units
+        return self._surrogate.as_metrics({**predicted, **extra})
 
     def close(self) -> None:
         self._surrogate = None
