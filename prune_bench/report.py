@@ -196,7 +196,8 @@ def write_report(data: dict, out: str | Path, allocation_target: float | None = 
                 lines.append(f"| {_label(r)} | {r['n_ok']}/{r['n_failed']} | {_fmt(r.get('ppl'))} | "
                              f"{_fmt(r.get('fact_acc'))} | {_fmt(r.get('fact_retention'))} | "
                              f"{_fmt(r.get('fact_retention_balanced'))} | {_fmt(r.get('fact_acc_balanced'))} | "
-                             f"{_fmt(r.get(ANSWER_PPL), 2)} | {_fmt(r.get('fact_nll'))} | {_fmt(r.get('achieved_sparsity'), 4)} | "
+                             f"{_fmt(r.get(ANSWER_PPL), 2)} | {_fmt(r.get('fact_nll'))} | "
+                             f"{_fmt(r.get('achieved_sparsity'), 4)} | "
                              f"{_fmt(r.get('seconds'), 1)} |")
         lines.append("")
         lines += relation_lines(data, rows, target)

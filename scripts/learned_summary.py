@@ -7,7 +7,8 @@ For each target, the policies' records (one per training seed) are paired with t
 (the same held-out windows and facts) and `prune_bench.intervals.paired_bootstrap` gives the 95 % interval
 of the mean over the seeds of: perplexity ratio (policy / other), fact-accuracy difference,
 fact-retention differences (plain and answer-balanced) and the answer-perplexity ratio (records that keep
-per-fact answer NLLs: the column is left out for grids written before them). "beats" means the interval excludes no difference in the policy's favour.
+per-fact answer NLLs: the column is left out for grids written before them). "beats" means the interval
+excludes no difference in the policy's favour.
 
 Several results.json of one grid run with different calibration draws (`data.calib_seed`; the same
 held-out windows and facts) pool: every (draw, policy seed) pair counts once, paired within its draw, so

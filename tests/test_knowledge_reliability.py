@@ -21,7 +21,8 @@ def _results(n_allocations: int = 30, n_facts: int = 400) -> dict:
                         "per_fact": {"answer_nll": (2.0 + effect[k] + rng.normal(0, 1.0, n_facts)).tolist(),
                                      "correct": (rng.random(n_facts) < 0.5).tolist(),
                                      "greedy_exact": (rng.random(n_facts) < 0.3).tolist()}})
-    records.append({**records[0], "per_fact": dict(records[0]["per_fact"]), "seed": 1, "reused_from_seed": 0})  # a reused record is not another allocation
+    # a reused record is not another allocation
+    records.append({**records[0], "per_fact": dict(records[0]["per_fact"]), "seed": 1, "reused_from_seed": 0})
     return {"records": records, "dense_per_fact": {"greedy_exact": [True] * n_facts, "relation": relations,
                                                    "answer": answers}}
 

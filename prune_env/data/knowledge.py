@@ -73,7 +73,8 @@ class BalancedIndex:
               ) -> tuple[np.ndarray, np.ndarray]:
         """Balanced mean of `flags` over the facts in `within`: (overall, per relation).
 
-        flags (..., n) in {0, 1} (or any per-fact value: the answer NLL); within (n,) the facts that count (the dense-known ones for retention);
+        flags (..., n) in {0, 1} (or any per-fact value: the answer NLL); within (n,) the facts that count
+        (the dense-known ones for retention);
         weights (R, n) how often each fact is drawn (a bootstrap resample), or None (each fact once).
         Returns overall (..., R) and per relation (..., R, n_relations); without weights the R axis is
         dropped. An answer group with no counted fact is left out of its relation, a relation with

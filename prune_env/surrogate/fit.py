@@ -4,8 +4,8 @@ of the allocation, refitted at load from the data set (milliseconds, pure numpy,
     surrogate = fit(read_dataset(path))
     surrogate.predict(allocation, target_sparsity)  # {"ppl", "fact_acc", "fact_nll", "fact_retention", ...}
 
-Regressed: log1p(log ppl ratio) and the fact metrics, plus each answer-balanced knowledge metric
-(fact_retention_balanced, fact_acc_balanced, and the log of fact_answer_ppl_balanced) that records carry. Features: the level of the
+Regressed: log1p(log ppl ratio) and the fact metrics, plus each answer-balanced knowledge metric that records
+carry (fact_retention_balanced, fact_acc_balanced, the log of fact_answer_ppl_balanced). Features: the level of the
 damage (powers of the budget, hinges of the sparsity shared by all units), its shape (tilt along depth and
 along the dense profile's z-scores, spread, the end units) and per-unit terms whose weight the fit chooses
 by leave-one-out error, so the per-unit detail grows with the data. `cross_validated` gives the k-fold

@@ -2,8 +2,8 @@
 prediction for the allocation, fitted on exactly evaluated allocations.
 
 Each balanced knowledge metric (fact_retention_balanced, fact_acc_balanced, fact_answer_ppl_balanced) is
-predicted when records of the data set carry it; otherwise it is absent from the metrics and `info`, and a reward term that
-reads them fails with `MissingKnowledgeError` naming the data set (never a silent 0).
+predicted when records of the data set carry it; otherwise it is absent from the metrics and `info`, and a reward
+term that reads it fails with `MissingKnowledgeError` naming the data set (never a silent 0).
 
 A data set whose header records the dense profile, unit sizes, dense metrics and data config (what
 `python -m prune_env.surrogate build` writes) needs no model at all: `surrogate_context` checks the env's model
