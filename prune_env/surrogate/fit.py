@@ -328,7 +328,7 @@ def cross_validated(dataset: Dataset, folds: int = 5, config: FitConfig = FitCon
     """Fidelity on allocations the fit never saw: k-fold by draw number (fold = draw % folds), the fit
     refitted on the other folds. For the reward (`quality`: top-level keys, with the per-record predictions)
     and for each regressed metric (`metrics`: log_ppl, fact_acc, fact_retention and, when the records carry
-    them, the balanced knowledge metrics): the Spearman rank correlation of predicted vs exact, overall and
+    them, the balanced knowledge metrics, the answer perplexity as log_fact_answer_ppl_balanced): the Spearman rank correlation of predicted vs exact, overall and
     within each target, the bias (mean predicted - exact) and the mean absolute error. Within-target
     Spearman is what matters: it says whether the fit ranks allocations of one budget as the exact env does."""
     from scipy.stats import spearmanr
@@ -353,7 +353,8 @@ def cross_validated(dataset: Dataset, folds: int = 5, config: FitConfig = FitCon
         guess["quality"][test] = quality_of(predicted, dense, reward)
         for name in names:
             guess[name][test] = predicted[name]
-    exact["log_ppl"], guess["log_ppl"] = np.log(exact.pop("ppl")), np.log(guess.pop("ppl"))  # bias in log ppl
+    for name in ("ppl", *[n for n in names if n in LOWER_IS_BETTER]):  # perplexities: bias and error in log
+        exact[f"log_{name}"], guess[f"log_{name}"] = np.log(exact.pop(name)), np.log(guess.pop(name))
     targets = np.asarray([r["target"] for r in records])
 
     def rho(truth: np.ndarray, value: np.ndarray) -> float | None:
