@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .dataset import PACKAGED, SurrogateDataError, knowledge_of, merge, read_dataset
-from .fit import KNOWLEDGE, cross_validated, fit, summary
+from .fit import cross_validated, fit, summary
 
 TARGETS = [0.3, 0.4, 0.5, 0.6]
 
@@ -115,7 +115,7 @@ def _check(args) -> None:
                                                  in knowledge_of(data.header, r).items() if key in r)]
     print(f"{args.data}: {len(data.records)} records, fitted {fitted}; "
           f"{len(flagged)} with per-fact flags, {len(off)} whose flags disagree with their recorded "
-          f"{' / '.join(KNOWLEDGE)}{': draws ' + str(off[:10]) if off else ''}")
+          f"balanced retention / accuracy{': draws ' + str(off[:10]) if off else ''}")
     if off:
         raise SurrogateDataError(f"{args.data}: {len(off)} records' per-fact flags disagree with their balanced "
                                  f"metrics (draws {off[:5]}): rebuild those records")
