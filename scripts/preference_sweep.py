@@ -4,8 +4,9 @@
         docs/results/ppo-preference/seed-2 --targets 0.5 0.6 --preferences 0 0.5 1
 
 Each policy plays one deterministic episode per (target, w) on the surrogate env it trained on, with the
-surrogate's plain prediction (pessimism 0), and the table gives the predicted perplexity, balanced accuracy
-and balanced retention of the allocation, plus the sparsity of the first and last unit. A policy that
+surrogate's plain prediction (pessimism 0), and the table gives the predicted perplexity, balanced accuracy,
+balanced retention and answer perplexity of the allocation ("-" where the policy's data set does not predict
+it), plus the sparsity of the first and last unit. A policy that
 ignores w prints the same row for every w; the benchmark (exact, held-out) says whether the moves are real.
 """
 
@@ -28,8 +29,10 @@ def sweep(path: str, targets: list[float], preferences: list[float]) -> list[str
     for target in targets:
         for w in preferences:
             end = policy.rollout(env, seed=0, target=target, preference=w)
+            answer = end.get("fact_answer_ppl_balanced")
             rows.append(f"| {Path(path).name} | {target:g} | {w:g} | {end['ppl']:.2f} | {end['fact_acc_balanced']:.3f} | "
-                        f"{end['fact_retention_balanced']:.3f} | {end['allocation'][0]:.2f} | {end['allocation'][-1]:.2f} |")
+                        f"{end['fact_retention_balanced']:.3f} | {'-' if answer is None else f'{answer:.1f}'} | "
+                        f"{end['allocation'][0]:.2f} | {end['allocation'][-1]:.2f} |")
     env.close()
     return rows
 
@@ -40,8 +43,8 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.6])
     parser.add_argument("--preferences", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     args = parser.parse_args()
-    print("| policy | target | w | ppl | balanced accuracy | balanced retention | first unit | last unit |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| policy | target | w | ppl | balanced accuracy | balanced retention | answer ppl | first unit | last unit |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for path in args.policies:
         print("\n".join(sweep(path, args.targets, args.preferences)))
 
