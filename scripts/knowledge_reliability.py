@@ -34,7 +34,8 @@ METRICS = {  # name -> (per-fact field, counted facts: "known" = the dense model
 
 def split_half(values: np.ndarray, index: BalancedIndex, within: np.ndarray, splits: int, seed: int) -> float | None:
     """Mean over random halvings of the facts of Spearman(metric on half A, metric on half B) across the rows
-    of `values` (allocations x facts); None where it is undefined (a half constant across allocations)."""
+    of `values` (allocations x facts); None where it is undefined (a half with under 3 distinct values: one
+    allocation that keeps a fact where all others keep none would read as a perfect ranking)."""
     rng = np.random.default_rng(seed)
     n = values.shape[1]
     rhos = []
@@ -45,7 +46,7 @@ def split_half(values: np.ndarray, index: BalancedIndex, within: np.ndarray, spl
             weights = np.zeros((1, n))
             weights[0, part] = 1.0
             halves.append(index.means(values, within, weights)[0][:, 0])
-        if min(np.ptp(h) for h in halves) > 0:
+        if min(len(np.unique(h)) for h in halves) >= 3:  # a metric nearly constant across allocations ranks nothing
             rhos.append(float(spearmanr(*halves).statistic))
     return float(np.mean(rhos)) if rhos else None
 
