@@ -127,25 +127,25 @@ def paired_bootstrap(agent: list[dict], baseline: list[dict], dense_exact: list[
                 return kept / known[index].sum(-1)
 
         retention = _interval(kept_gap(facts), float(kept_gap(np.arange(n_facts))), 0.0, False)
-    balanced = None
-    if retention is not None and labels is not None:
+    balanced = answer = None
+    answers = labels is not None and all("answer_nll" in r["per_fact"] for r in (*agent, *baseline))
+    if labels is not None and (retention is not None or answers):
         index = BalancedIndex.of(*labels)
         if index.groups.shape[0] != n_facts:
             raise ValueError(f"labels name {index.groups.shape[0]} facts but the records have {n_facts} facts")
         counts = fact_counts(facts, n_facts)
-        drawn, _ = index.means(exact, known, counts)  # (2, seeds, resamples)
-        full, _ = index.means(exact, known)  # (2, seeds)
-        balanced = _interval((drawn[0] - drawn[1]).mean(0), float((full[0] - full[1]).mean(0)), 0.0, False)
-    answer = None
-    if labels is not None and all("answer_nll" in r["per_fact"] for r in (*agent, *baseline)):
-        index = BalancedIndex.of(*labels)
-        if index.groups.shape[0] != n_facts:
-            raise ValueError(f"labels name {index.groups.shape[0]} facts but the records have {n_facts} facts")
-        answer_nll = np.array([[r["per_fact"]["answer_nll"] for r in agent],
-                               [r["per_fact"]["answer_nll"] for r in baseline]], float)
-        everyone = np.ones(n_facts, bool)
-        drawn, _ = index.means(answer_nll, everyone, fact_counts(facts, n_facts))  # (2, seeds, resamples)
-        full, _ = index.means(answer_nll, everyone)
-        answer = _interval(np.exp((drawn[0] - drawn[1]).mean(0)), float(np.exp((full[0] - full[1]).mean(0))),
-                           1.0, True)
+
+        def balanced_gap(values: np.ndarray, within: np.ndarray) -> tuple[np.ndarray, float]:
+            """Agent minus baseline balanced mean, per resample and on the full data (mean over seeds)."""
+            drawn, _ = index.means(values, within, counts)  # (2, seeds, resamples)
+            full, _ = index.means(values, within)  # (2, seeds)
+            return (drawn[0] - drawn[1]).mean(0), float((full[0] - full[1]).mean(0))
+
+        if retention is not None:
+            balanced = _interval(*balanced_gap(exact, known), 0.0, False)
+        if answers:
+            answer_nll = np.array([[r["per_fact"]["answer_nll"] for r in agent],
+                                   [r["per_fact"]["answer_nll"] for r in baseline]], float)
+            drawn, full = balanced_gap(answer_nll, np.ones(n_facts, bool))
+            answer = _interval(np.exp(drawn), float(np.exp(full)), 1.0, True)
     return Comparison(ppl, acc, retention, balanced, answer)

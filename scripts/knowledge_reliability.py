@@ -41,11 +41,9 @@ def split_half(values: np.ndarray, index: BalancedIndex, within: np.ndarray, spl
     rhos = []
     for _ in range(splits):
         order = rng.permutation(n)
-        halves = []
-        for part in (order[:n // 2], order[n // 2:]):
-            weights = np.zeros((1, n))
-            weights[0, part] = 1.0
-            halves.append(index.means(values, within, weights)[0][:, 0])
+        weights = np.zeros((2, n))  # one row per half: both halves in one balanced mean
+        weights[0, order[:n // 2]] = weights[1, order[n // 2:]] = 1.0
+        halves = index.means(values, within, weights)[0].T
         if min(len(np.unique(h)) for h in halves) >= 3:  # a metric nearly constant across allocations ranks nothing
             rhos.append(float(spearmanr(*halves).statistic))
     return float(np.mean(rhos)) if rhos else None

@@ -20,7 +20,7 @@ the answer perplexity: exp of the balanced mean, over every fact, of the right a
 Greedy-exact and multiple-choice flags are coarse: on SmolLM2-135M at 50-60 % sparsity nearly every known
 fact is lost, and which allocation keeps more of them changes with the facts sampled. The answer's
 likelihood still moves there, per fact, so the answer perplexity ranks allocations of one budget the same way
-on two disjoint halves of the facts far more often (docs/results/knowledge-reliability/README.md).
+on two disjoint halves of the facts far more often (docs/results/knowledge-answer/README.md).
 The core works on numpy arrays with per-fact weights, so the benchmark's bootstrap recomputes the balanced
 statistic on each resample of facts (resampled counts as weights) with the very code the env reports.
 """

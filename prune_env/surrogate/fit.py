@@ -328,8 +328,8 @@ def cross_validated(dataset: Dataset, folds: int = 5, config: FitConfig = FitCon
     """Fidelity on allocations the fit never saw: k-fold by draw number (fold = draw % folds), the fit
     refitted on the other folds. For the reward (`quality`: top-level keys, with the per-record predictions)
     and for each regressed metric (`metrics`: log_ppl, fact_acc, fact_retention and, when the records carry
-    them, the balanced knowledge metrics, the answer perplexity as log_fact_answer_ppl_balanced): the Spearman rank correlation of predicted vs exact, overall and
-    within each target, the bias (mean predicted - exact) and the mean absolute error. Within-target
+    them, the balanced knowledge metrics, the answer perplexity as log_fact_answer_ppl_balanced): the
+    Spearman rank correlation of predicted vs exact, overall and within each target, the bias (mean predicted - exact) and the mean absolute error. Within-target
     Spearman is what matters: it says whether the fit ranks allocations of one budget as the exact env does."""
     from scipy.stats import spearmanr
 

@@ -142,6 +142,12 @@ class SurrogateFidelity(Fidelity):
         self._reward = asdict(reward)
         self.reference = context.dense
         self._linear_numel = [[ref.numel for ref in unit.linears] for unit in context.units]
+        # the knowledge objective's spread is the fit's, in the objective's units (rewards.knowledge_objective)
+        self._knowledge_metric = reward.knowledge_metric
+        dense = getattr(self.reference, reward.knowledge_metric)
+        self._knowledge_units: float | None = None  # dense NaN or 0: no knowledge objective to lower
+        if dense > 0:
+            self._knowledge_units = 1.0 if reward.knowledge_metric in LOWER_IS_BETTER else 1.0 / dense
 
     def prune_unit(self, index: int, ratio: float) -> tuple[int, None]:
         """The weights each operator would remove, counted, not removed."""
@@ -152,11 +158,8 @@ class SurrogateFidelity(Fidelity):
         predicted = {key: float(value[0]) for key, value in many.items()}
         std = float(reward_spread(spread, self._reward)[0])
         extra = {"achieved_sparsity": sum(zeros) / self.context.total_numel, "surrogate_std": std}
-        metric = self._reward["knowledge_metric"]
-        dense = getattr(self.reference, metric)
-        if metric in spread and dense > 0:  # the knowledge objective's spread, in its units (knowledge_objective)
-            units = 1.0 if metric in LOWER_IS_BETTER else 1.0 / dense
-            extra["surrogate_knowledge_std"] = float(spread[metric][0]) * units
+        if self._knowledge_units is not None and self._knowledge_metric in spread:
+            extra["surrogate_knowledge_std"] = float(spread[self._knowledge_metric][0]) * self._knowledge_units
         return self._surrogate.as_metrics({**predicted, **extra})
 
     def close(self) -> None:
