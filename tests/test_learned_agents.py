@@ -262,3 +262,27 @@ def test_surrogate_scores_read_rules_from_a_grid_and_name_a_missing_agent():
     assert rules["uniform"][0.5] == pytest.approx([0.5] * 30, abs=1e-3)
     with pytest.raises(ValueError, match="'nobody'"):
         scorer.rule_allocations(grid, ["nobody"])
+
+
+def test_visited_plays_a_preference_policy_at_each_w_and_compares_each_metric(tmp_path, smoke_data, capsys):
+    """Re-anchoring a preference policy: each target at every asked w, the w kept on the appended record,
+    and the fit's log-perplexity error where the policy went (what said the answer fit was optimistic)."""
+    data_set, run_dir = _surrogate_policy(tmp_path, smoke_data, rounds=2,
+                                          extra=("env.preference_range=[0.0, 1.0]",
+                                                 "env.reward.knowledge_metric=fact_answer_ppl_balanced"))
+    out = tmp_path / "visited.json"
+    records_before = len(read_dataset(data_set).records)
+    assert surrogate_main(["visited", "--policy", str(run_dir), "--targets", "0.5", "--episodes", "0",
+                           "--preferences", "0", "1", "--out", str(out), "--append", str(data_set)]) == 0
+    visited = json.loads(out.read_text())["visited"]
+    assert [(v["target"], v["mode"], v["preference"]) for v in visited] == [(0.5, "mean", 0.0), (0.5, "mean", 1.0)]
+    errors = json.loads(out.read_text())["figures"]["log_metrics"]["ppl"]
+    expected = np.mean([np.log(v["predicted_metrics"]["ppl"]) - np.log(v["ppl"]) for v in visited])
+    assert errors["bias"] == pytest.approx(expected) and errors["bias_per_target"]["0.5"] == pytest.approx(expected)
+    added = read_dataset(data_set).records[records_before:]
+    assert [r["params"]["preference"] for r in added] == [0.0, 1.0]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _, plain_run = _surrogate_policy(plain, smoke_data, rounds=2)
+    assert surrogate_main(["visited", "--policy", str(plain_run), "--targets", "0.5", "--preferences", "0"]) == 2
+    assert "trained without a preference_range: drop --preferences" in capsys.readouterr().err

@@ -203,6 +203,11 @@ def test_unknown_knowledge_is_a_clear_error(make_env, tiny_data):
     # the default tiny facts: the random model answers none, so retention could only read 0
     with pytest.raises(ValueError, match="answers none of this env's facts"):
         gym.make(ENV_ID, model="tiny-llama", data=tiny_data, fidelity="proxy", preference_range=(0.0, 1.0))
+    # the answer perplexity scores every fact's right answer, answered or not: defined on the same facts
+    env = gym.make(ENV_ID, model="tiny-llama", data=tiny_data, fidelity="proxy", preference_range=(0.0, 1.0),
+                   reward={"knowledge_metric": "fact_answer_ppl_balanced"})
+    assert knowledge_objective({"fact_answer_ppl_balanced": env.unwrapped.reference.fact_answer_ppl_balanced * math.e},
+                               env.unwrapped, "fact_answer_ppl_balanced") == pytest.approx(-1.0)
 
 
 def test_the_preference_recipe_builds_on_its_joined_data_set_and_refuses_the_packaged_one():

@@ -555,3 +555,30 @@ def test_a_rank_correlation_that_is_undefined_is_none_not_nan():
             record["fact_retention"] = 0.0
     per_target = cross_validated(data)["metrics"]["fact_retention"]["spearman_per_target"]
     assert per_target["0.6"] is None and all(isinstance(per_target[t], float) for t in ("0.3", "0.4", "0.5"))
+
+
+def test_merge_keeps_visited_records_that_share_a_draw_number_and_refuses_two_plans(tmp_path):
+    """Two re-anchoring files (or a shard and its lender) each number their visited records from
+    VISITED_DRAWS: the same number is two allocations, and both are kept. A planned draw with two
+    allocations means two plans, which no merge can reconcile."""
+    from prune_env.surrogate.dataset import VISITED_DRAWS, merge
+
+    base = synthetic(n_records=8)
+    def visited(data: Dataset, shift: float) -> Dataset:
+        extra = [{**r, "draw": VISITED_DRAWS + i, "kind": "visited", "allocation": [a + shift for a in r["allocation"]]}
+                 for i, r in enumerate(data.records[:2])]
+        return Dataset(data.header, [*data.records, *extra])
+    first, second = write(visited(base, 0.01), tmp_path / "a.jsonl"), write(visited(base, 0.02), tmp_path / "b.jsonl")
+    assert merge([first, second], tmp_path / "ab.jsonl") == 12
+    merged = read_dataset(tmp_path / "ab.jsonl").records
+    assert [r["draw"] for r in merged] == [*range(8), *range(VISITED_DRAWS, VISITED_DRAWS + 4)]
+    shifted = [round(r["allocation"][0] - base.records[i % 2]["allocation"][0], 6) for i, r in enumerate(merged[8:])]
+    assert shifted == [0.01, 0.01, 0.02, 0.02]  # the second file's visited records renumbered after the first's
+    lender = _lender(base, seed=1)
+    lender = visited(Dataset(lender.header, lender.records[:20]), 0.03)
+    assert merge([first], tmp_path / "joined.jsonl", [write(lender, tmp_path / "lender.jsonl")]) == 24
+    joined = read_dataset(tmp_path / "joined.jsonl").records
+    assert sum(r.get("kind") == "visited" and r.get("perplexity_only", False) for r in joined) == 2
+    other = synthetic(n_records=8, seed=5)  # another plan: draw 0 is another allocation
+    with pytest.raises(ValueError, match="draw 0 with another allocation"):
+        merge([first, write(other, tmp_path / "other.jsonl")], tmp_path / "bad.jsonl")

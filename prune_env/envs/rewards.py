@@ -115,10 +115,13 @@ def _terms(metrics: dict, allocation: list[float], env, config: RewardConfig) ->
 def check_knowledge_reference(reference, metric: str = KNOWLEDGE_METRICS[0]) -> None:
     """Refuse a knowledge reward whose dense reference cannot define it (checked when the env is built): the
     dense `metric` unknown (NaN, e.g. a surrogate data set without per-fact records) or a dense model that
-    answers none of the env's facts (every pruned model would read 0)."""
+    answers none of the env's facts (every pruned model would read 0; the answer perplexity scores every
+    fact's right answer whether the model gives it or not, so it needs none answered)."""
     if math.isnan(getattr(reference, metric)):
         raise ValueError(f"the knowledge reward needs the dense model's {metric}, which this env does not know "
                          f"(NaN): use the exact or proxy fidelity, or a surrogate data set built with per-fact records")
+    if metric in LOWER_IS_BETTER:
+        return
     if not reference.retention_by_relation or not getattr(reference, metric) > 0.0:
         raise ValueError("the knowledge reward needs facts the dense model answers greedy-exact, and it answers "
                          "none of this env's facts: use other facts (data.facts, data.n_facts) or drop the knowledge "

@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                       "re-anchoring round when fitted without it (sets surrogate_pessimism)")
     visited.add_argument("--targets", type=float, nargs="+", default=TARGETS)
     visited.add_argument("--episodes", type=int, default=4, help="sampled-action episodes per target (+1 mean)")
+    visited.add_argument("--preferences", type=float, nargs="+", default=None,
+                         help="a preference policy's w values: each target is played at every one")
     visited.add_argument("--seed", type=int, default=0)
     visited.add_argument("--threads", type=int, default=None, help="torch threads")
     visited.add_argument("--out", type=Path, default=None, help="JSON with every allocation and the figures")
@@ -133,7 +135,8 @@ def _visited(args) -> None:
         return
     if args.episodes < 0:
         raise ValueError(f"--episodes {args.episodes} must be >= 0")
-    entries, env = visited.rollouts(args.policy, args.targets, args.episodes, args.seed)
+    entries, env = visited.rollouts(args.policy, args.targets, args.episodes, args.seed,
+                                   None if args.preferences is None else tuple(args.preferences))
     ctx = env.unwrapped.context
     visited.replay_exact(entries, ctx, log=lambda m: print(m, flush=True))
     figures = visited.agreement(entries)

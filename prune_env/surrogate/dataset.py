@@ -302,6 +302,24 @@ PERPLEXITY_RECORD = ("draw", "target", "kind", "variant", "params", "allocation"
 """The fields a perplexity-only record keeps from its lender (with its ppl, on the joined set's dense scale)."""
 
 
+VISITED_DRAWS = 1_000_000
+"""Draw numbers of re-anchoring (`visited`) records start here: never a planned draw's number."""
+
+
+def _same_draw(records: dict[int, dict], record: dict, path: Path, displaced: list[dict]) -> bool:
+    """Whether `record` may take its draw number in `records`. A planned draw is one allocation in every file
+    of one plan (a different one is a corrupt file); a visited record's number only orders its own file, so
+    two files' visited records under one number are two records: the newcomer is renumbered (`displaced`)."""
+    held = records.get(record["draw"])
+    if held is None or held["allocation"] == record["allocation"]:
+        return True
+    if "visited" in (held.get("kind"), record.get("kind")):
+        displaced.append(record)
+        return False
+    raise ValueError(f"{str(path)!r} has draw {record['draw']} with another allocation than the file before it: "
+                     "they were not built from one plan, so they cannot be merged")
+
+
 def merge(shards: list[Path], out: Path, perplexity_from: list[Path] = ()) -> int:
     """Join shard files built with one header (model, data, plan) into one data set ordered by draw.
 
@@ -309,14 +327,16 @@ def merge(shards: list[Path], out: Path, perplexity_from: list[Path] = ()) -> in
     one), whose draws the shards lack join as perplexity-only records: their allocation and ppl, not their fact
     metrics, which are for other facts. A draw in both is the shards' record (same plan seed, same allocation)."""
     first = read_dataset(shards[0])
-    records = {r["draw"]: r for r in first.records}
+    records, displaced = {r["draw"]: r for r in first.records}, []
     for path in shards[1:]:
         other = read_dataset(path)
         for key in ("context", "model_file", "dense", "plan", "reward", "env", "fact_set"):
             if other.header.get(key) != first.header.get(key):
                 raise ValueError(f"{str(path)!r} was built with a different {key} than {str(shards[0])!r}: "
                                  f"only shards of one build can be merged")
-        records.update({r["draw"]: r for r in other.records})
+        for record in other.records:
+            if _same_draw(records, record, path, displaced):
+                records[record["draw"]] = record
     for path in perplexity_from:
         lender = read_dataset(path)
         for key in PERPLEXITY_KEYS:
@@ -328,9 +348,15 @@ def merge(shards: list[Path], out: Path, perplexity_from: list[Path] = ()) -> in
             raise ValueError(f"{str(path)!r} measured the dense perplexity {dense[0]:.3f}, {str(shards[0])!r} "
                              f"{dense[1]:.3f}: the evaluation differs, so its perplexities cannot join")
         for record in lender.records:
-            if record["draw"] not in records:
-                records[record["draw"]] = {key: record[key] for key in PERPLEXITY_RECORD if key in record} | {
-                    "perplexity_only": True, "ppl": record["ppl"] * (dense[1] / dense[0])}
+            lent = {key: record[key] for key in PERPLEXITY_RECORD if key in record} | {
+                "perplexity_only": True, "ppl": record["ppl"] * (dense[1] / dense[0])}
+            if not _same_draw(records, lent, path, displaced):
+                continue
+            if record["draw"] not in records:  # a draw in both is the shards' own record
+                records[record["draw"]] = lent
+    fresh = max([VISITED_DRAWS - 1, *records]) + 1
+    for offset, record in enumerate(displaced):
+        records[fresh + offset] = {**record, "draw": fresh + offset}
     header = {k: v for k, v in first.header.items() if k not in ("format", "version")}
     if perplexity_from:
         header["perplexity_from"] = [str(path) for path in perplexity_from]

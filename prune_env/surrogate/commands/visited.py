@@ -26,17 +26,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dataset import FLAGS, MATCH_KEYS, append_record, read_dataset
+from ..dataset import FLAGS, MATCH_KEYS, VISITED_DRAWS, append_record, read_dataset
 from ..fit import fit, quality_of, reward_spread
 from ..serve import load_surrogate
 from .build import METRICS
 
 TARGETS = (0.3, 0.4, 0.5, 0.6)
-VISITED_DRAWS = 1_000_000  # draw numbers of appended records start here: never a planned draw's number
 
 
-def rollouts(policy_path: str, targets, episodes: int, seed: int) -> tuple[list[dict], "object"]:
-    """(allocation, target, mode, predicted metrics) of each rollout, and the surrogate env's context."""
+def rollouts(policy_path: str, targets, episodes: int, seed: int,
+             preferences: tuple[float, ...] | None = None) -> tuple[list[dict], "object"]:
+    """(allocation, target, mode, predicted metrics) of each rollout, and the surrogate env's context.
+    `preferences`: for a policy trained with a preference_range, the w each target is played at (every
+    episode of the target at each w); None: the env draws w from the episode's seed."""
     import torch
 
     from agents.rl import load_policy, read_run_config
@@ -45,6 +47,8 @@ def rollouts(policy_path: str, targets, episodes: int, seed: int) -> tuple[list[
     from ...envs.rewards import RewardConfig
 
     config = read_run_config(policy_path, [])
+    if preferences is not None and config.env.preference_range is None:
+        raise ValueError(f"{policy_path} was trained without a preference_range: drop --preferences")
     if config.env.fidelity != "surrogate":
         raise ValueError(f"{policy_path} was trained on fidelity={config.env.fidelity!r}: this script measures "
                          "the surrogate reward where a policy trained on it goes")
@@ -55,14 +59,27 @@ def rollouts(policy_path: str, targets, episodes: int, seed: int) -> tuple[list[
     torch.manual_seed(seed)  # sampled actions come from torch's generator
     visited = []
     for target in targets:
-        for episode in range(episodes + 1):
-            deterministic = episode == 0
-            result = policy.rollout(env, seed=seed + episode, target=target, deterministic=deterministic)
-            predicted = quality_of(surrogate.predict(result["allocation"]), surrogate.header["dense"], weights)
-            visited.append({"target": target, "mode": "mean" if deterministic else "sampled",
-                            "allocation": result["allocation"], "predicted": float(predicted),
-                            "training_reward": result["quality"]})
+        for preference in (None,) if preferences is None else preferences:
+            for episode in range(episodes + 1):
+                deterministic = episode == 0
+                result = policy.rollout(env, seed=seed + episode, target=target, deterministic=deterministic,
+                                        preference=preference)
+                metrics = surrogate.predict(result["allocation"])
+                visited.append({"target": target, "mode": "mean" if deterministic else "sampled",
+                                "preference": result.get("preference"), "allocation": result["allocation"],
+                                "predicted": float(quality_of(metrics, surrogate.header["dense"], weights)),
+                                "predicted_metrics": predicted_metrics(metrics, weights),
+                                "training_reward": result["quality"]})
     return visited, env
+
+
+def predicted_metrics(metrics, weights: dict) -> dict[str, float]:
+    """The fit's perplexity and, when the reward has one the fit predicts, its knowledge metric."""
+    knowledge = weights.get("knowledge_metric")
+    values = {"ppl": float(metrics["ppl"])}
+    if metrics.get(knowledge) is not None:  # dict.get: a metric the fit lacks is simply not compared
+        values[knowledge] = float(metrics[knowledge])
+    return values
 
 
 def replay_exact(visited: list[dict], ctx, log=print) -> None:
@@ -100,7 +117,21 @@ def agreement(visited: list[dict]) -> dict:
                                    if pick.sum() > 2 else None)
     return {"allocations": len(visited), "spearman": float(spearmanr(predicted, exact).statistic),
             "spearman_per_target": per_target, "bias": float(np.mean(predicted - exact)),
-            "mae": float(np.mean(np.abs(predicted - exact)))}
+            "mae": float(np.mean(np.abs(predicted - exact))), "log_metrics": log_metric_errors(visited)}
+
+
+def log_metric_errors(visited: list[dict]) -> dict[str, dict]:
+    """Per predicted metric (perplexity, the answer perplexity...): the mean and per-target error of its log,
+    predicted - exact (> 0: the fit promised a worse model than the exact one; < 0: a better one)."""
+    names = sorted({name for v in visited for name in v.get("predicted_metrics", {})})
+    errors = {}
+    for name in names:
+        pairs = [(v["target"], np.log(v["predicted_metrics"][name]) - np.log(v[name])) for v in visited
+                 if name in v.get("predicted_metrics", {}) and v.get(name) is not None
+                 and np.isfinite([v["predicted_metrics"][name], v[name]]).all()]  # an overflowed ppl says nothing
+        per_target = {str(t): float(np.mean([e for tt, e in pairs if tt == t])) for t in sorted({t for t, _ in pairs})}
+        errors[name] = {"bias": float(np.mean([e for _, e in pairs])), "bias_per_target": per_target}
+    return errors
 
 
 def append(visited: list[dict], path: Path, policy: str, ctx) -> int:
@@ -115,8 +146,10 @@ def append(visited: list[dict], path: Path, policy: str, ctx) -> int:
     draw = max([VISITED_DRAWS - 1, *(r["draw"] for r in data.records)]) + 1
     machine = f"{platform.machine()} {platform.node()} {ctx.device}"
     for offset, entry in enumerate(visited):
+        params = {"policy": policy, **({"preference": entry["preference"]} if entry.get("preference") is not None
+                                       else {})}
         append_record(path, {"draw": draw + offset, "target": entry["target"], "kind": "visited",
-                             "variant": entry["mode"], "params": {"policy": policy},
+                             "variant": entry["mode"], "params": params,
                              "requested": entry["allocation"], "allocation": entry["exact_allocation"],
                              **{k: entry[k] for k in (*METRICS, "achieved_sparsity", "quality", "seconds")},
                              **({k: entry[k] for k in FLAGS} if knows else {}),
